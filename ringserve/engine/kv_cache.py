@@ -1,0 +1,149 @@
+"""Paged KV cache: fixed-size blocks, a block allocator with counters, and the chained block hash.
+
+A sequence's KV lives in whole blocks listed by its block table; cache index ``i`` of the
+sequence sits in block ``table[i // block_size]`` at offset ``i % block_size``. Keys are stored
+after the rotary embedding, so a block's contents do not depend on where it is read from
+(which is what lets prefill shards move to any decode layout, see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ringserve.engine.attention import attend
+from ringserve.engine.config import ModelConfig
+from ringserve.errors import InvalidArgument, ResourceExhausted
+
+DEFAULT_BLOCK_SIZE = 64
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: bytes = b"") -> list[bytes]:
+    """Chained content hashes of the full blocks of ``token_ids`` (a trailing partial block has none).
+
+    Block n's hash covers the hash of block n-1 and its own token ids, so equal hashes mean equal
+    prefixes. blake2b, never Python's ``hash()``: the router and every worker must agree.
+    """
+    hashes = []
+    prev = parent
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = token_ids[start : start + block_size]
+        prev = hashlib.blake2b(prev + struct.pack(f"<{block_size}I", *block), digest_size=16).digest()
+        hashes.append(prev)
+    return hashes
+
+
+class BlockAllocator:
+    """Hands out block ids from a free list; ``num_used`` returns to zero when every request is done."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks <= 0:
+            raise InvalidArgument(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._used: set[int] = set()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._used)
+
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` blocks, all or none."""
+        if n > len(self._free):
+            raise ResourceExhausted(
+                f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_blocks} free; "
+                "retry later, shorten the request, or give the worker more KV memory"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Return blocks; freeing a block that is not in use is a bug and raises."""
+        for b in blocks:
+            if b not in self._used:
+                raise ValueError(f"block {b} freed twice or never allocated")
+            self._used.remove(b)
+            self._free.append(b)
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    """Whole blocks that hold ``num_tokens``."""
+    return -(-num_tokens // block_size)
+
+
+class KVCache:
+    """The KV store of one worker: per layer, K and V as [num_blocks, block_size, Hkv, D]."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def slots(self, block_table: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of cache positions [start, end) of a sequence."""
+        idx = torch.arange(start, end)
+        table = torch.as_tensor(block_table, dtype=torch.long)
+        return (table[idx // self.block_size] * self.block_size + idx % self.block_size).to(self.k.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K and V ([T, Hkv, D]) at flat slots."""
+        flat_k = self.k[layer].view(-1, *self.k.shape[-2:])
+        flat_v = self.v[layer].view(-1, *self.v.shape[-2:])
+        flat_k.index_copy_(0, slots, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, slots, v.to(flat_v.dtype))
+
+    def read(self, layer: int, block_table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``length`` cached tokens of a sequence as contiguous K, V [length, Hkv, D]."""
+        nb = blocks_needed(length, self.block_size)
+        table = torch.as_tensor(block_table[:nb], dtype=torch.long, device=self.k.device)
+        k = self.k[layer].index_select(0, table).flatten(0, 1)[:length]
+        v = self.v[layer].index_select(0, table).flatten(0, 1)[:length]
+        return k, v
+
+
+@dataclass
+class SeqSpan:
+    """One sequence's new tokens in a flat batch: rows [start, end), going to cache positions
+    [cached, cached + end - start) of the sequence's block table."""
+
+    start: int
+    end: int
+    block_table: list[int]
+    cached: int
+
+
+class PagedAttention:
+    """The single-device ``AttentionFn``: store new K/V in the paged cache, attend over all of it."""
+
+    def __init__(self, cache: KVCache, spans: list[SeqSpan]):
+        self.cache = cache
+        self.spans = spans
+        self.slots = torch.cat(
+            [cache.slots(s.block_table, s.cached, s.cached + s.end - s.start) for s in spans]
+        )
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.cache.write(layer, self.slots, k, v)
+        outs = []
+        for s in self.spans:
+            keys, values = self.cache.read(layer, s.block_table, s.cached + s.end - s.start)
+            outs.append(attend(q[s.start : s.end], keys, values, causal=True)[0])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)

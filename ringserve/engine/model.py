@@ -1,0 +1,187 @@
+"""A Llama-family decoder in plain PyTorch (RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU).
+
+One forward takes a flat batch of token ids with their true positions and an ``attention``
+callable that owns the KV cache. The same code therefore runs full prefill, prefill in chunks
+over cached KV, decode, and (with a ring-attention callable) context-parallel prefill: only the
+callable changes. Parameter names are Hugging Face's, so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ringserve.engine.config import ModelConfig
+from ringserve.errors import FailedPrecondition
+
+
+class AttentionFn(Protocol):
+    """Attends new tokens' q over the cache plus their own k, v; stores k, v; returns [T, H, D]."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse rotary frequencies [D/2], with Llama-3 or linear scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise FailedPrecondition(f"rope scaling {kind!r} is not supported (supported: llama3, linear)")
+    # Llama 3.1: low frequencies are stretched by `factor`, high ones kept, the band between
+    # interpolated smoothly.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [T, H, D] by per-token cos/sin [T, D] (the half-split layout Hugging Face uses)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, attention: AttentionFn) -> torch.Tensor:
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
+        return self.o_proj(attention(layer, q, k, v).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layer: int, attention: AttentionFn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """The whole model. ``forward`` returns logits only for the rows in ``logits_at``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False
+        )
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] for true token positions (computed in float32, like the reference)."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns logits [len(logits_at), V] (all rows when None)."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, i, attention)
+        if logits_at is not None:
+            h = h[logits_at]
+        h = self.model.norm(h)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight).float()
+
+    @classmethod
+    def from_state_dict(
+        cls, config: ModelConfig, state_dict: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> Llama:
+        """Build without allocating twice: parameters are created on the meta device and assigned."""
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+        if missing or unexpected:
+            raise FailedPrecondition(
+                f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        model.inv_freq = rope_inv_freq(config)
+        return model.to(device).eval()
+
+    @classmethod
+    def load(
+        cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        progress: bool = True,
+    ) -> Llama:
+        """Load a Hugging Face directory or GGUF file; None means the embedded default model."""
+        from ringserve.engine.weights import load_weights
+
+        config, state_dict = load_weights(path, dtype=dtype, progress=progress)
+        return cls.from_state_dict(config, state_dict, device)

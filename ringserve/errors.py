@@ -1,0 +1,57 @@
+"""The one error type of ringserve, and how it maps to gRPC status codes and exit codes.
+
+User mistakes (bad paths, bad sampling values, prompts that do not fit) raise a
+``RingserveError`` subclass with a message a person can act on. Services map it to a gRPC
+status with ``grpc_status``; the command line prints the message and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class RingserveError(Exception):
+    """Base class; ``code`` names the gRPC status code the error maps to."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(RingserveError):
+    """The request itself is wrong: fix the input."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(RingserveError):
+    """A named thing (model path, request id) does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(RingserveError):
+    """Not enough KV blocks, slots or memory right now."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(RingserveError):
+    """The system is not in a state to do this (e.g. a corrupt checkpoint, a misconfigured group)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(RingserveError):
+    """A peer (rank, service, Redis) cannot be reached; retrying may help."""
+
+    code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(RingserveError):
+    """Something did not finish in its time budget."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+def grpc_status(err: RingserveError):
+    """The ``grpc.StatusCode`` for an error (imported lazily: the engine does not need grpc)."""
+    import grpc
+
+    return getattr(grpc.StatusCode, err.code)
