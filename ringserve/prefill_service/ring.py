@@ -1,0 +1,150 @@
+"""Exact ring attention over a CP group: pass-KV and pass-Q (Yang et al. 2024, §3.4-3.5).
+
+Each rank holds, for one sequence, a KV buffer laid out as [cached | early piece | late piece]
+(``sharding.PassPlan``) and the queries of its two pieces. Both variants run N steps around the
+ring, attend with the one attention primitive and merge partials by LSE:
+
+- pass-KV: KV buffers travel; each rank attends its own queries to every rank's KV.
+- pass-Q: queries travel; each rank attends every rank's queries to its own KV, then an
+  all-to-all returns the partial outputs to their owners, who merge them.
+
+The send/receive of the next step is posted before the current step's attention, so transfer
+hides behind compute (on GPU, NCCL runs it on its own stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ringserve.engine.attention import attend, merge
+from ringserve.prefill_service.sharding import PassPlan
+
+
+class RingComm:
+    """Post a send to the next rank and a receive from the previous one; wait later."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group else (self.rank + 1) % self.world
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group else (self.rank - 1) % self.world
+        self._pending: list = []
+
+    def send_recv(self, send: torch.Tensor) -> torch.Tensor:
+        """Start sending ``send`` onward; returns the buffer the previous rank's tensor lands in."""
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        self._pending = dist.batch_isend_irecv(ops)
+        return recv
+
+    def wait(self) -> None:
+        for work in self._pending:
+            work.wait()
+        self._pending = []
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """What every rank knows about a pass: the piece plan and each rank's cached token count."""
+
+    plan: PassPlan
+    cached: tuple[int, ...]  # per rank: KV from earlier passes of this sequence
+
+    def kv_len(self, rank: int) -> int:
+        return self.cached[rank] + self.plan.rank_len(rank)
+
+    def piece_len(self, piece: int) -> int:
+        start, end = self.plan.pieces[piece]
+        return end - start
+
+    def visible(self, q_piece: int, kv_rank: int) -> tuple[int, bool]:
+        """(end, causal): queries of piece ``q_piece`` see ``kv_rank``'s buffer [0, end).
+
+        Cached KV precedes every new token, so it is always visible. A new piece is fully
+        visible if it comes before the query piece, seen causally if it is the query piece, and
+        not at all after it; since the buffer is in token order, that is always a prefix of it,
+        with the causal diagonal (bottom-right aligned) at its end.
+        """
+        early, late = self.plan.rank_pieces(kv_rank)
+        end = self.cached[kv_rank]
+        if early <= q_piece:
+            end += self.piece_len(early)
+            if late <= q_piece:
+                return end + self.piece_len(late), late == q_piece
+            return end, early == q_piece
+        return end, False
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad dim 0 to ``rows``: ring messages have one size on every rank."""
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
+    """Attention of ``q_rank``'s queries (its two pieces, concatenated) over ``kv_rank``'s KV."""
+    outs, lses, offset = [], [], 0
+    for piece in layout.plan.rank_pieces(q_rank):
+        n = layout.piece_len(piece)
+        end, causal = layout.visible(piece, kv_rank)
+        out, lse = attend(q[offset : offset + n], k[:end], v[:end], causal=causal)
+        outs.append(out)
+        lses.append(lse)
+        offset += n
+    return torch.cat(outs), torch.cat(lses)
+
+
+def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
+    """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn."""
+    rank, world = comm.rank, comm.world
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
+    rows = max(layout.kv_len(r) for r in range(world))
+    kv = _pad_rows(torch.stack([k, v], dim=1), rows)  # [L, 2, Hkv, D]: one message per step
+    for step in range(world):
+        src = (rank - step) % world
+        if step + 1 < world:
+            incoming = comm.send_recv(kv)
+        n = layout.kv_len(src)
+        out, lse = merge(out, lse, *_attend_pieces(q, kv[:n, 0], kv[:n, 1], layout, rank, src))
+        if step + 1 < world:
+            comm.wait()
+            kv = incoming
+    return out.to(q.dtype)
+
+
+def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
+    """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV."""
+    rank, world = comm.rank, comm.world
+    rows = max(layout.plan.rank_len(r) for r in range(world))
+    q_buf = _pad_rows(q, rows)
+    part_out = q.new_zeros(world, rows, *q.shape[1:])
+    part_lse = torch.full((world, rows, q.shape[1]), float("-inf"), device=q.device)
+    for step in range(world):
+        src = (rank - step) % world  # whose queries are visiting
+        if step + 1 < world:
+            incoming = comm.send_recv(q_buf)
+        n = layout.plan.rank_len(src)
+        o, s = _attend_pieces(q_buf[:n], k, v, layout, src, rank)
+        part_out[src, :n] = o
+        part_lse[src, :n] = s
+        if step + 1 < world:
+            comm.wait()
+            q_buf = incoming
+    if world > 1:  # return each partial to the owner of its queries
+        recv_out, recv_lse = torch.empty_like(part_out), torch.empty_like(part_lse)
+        dist.all_to_all_single(recv_out, part_out, group=comm.group)
+        dist.all_to_all_single(recv_lse, part_lse, group=comm.group)
+        part_out, part_lse = recv_out, recv_lse
+    n = q.shape[0]
+    out, lse = part_out[0, :n].float(), part_lse[0, :n]
+    for r in range(1, world):
+        out, lse = merge(out, lse, part_out[r, :n], part_lse[r, :n])
+    return out.to(q.dtype)

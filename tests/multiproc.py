@@ -1,0 +1,68 @@
+"""Run a function on N real processes joined by torch.distributed (gloo), and collect results."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world, port, timeout_s, args, queue):
+    torch.set_num_threads(1)  # N ranks share two cores
+    try:
+        from ringserve.prefill_service.context_parallel import init_group
+
+        init_group(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"), timeout_s)
+        queue.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException as e:  # report everything, including RingserveError, to the parent
+        queue.put((rank, "error", (type(e).__name__, str(e), traceback.format_exc())))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, *args, timeout_s: float = 30.0, join: int | None = None, wait_s: float = 300.0):
+    """Start ``join`` (default ``world``) ranks of a ``world``-rank group; return per-rank results.
+
+    A rank's result is ("ok", value) or ("error", (type name, message, traceback)).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world, port, timeout_s, args, queue), daemon=True)
+        for r in range(world if join is None else join)
+    ]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, status, value = queue.get(timeout=wait_s)
+            results[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [results.get(r) for r in range(len(procs))]
+
+
+def values(results) -> list:
+    """The ranks' return values; fails the test with a rank's traceback if any rank failed."""
+    for r, (status, value) in enumerate(results):
+        if status != "ok":
+            raise AssertionError(f"rank {r} failed: {value[0]}: {value[1]}\n{value[2]}")
+    return [v for _, v in results]
