@@ -15,9 +15,12 @@ DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="Hugging Face directory (config.json + *.safetensors) or .gguf file; "
-                        "default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face directory (config.json + *.safetensors) or .gguf file; "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and KV cache dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
@@ -36,8 +39,13 @@ def _sampling_params(args: argparse.Namespace):
     from ringserve.engine.sampling import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -52,8 +60,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RingserveError(f"--device {args.device} asked for but no CUDA GPU is visible; use --device cpu")
     log.info("loading model %s", args.model or "(embedded SmolLM2-135M-Instruct)")
-    engine = Engine.load(args.model, dtype=getattr(torch, args.dtype), device=args.device,
-                         prefill_chunk=args.prefill_chunk)
+    engine = Engine.load(
+        args.model, dtype=getattr(torch, args.dtype), device=args.device, prefill_chunk=args.prefill_chunk
+    )
     tok = engine.tokenizer
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -76,7 +85,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decode_rate = (n - 1) / (t_end - t_first) if n > 1 else 0.0
     log.info(
         "prompt %d tokens, first token in %.2f s; %d tokens generated (%.1f tok/s decode); finish: %s",
-        len(prompt_ids), t_first - t0, n, decode_rate, reason,
+        len(prompt_ids),
+        t_first - t0,
+        n,
+        decode_rate,
+        reason,
     )
     return 0
 
@@ -89,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt in one process")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
+    gen.add_argument(
+        "--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens"
+    )
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
@@ -100,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print a message and exit 2, never a traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        stream=sys.stderr, level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     try:
         return args.func(args)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch
@@ -22,7 +25,8 @@ def _child(fn, rank, world, port, timeout_s, args, queue):
         from ringserve.prefill_service.context_parallel import init_group
 
         init_group(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"), timeout_s)
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # Plain pickle: tensors travel by value, not as shared memory that dies with this process.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:  # report everything, including RingserveError, to the parent
         queue.put((rank, "error", (type(e).__name__, str(e), traceback.format_exc())))
     finally:
@@ -35,7 +39,8 @@ def _child(fn, rank, world, port, timeout_s, args, queue):
 def run_ranks(world: int, fn, *args, timeout_s: float = 30.0, join: int | None = None, wait_s: float = 300.0):
     """Start ``join`` (default ``world``) ranks of a ``world``-rank group; return per-rank results.
 
-    A rank's result is ("ok", value) or ("error", (type name, message, traceback)).
+    A rank's result is ("ok", value), ("error", (type name, message, traceback)) or, for a rank
+    that exited without reporting, ("died", (exit code, "", "")); None if it hung past ``wait_s``.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -48,10 +53,17 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 30.0, join: int | None =
     for p in procs:
         p.start()
     results = {}
+    deadline = time.monotonic() + wait_s
     try:
-        for _ in procs:
-            rank, status, value = queue.get(timeout=wait_s)
-            results[rank] = (status, value)
+        # Until every rank has reported or exited (a crashed rank reports nothing).
+        while len(results) < len(procs) and time.monotonic() < deadline:
+            try:
+                rank, status, value = queue.get(timeout=0.5)
+                results[rank] = (status, pickle.loads(value) if status == "ok" else value)
+            except queue_mod.Empty:
+                for r, p in enumerate(procs):
+                    if r not in results and not p.is_alive() and queue.empty():
+                        results[r] = ("died", (f"exit code {p.exitcode}", "", ""))
     finally:
         for p in procs:
             p.join(timeout=10)
@@ -62,7 +74,9 @@ def run_ranks(world: int, fn, *args, timeout_s: float = 30.0, join: int | None =
 
 def values(results) -> list:
     """The ranks' return values; fails the test with a rank's traceback if any rank failed."""
-    for r, (status, value) in enumerate(results):
-        if status != "ok":
-            raise AssertionError(f"rank {r} failed: {value[0]}: {value[1]}\n{value[2]}")
+    failed = [
+        f"rank {r} failed: {v[0]}: {v[1]}\n{v[2]}" for r, (status, v) in enumerate(results) if status != "ok"
+    ]
+    if failed:
+        raise AssertionError("\n".join(failed))
     return [v for _, v in results]

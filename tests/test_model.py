@@ -20,9 +20,17 @@ LLAMA3_SCALING = {
 def tiny_hf(heads: int, kv_heads: int, tied: bool, rope_scaling=None, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=heads * 8, intermediate_size=72, num_hidden_layers=3,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        rope_theta=500.0, tie_word_embeddings=tied, rope_scaling=rope_scaling, rms_norm_eps=1e-6,
+        vocab_size=97,
+        hidden_size=heads * 8,
+        intermediate_size=72,
+        num_hidden_layers=3,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        rope_theta=500.0,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=1e-6,
     )
     model = LlamaForCausalLM(cfg).eval()
     # Random init leaves norms at one; perturb them so a mismatch in norms would show.
@@ -35,7 +43,11 @@ def tiny_hf(heads: int, kv_heads: int, tied: bool, rope_scaling=None, seed: int 
 
 def ours_from(hf: LlamaForCausalLM) -> Llama:
     config = ModelConfig.from_hf(hf.config.to_dict())
-    state = {k: v.clone() for k, v in hf.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    state = {
+        k: v.clone()
+        for k, v in hf.state_dict().items()
+        if not (config.tie_word_embeddings and k == "lm_head.weight")
+    }
     return Llama.from_state_dict(config, state)
 
 
@@ -82,15 +94,18 @@ def test_greedy_generation_matches_transformers_generate():
     ours = ours_from(hf)
     prompt = [5, 17, 42, 3, 88, 11, 60]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(prompt):].tolist()
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
     cache = KVCache(ours.config, num_blocks=16, block_size=8)
     table = cache.allocator.allocate(16)
     ids = list(prompt)
     got = []
     with torch.inference_mode():
         n = len(ids)
-        logits = ours(torch.tensor(ids), torch.arange(n), PagedAttention(cache, [SeqSpan(0, n, table, 0)]))[-1]
+        logits = ours(torch.tensor(ids), torch.arange(n), PagedAttention(cache, [SeqSpan(0, n, table, 0)]))[
+            -1
+        ]
         for _ in range(40):
             tok = int(logits.argmax())
             got.append(tok)

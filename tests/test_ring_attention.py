@@ -17,8 +17,17 @@ def make_cases(world: int) -> list[dict]:
     for t in [1, 2, 5, 17, 64, 97]:
         for p in [0, 24, 9 * t + 3]:
             hkv = rng.choice([1, 2, 3])
-            cases.append(dict(t=t, p=p, hkv=hkv, h=hkv * rng.choice([1, 2, 4]), d=8, bs=rng.choice([4, 16]),
-                              seed=rng.randrange(1 << 30)))
+            cases.append(
+                dict(
+                    t=t,
+                    p=p,
+                    hkv=hkv,
+                    h=hkv * rng.choice([1, 2, 4]),
+                    d=8,
+                    bs=rng.choice([4, 16]),
+                    seed=rng.randrange(1 << 30),
+                )
+            )
     return cases
 
 

@@ -92,7 +92,11 @@ def _flash_attn_kernel(q, k, v, causal, scale):
     from flash_attn import flash_attn_func
 
     out, lse, _ = flash_attn_func(
-        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), softmax_scale=scale, causal=causal,
+        q.unsqueeze(0),
+        k.unsqueeze(0),
+        v.unsqueeze(0),
+        softmax_scale=scale,
+        causal=causal,
         return_attn_probs=True,
     )
     return out[0], lse[0].transpose(0, 1).float()
@@ -172,7 +176,9 @@ def attend(
         return kernel(q, k, v, True, scale)
     # tq < tk: every query sees the prefix in full, and the last tq keys causally.
     split = tk - tq
-    return merge(*kernel(q, k[:split], v[:split], False, scale), *kernel(q, k[split:], v[split:], True, scale))
+    return merge(
+        *kernel(q, k[:split], v[:split], False, scale), *kernel(q, k[split:], v[split:], True, scale)
+    )
 
 
 def merge(

@@ -65,8 +65,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
 
     @classmethod
-    def load(cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             **kwargs) -> Engine:
+    def load(
+        cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs
+    ) -> Engine:
         """Model and tokenizer from a checkpoint (None: the embedded default)."""
         return cls(Llama.load(path, dtype=dtype, device=device), Tokenizer.from_checkpoint(path), **kwargs)
 
@@ -94,7 +95,11 @@ class Engine:
         ids = torch.tensor(seq.token_ids[start:end], device=self.device)
         positions = torch.arange(start, end, device=self.device)
         attention = PagedAttention(self.cache, [SeqSpan(0, num_new, seq.block_table, start)])
-        last = torch.tensor([num_new - 1], device=self.device) if want_logits else torch.tensor([], dtype=torch.long)
+        last = (
+            torch.tensor([num_new - 1], device=self.device)
+            if want_logits
+            else torch.tensor([], dtype=torch.long)
+        )
         logits = self.model(ids, positions, attention, logits_at=last)
         seq.num_cached = end
         return logits[0] if want_logits else None

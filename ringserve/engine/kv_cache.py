@@ -22,7 +22,9 @@ from ringserve.errors import InvalidArgument, ResourceExhausted
 DEFAULT_BLOCK_SIZE = 64
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: bytes = b"") -> list[bytes]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: bytes = b""
+) -> list[bytes]:
     """Chained content hashes of the full blocks of ``token_ids`` (a trailing partial block has none).
 
     Block n's hash covers the hash of block n-1 and its own token ids, so equal hashes mean equal
@@ -93,7 +95,13 @@ class KVCache:
     ):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
-        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        shape = (
+            config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 

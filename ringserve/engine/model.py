@@ -89,7 +89,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)
         v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        return self.o_proj(attention(layer, q, k, v).reshape(t, -1))
+        return self.o_proj(attention(layer, q, k, v).reshape(t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -131,8 +131,10 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -177,7 +179,10 @@ class Llama(nn.Module):
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu",
+        cls,
+        path: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
         progress: bool = True,
     ) -> Llama:
         """Load a Hugging Face directory or GGUF file; None means the embedded default model."""

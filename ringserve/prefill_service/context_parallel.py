@@ -25,13 +25,19 @@ from ringserve.prefill_service.strategy import Rates, choose_strategy
 log = logging.getLogger(__name__)
 
 
-def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0) -> None:
+def init_group(
+    rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0
+) -> None:
     """Join the CP group's process group (NCCL on GPU, gloo on CPU); a rank that never joins
     makes every other rank fail after ``timeout_s`` instead of hanging."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s),
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
             **({"device_id": device} if device.type == "cuda" else {}),
         )
     except (RuntimeError, dist.DistStoreError) as e:
@@ -47,7 +53,14 @@ def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.Proces
     if actual != world:
         raise FailedPrecondition(f"CP group has {actual} ranks but {world} were configured")
     c = model.config
-    mine = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.vocab_size, str(dtype))
+    mine = (
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+        str(dtype),
+    )
     everyone: list = [None] * actual
     dist.all_gather_object(everyone, mine, group=group)
     for r, theirs in enumerate(everyone):
@@ -86,8 +99,14 @@ class RingAttention:
 class CPRunner:
     """One rank of a CP group: runs prefill passes of a sequence over the ring."""
 
-    def __init__(self, model: Llama, cache: KVCache, group: dist.ProcessGroup | None = None,
-                 strategy: str = "auto", rates: Rates | None = None):
+    def __init__(
+        self,
+        model: Llama,
+        cache: KVCache,
+        group: dist.ProcessGroup | None = None,
+        strategy: str = "auto",
+        rates: Rates | None = None,
+    ):
         self.model, self.cache = model, cache
         self.comm = RingComm(group)
         self.rank, self.world = self.comm.rank, self.comm.world
@@ -98,7 +117,9 @@ class CPRunner:
         self.last_strategy: str | None = None
 
     @torch.inference_mode()
-    def prefill(self, seq: CPSequence, new_ids: list[int], strategy: str | None = None) -> torch.Tensor | None:
+    def prefill(
+        self, seq: CPSequence, new_ids: list[int], strategy: str | None = None
+    ) -> torch.Tensor | None:
         """Prefill ``new_ids`` (the same on every rank) after what ``seq`` already holds.
 
         Returns the last new token's logits [V] on rank 0 (the leader), None elsewhere.
@@ -106,12 +127,19 @@ class CPRunner:
         plan = plan_pass(len(new_ids), self.world, self.cache.block_size)
         cached = torch.tensor([seq.num_cached_local], device=self.device)
         everyone = [torch.empty_like(cached) for _ in range(self.world)]
-        dist.all_gather(everyone, cached, group=self.comm.group)
+        with self.comm.peer_errors():
+            dist.all_gather(everyone, cached, group=self.comm.group)
         layout = RingLayout(plan, tuple(int(c) for c in everyone))
         c = self.model.config
         chosen = choose_strategy(
-            strategy or self.strategy, len(new_ids), seq.num_done, self.world, c.num_attention_heads,
-            c.num_key_value_heads, self.cache.k.element_size(), self.rates,
+            strategy or self.strategy,
+            len(new_ids),
+            seq.num_done,
+            self.world,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            self.cache.k.element_size(),
+            self.rates,
         )
         self.last_strategy = chosen
         mine = plan.rank_tokens(self.rank)
@@ -123,7 +151,8 @@ class CPRunner:
         # The pass's last token is the last of rank 0's late piece (sharding puts it there).
         at = [len(mine) - 1] if self.rank == 0 else []
         attention = RingAttention(self.cache, seq, layout, chosen, self.comm)
-        logits = self.model(ids, positions, attention, logits_at=torch.tensor(at, dtype=torch.long, device=self.device))
+        logits_at = torch.tensor(at, dtype=torch.long, device=self.device)
+        logits = self.model(ids, positions, attention, logits_at=logits_at)
         seq.num_cached_local += len(mine)
         seq.num_done += len(new_ids)
         return logits[0] if self.rank == 0 else None

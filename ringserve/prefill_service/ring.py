@@ -14,6 +14,7 @@ hides behind compute (on GPU, NCCL runs it on its own stream).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ringserve.engine.attention import attend, merge
+from ringserve.errors import Unavailable
 from ringserve.prefill_service.sharding import PassPlan
 
 
@@ -31,8 +33,16 @@ class RingComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group else (self.rank + 1) % self.world
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group else (self.rank - 1) % self.world
+        self.next = (
+            dist.get_global_rank(group, (self.rank + 1) % self.world)
+            if group
+            else (self.rank + 1) % self.world
+        )
+        self.prev = (
+            dist.get_global_rank(group, (self.rank - 1) % self.world)
+            if group
+            else (self.rank - 1) % self.world
+        )
         self._pending: list = []
 
     def send_recv(self, send: torch.Tensor) -> torch.Tensor:
@@ -46,9 +56,18 @@ class RingComm:
         return recv
 
     def wait(self) -> None:
-        for work in self._pending:
-            work.wait()
+        with self.peer_errors():
+            for work in self._pending:
+                work.wait()
         self._pending = []
+
+    @contextmanager
+    def peer_errors(self):
+        """Turn a collective that failed because a peer died or timed out into ``Unavailable``."""
+        try:
+            yield
+        except (dist.DistError, RuntimeError) as e:
+            raise Unavailable(f"CP rank {self.rank}: a peer rank failed or timed out ({e})") from e
 
 
 @dataclass(frozen=True)
@@ -101,7 +120,9 @@ def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
     return torch.cat(outs), torch.cat(lses)
 
 
-def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
+def ring_pass_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm
+) -> torch.Tensor:
     """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn."""
     rank, world = comm.rank, comm.world
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -120,7 +141,9 @@ def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ring
     return out.to(q.dtype)
 
 
-def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
+def ring_pass_q(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm
+) -> torch.Tensor:
     """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV."""
     rank, world = comm.rank, comm.world
     rows = max(layout.plan.rank_len(r) for r in range(world))
@@ -140,8 +163,9 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingL
             q_buf = incoming
     if world > 1:  # return each partial to the owner of its queries
         recv_out, recv_lse = torch.empty_like(part_out), torch.empty_like(part_lse)
-        dist.all_to_all_single(recv_out, part_out, group=comm.group)
-        dist.all_to_all_single(recv_lse, part_lse, group=comm.group)
+        with comm.peer_errors():
+            dist.all_to_all_single(recv_out, part_out, group=comm.group)
+            dist.all_to_all_single(recv_lse, part_lse, group=comm.group)
         part_out, part_lse = recv_out, recv_lse
     n = q.shape[0]
     out, lse = part_out[0, :n].float(), part_lse[0, :n]

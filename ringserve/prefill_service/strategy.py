@@ -37,8 +37,14 @@ class Rates:
 
 
 def choose_strategy(
-    strategy: str, num_new: int, num_cached: int, world: int, n_heads: int, n_kv_heads: int,
-    elem_bytes: int, rates: Rates,
+    strategy: str,
+    num_new: int,
+    num_cached: int,
+    world: int,
+    n_heads: int,
+    n_kv_heads: int,
+    elem_bytes: int,
+    rates: Rates,
 ) -> str:
     """Resolve ``auto`` to pass_kv or pass_q by the refined rule; explicit choices pass through."""
     if strategy not in STRATEGIES:
@@ -54,13 +60,25 @@ def choose_strategy(
     choice = "pass_kv" if kv_hidden or miss_rate >= q_threshold else "pass_q"
     log.info(
         "CP strategy %s: T=%d P=%d N=%d miss=%.3f (pass-Q below %.3f), pass-KV hidden: %s",
-        choice, num_new, num_cached, world, miss_rate, q_threshold, kv_hidden,
+        choice,
+        num_new,
+        num_cached,
+        world,
+        miss_rate,
+        q_threshold,
+        kv_hidden,
     )
     return choice
 
 
-def measure_rates(group: dist.ProcessGroup | None, device: torch.device, dtype: torch.dtype,
-                  n_heads: int, n_kv_heads: int, head_dim: int) -> Rates:
+def measure_rates(
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+) -> Rates:
     """Time one causal attention and one ring transfer on this group; every rank gets the minimum.
 
     Fixed iteration counts on every rank, so the collectives match.

