@@ -5,15 +5,15 @@ import time
 
 import pytest
 import torch
-
 from multiproc import run_ranks, values
+from test_model import run_chunks, tiny_hf
+
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.errors import FailedPrecondition
 from ringserve.prefill_service.context_parallel import CPRunner, CPSequence, check_group
 from ringserve.prefill_service.sharding import plan_pass
-from test_model import run_chunks, tiny_hf
 
 BLOCK = 8
 

@@ -4,8 +4,8 @@ import random
 
 import pytest
 import torch
-
 from multiproc import run_ranks, values
+
 from ringserve.engine.attention import attend
 from ringserve.prefill_service.ring import RingComm, RingLayout, ring_pass_kv, ring_pass_q
 from ringserve.prefill_service.sharding import plan_pass

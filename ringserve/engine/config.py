@@ -34,7 +34,8 @@ class ModelConfig:
         arch = cfg.get("model_type", "llama")
         if arch not in ("llama", "mistral", "smollm2"):
             raise FailedPrecondition(
-                f"model_type {arch!r} is not supported: ringserve runs Llama-family models (model_type 'llama')"
+                f"model_type {arch!r} is not supported: "
+                "ringserve runs Llama-family models (model_type 'llama')"
             )
         try:
             heads = int(cfg["num_attention_heads"])

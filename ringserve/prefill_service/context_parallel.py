@@ -67,7 +67,8 @@ def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.Proces
         if theirs != mine:
             raise FailedPrecondition(
                 "CP ranks disagree on (layers, heads, kv heads, head dim, vocab, dtype): "
-                f"rank {dist.get_rank(group)} has {mine}, rank {r} has {theirs}; load the same model and dtype everywhere"
+                f"rank {dist.get_rank(group)} has {mine}, rank {r} has {theirs}; "
+                "load the same model and dtype everywhere"
             )
 
 
