@@ -55,3 +55,28 @@ def grpc_status(err: RingserveError):
     import grpc
 
     return getattr(grpc.StatusCode, err.code)
+
+
+class Cancelled(RingserveError):
+    """The caller went away or cancelled; whatever the request held has been freed."""
+
+    code = "CANCELLED"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        FailedPrecondition,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> RingserveError:
+    """The error type for a status code name (e.g. one reported by a peer service)."""
+    return _BY_CODE.get(code, RingserveError)(message)

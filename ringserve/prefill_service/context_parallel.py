@@ -25,9 +25,7 @@ from ringserve.prefill_service.strategy import Rates, choose_strategy
 log = logging.getLogger(__name__)
 
 
-def init_group(
-    rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0
-) -> None:
+def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0) -> None:
     """Join the CP group's process group (NCCL on GPU, gloo on CPU); a rank that never joins
     makes every other rank fail after ``timeout_s`` instead of hanging."""
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -118,9 +116,7 @@ class CPRunner:
         self.last_strategy: str | None = None
 
     @torch.inference_mode()
-    def prefill(
-        self, seq: CPSequence, new_ids: list[int], strategy: str | None = None
-    ) -> torch.Tensor | None:
+    def prefill(self, seq: CPSequence, new_ids: list[int], strategy: str | None = None) -> torch.Tensor | None:
         """Prefill ``new_ids`` (the same on every rank) after what ``seq`` already holds.
 
         Returns the last new token's logits [V] on rank 0 (the leader), None elsewhere.

@@ -33,16 +33,8 @@ class RingComm:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
-        self.next = (
-            dist.get_global_rank(group, (self.rank + 1) % self.world)
-            if group
-            else (self.rank + 1) % self.world
-        )
-        self.prev = (
-            dist.get_global_rank(group, (self.rank - 1) % self.world)
-            if group
-            else (self.rank - 1) % self.world
-        )
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world) if group else (self.rank + 1) % self.world
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world) if group else (self.rank - 1) % self.world
         self._pending: list = []
 
     def send_recv(self, send: torch.Tensor) -> torch.Tensor:
@@ -120,9 +112,7 @@ def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
     return torch.cat(outs), torch.cat(lses)
 
 
-def ring_pass_kv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm
-) -> torch.Tensor:
+def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
     """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn."""
     rank, world = comm.rank, comm.world
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -141,9 +131,7 @@ def ring_pass_kv(
     return out.to(q.dtype)
 
 
-def ring_pass_q(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm
-) -> torch.Tensor:
+def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
     """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV."""
     rank, world = comm.rank, comm.world
     rows = max(layout.plan.rank_len(r) for r in range(world))

@@ -1,0 +1,119 @@
+"""Python clients for the router: ``Client`` (blocking) and ``AsyncClient`` (asyncio), both streaming.
+
+from ringserve.client import Client
+with Client("127.0.0.1:50050") as client:
+    for chunk in client.generate("The capital of France is", max_tokens=16):
+        print(chunk.text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from ringserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.GenerateRequest:
+    given = [x is not None for x in (prompt, messages, token_ids)]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of prompt, messages or token_ids")
+    req = router_pb2.GenerateRequest(
+        request_id=request_id or "",
+        sampling=common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+    )
+    if prompt is not None:
+        req.prompt = prompt
+    elif messages is not None:
+        req.messages.messages.extend(router_pb2.ChatMessage(**m) for m in messages)
+    else:
+        req.token_ids.ids.extend(token_ids)
+    return req
+
+
+class Client:
+    """Blocking client. Sampling keywords: max_tokens, temperature, top_p, top_k, seed, stop,
+    stop_token_ids, ignore_eos."""
+
+    def __init__(self, address: str, timeout: float | None = None):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = router_pb2_grpc.RouterStub(self.channel)
+        self.timeout = timeout
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        **sampling,
+    ) -> Iterator[router_pb2.GenerateResponse]:
+        """Stream response chunks; the last carries finish_reason and usage."""
+        yield from self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
+
+    def complete(self, prompt: str | None = None, **kwargs) -> str:
+        """The whole generated text."""
+        return "".join(chunk.text for chunk in self.generate(prompt, **kwargs))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        reply = self.stub.Tokenize(
+            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout
+        )
+        return list(reply.token_ids)
+
+    def model_info(self) -> router_pb2.GetModelInfoResponse:
+        return self.stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client with the same methods as ``Client``."""
+
+    def __init__(self, address: str, timeout: float | None = None):
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = router_pb2_grpc.RouterStub(self.channel)
+        self.timeout = timeout
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        token_ids: list[int] | None = None,
+        request_id: str | None = None,
+        **sampling,
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        call = self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
+        async for chunk in call:
+            yield chunk
+
+    async def complete(self, prompt: str | None = None, **kwargs) -> str:
+        return "".join([chunk.text async for chunk in self.generate(prompt, **kwargs)])
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        reply = await self.stub.Tokenize(
+            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout
+        )
+        return list(reply.token_ids)
+
+    async def model_info(self) -> router_pb2.GetModelInfoResponse:
+        return await self.stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,101 @@
+"""One config object per service, filled from flags or environment variables of the same name.
+
+A flag ``--kv-blocks`` can also be set as ``RINGSERVE_KV_BLOCKS``; the flag wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from ringserve.errors import InvalidArgument
+
+
+def _env_name(name: str) -> str:
+    return "RINGSERVE_" + name.upper()
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field, with help from the field's metadata."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kind = f.metadata.get("type", type(default) if default is not None else str)
+        help_text = f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind is list:
+            parser.add_argument(flag, default=None, help=help_text + "; comma-separated")
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """Flag if given, else environment variable, else the field's default."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        default = f.default
+        kind = f.metadata.get("type", type(default) if default is not None else str)
+        raw = getattr(args, f.name, None)
+        if raw is None and _env_name(f.name) in os.environ:
+            raw = os.environ[_env_name(f.name)]
+            try:
+                if kind is bool:
+                    raw = raw.lower() in ("1", "true", "yes", "on")
+                elif kind is not list:
+                    raw = kind(raw)
+            except ValueError as e:
+                raise InvalidArgument(f"{_env_name(f.name)}={raw!r} is not a valid {kind.__name__}") from e
+        if kind is list and isinstance(raw, str):
+            raw = [x.strip() for x in raw.split(",") if x.strip()]
+        values[f.name] = default if raw is None else raw
+    return cls(**values)
+
+
+def _opt(default, help: str, type=None):
+    return field(default=default, metadata={"help": help, **({"type": type} if type else {})})
+
+
+@dataclass
+class ModelArgs:
+    """What every model-serving service needs to load its model."""
+
+    model: str | None = _opt(None, "HF directory or .gguf file; empty: the embedded default", str)
+    dtype: str = _opt("float32", "weights and KV cache dtype: float32, bfloat16, float16")
+    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+    host: str = _opt("127.0.0.1", "address to listen on")
+    advertise_host: str | None = _opt(None, "address peers use to reach this process (default: --host)", str)
+    metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
+
+
+@dataclass
+class DecodeConfig(ModelArgs):
+    port: int = _opt(50061, "gRPC port (0: pick a free one)")
+    kv_port: int = _opt(0, "TCP port of the KV receiver (0: pick a free one)")
+    kv_blocks: int = _opt(2048, "KV cache blocks")
+    block_size: int = _opt(64, "tokens per KV block")
+    max_batch: int = _opt(64, "most requests decoded in one step")
+    reservation_ttl_s: float = _opt(120.0, "free reserved blocks never claimed after this many seconds")
+
+
+@dataclass
+class PrefillConfig(ModelArgs):
+    port: int = _opt(50051, "gRPC port of the group leader (0: pick a free one)")
+    cp: int = _opt(2, "context-parallel ranks in this group (one process each)")
+    kv_blocks: int = _opt(2048, "KV cache blocks per rank")
+    block_size: int = _opt(64, "tokens per KV block")
+    strategy: str = _opt("auto", "ring attention variant: auto, pass_kv or pass_q")
+    group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
+
+
+@dataclass
+class RouterConfig:
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(50050, "gRPC port (0: pick a free one)")
+    prefill: list = _opt((), "prefill group leader addresses (host:port)", list)
+    decode: list = _opt((), "decode worker addresses (host:port)", list)
+    model: str | None = _opt(None, "checkpoint for the tokenizer (must match the workers' model)", str)
+    metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
+    ready_timeout_s: float = _opt(300.0, "how long to wait for the workers at start")

@@ -1,0 +1,99 @@
+"""The decode service: gRPC front of a DecodeWorker plus its KV receiver."""
+
+from __future__ import annotations
+
+import logging
+
+from ringserve.config import DecodeConfig
+from ringserve.decode_service.worker import DecodeWorker
+from ringserve.errors import RingserveError
+from ringserve.kv_transfer.tcp import KVReceiver
+from ringserve.metrics import KV_BYTES, serve_metrics
+from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
+from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker, model_desc: common_pb2.ModelDescription):
+        self.worker = worker
+        self.model_desc = model_desc
+
+    @rpc_errors("decode")
+    def Reserve(self, request, context):
+        targets = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens)
+        return decode_pb2.ReserveResponse(
+            targets=[common_pb2.KVTarget(rank=r, address=a, first_position=f, num_tokens=n) for r, a, f, n in targets]
+        )
+
+    @rpc_errors("decode")
+    def Decode(self, request, context):
+        rid = request.request_id
+        params = sampling_from_proto(request.sampling)
+        req = self.worker.start(rid, list(request.prompt_token_ids), request.first_token, params)
+        context.add_callback(lambda: self.worker.cancel(rid))  # the caller went away
+        log.info("request_id=%s decoding prompt_tokens=%d", rid, req.prompt_len)
+        try:
+            while True:
+                event = req.events.get()
+                if isinstance(event, RingserveError):
+                    raise event
+                yield decode_pb2.DecodeResponse(
+                    token_id=event.token_id,
+                    text=event.text,
+                    finish_reason=FINISH_REASONS[event.finish_reason],
+                    completion_tokens=req.generated,
+                )
+                if event.finish_reason:
+                    log.info("request_id=%s finished reason=%s tokens=%d", rid, event.finish_reason, req.generated)
+                    return
+        finally:
+            self.worker.cancel(rid)  # no-op once finished
+
+    @rpc_errors("decode")
+    def Release(self, request, context):
+        return decode_pb2.ReleaseResponse(released=self.worker.cancel(request.request_id))
+
+    @rpc_errors("decode")
+    def GetInfo(self, request, context):
+        w = self.worker
+        with w.lock:
+            return decode_pb2.GetDecodeInfoResponse(
+                model=self.model_desc,
+                kvp_size=1,
+                active_requests=len(w.active),
+                reserved_requests=len(w.requests) - len(w.active),
+                kv_blocks_used=w.cache.allocator.num_used,
+                kv_blocks_free=w.cache.allocator.num_free,
+            )
+
+
+def serve(cfg: DecodeConfig, ready=None):
+    """Load the model, start the KV receiver and the gRPC server; returns (server, port, worker, receiver)."""
+    from ringserve.service import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    worker = DecodeWorker(model, tokenizer, cfg.kv_blocks, cfg.block_size, cfg.reservation_ttl_s, cfg.max_batch)
+
+    def sink(request_id, first_position, kv):
+        worker.write_kv(request_id, first_position, kv)
+        KV_BYTES.labels("decode", "received").inc(kv.numel() * kv.element_size())
+
+    receiver = KVReceiver(sink, host=cfg.host, port=cfg.kv_port, advertise_host=cfg.advertise_host)
+    worker.kv_address = receiver.address
+    servicer = DecodeServicer(worker, model_description(model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct"))
+    server, port, _ = start_server(
+        [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)],
+        ["ringserve.v1.Decode"],
+        cfg.host,
+        cfg.port,
+    )
+    serve_metrics(cfg.metrics_port)
+    log.info(
+        "decode worker serving on %s:%d, KV receiver on %s",
+        cfg.advertise_host or cfg.host,
+        port,
+        receiver.address,
+    )
+    return server, port, worker, receiver

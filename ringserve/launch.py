@@ -1,0 +1,151 @@
+"""Running the services: one per process (`ringserve router|prefill|decode`) or all at once (`up`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig
+from ringserve.errors import Unavailable
+from ringserve.rpc import wait_ready
+from ringserve.service import wait_for_termination
+
+log = logging.getLogger(__name__)
+
+
+def run_decode(cfg: DecodeConfig) -> int:
+    from ringserve.decode_service.server import serve
+
+    server, _, worker, receiver = serve(cfg)
+    wait_for_termination(server, lambda: (worker.close(), receiver.close()))
+    return 0
+
+
+def run_prefill(cfg: PrefillConfig) -> int:
+    from ringserve.prefill_service.server import serve
+
+    server, _, group = serve(cfg)
+    wait_for_termination(server, group.close)
+    return 0
+
+
+def run_router(cfg: RouterConfig) -> int:
+    from ringserve.router.server import serve
+
+    server, _ = serve(cfg)
+    wait_for_termination(server)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """Processes of a local deployment: one decode worker, one prefill group, one router."""
+
+    router: str
+    prefill: str
+    decode: str
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        """SIGTERM everyone (they shut down gracefully), then kill stragglers."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def start_cluster(
+    cp: int = 2,
+    model: str | None = None,
+    dtype: str = "float32",
+    host: str = "127.0.0.1",
+    router_port: int = 0,
+    extra: dict[str, list[str]] | None = None,
+    ready_timeout_s: float = 300.0,
+    log_dir: str | None = None,
+) -> Cluster:
+    """Start decode, prefill (CP = ``cp``) and router as child processes; return once all serve."""
+    ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
+    common = ["--host", host, "--dtype", dtype] + (["--model", model] if model else [])
+    argv = {
+        "decode": ["decode", "--port", str(ports["decode"]), *common],
+        "prefill": ["prefill", "--port", str(ports["prefill"]), "--cp", str(cp), *common],
+        "router": [
+            "router",
+            "--port",
+            str(ports["router"]),
+            "--host",
+            host,
+            "--prefill",
+            f"{host}:{ports['prefill']}",
+            "--decode",
+            f"{host}:{ports['decode']}",
+            *(["--model", model] if model else []),
+        ],
+    }
+    cluster = Cluster(**{k: f"{host}:{p}" for k, p in ports.items()})
+    try:
+        for name in ("decode", "prefill", "router"):
+            args = [sys.executable, "-m", "ringserve.cli", *argv[name], *(extra or {}).get(name, [])]
+            out = open(os.path.join(log_dir, f"{name}.log"), "w") if log_dir else None  # noqa: SIM115
+            cluster.procs[name] = subprocess.Popen(args, stderr=out or None, stdout=out or subprocess.DEVNULL)
+            log.info("started %s (pid %d): %s", name, cluster.procs[name].pid, " ".join(args[3:]))
+        deadline = time.monotonic() + ready_timeout_s
+        for name in ("decode", "prefill", "router"):
+            address = getattr(cluster, name)
+            while True:
+                if cluster.procs[name].poll() is not None:
+                    raise Unavailable(
+                        f"the {name} service exited with code {cluster.procs[name].returncode} "
+                        "during start-up; see its log above"
+                    )
+                try:
+                    wait_ready(address, timeout_s=1.0)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(
+                            f"the {name} service did not become ready within {ready_timeout_s:.0f} s"
+                        ) from None
+            log.info("%s ready at %s", name, address)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def up(cp: int, model: str | None, dtype: str, host: str, port: int) -> int:
+    """`ringserve up`: start everything, print the router's address, stop all on Ctrl-C."""
+    cluster = start_cluster(cp=cp, model=model, dtype=dtype, host=host, router_port=port)
+    print(cluster.router, flush=True)
+    log.info("ringserve is up: router at %s (Ctrl-C stops everything)", cluster.router)
+    try:
+        while True:
+            for name, p in cluster.procs.items():
+                if p.poll() is not None:
+                    log.error("the %s service exited with code %d; stopping the others", name, p.returncode)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,28 @@
+"""Prometheus metrics shared by every service; each process serves its own on --metrics-port."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter(
+    "ringserve_requests_total", "Finished RPCs by service, method and status", ["service", "method", "status"]
+)
+TTFT = Histogram(
+    "ringserve_time_to_first_token_seconds",
+    "Router: request start to first token",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TPOT = Histogram(
+    "ringserve_time_per_output_token_seconds",
+    "Router: mean time per token after the first",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+QUEUE_DEPTH = Gauge("ringserve_queue_depth", "Requests admitted and not yet finished", ["service"])
+KV_BLOCKS = Gauge("ringserve_kv_blocks", "KV cache blocks by state", ["service", "state"])
+KV_BYTES = Counter("ringserve_kv_transfer_bytes_total", "KV bytes moved between tiers", ["service", "direction"])
+
+
+def serve_metrics(port: int | None) -> None:
+    """Expose /metrics over HTTP when a port is given (0 picks a free one)."""
+    if port is not None:
+        start_http_server(port)

@@ -1,0 +1,218 @@
+"""A prefill group: N processes, one per device, running CP prefill together; rank 0 leads.
+
+The leader (the process serving gRPC) starts ranks 1..N-1 as child processes. Jobs reach them
+through a queue, not a collective, so an idle group holds no collective that could time out;
+once every rank has a job they run the CP forward over their process group, each pushes its KV
+shard to the decode targets, and each reports back to the leader, which samples the first token.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ringserve.config import PrefillConfig
+from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.model import Llama
+from ringserve.errors import FailedPrecondition, RingserveError, Unavailable, error_from_code
+from ringserve.kv_transfer.plan import plan_moves
+from ringserve.kv_transfer.tcp import send_kv
+from ringserve.prefill_service.context_parallel import CPRunner, CPSequence, check_group, init_group
+from ringserve.prefill_service.strategy import measure_rates
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A decode rank's share of a request's prompt KV."""
+
+    address: str
+    first_position: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    token_ids: list[int]
+    strategy: str
+    targets: list[Target]
+
+
+@dataclass
+class RankResult:
+    """What one rank reports after a job: bytes pushed, or the error that stopped it."""
+
+    rank: int
+    bytes_sent: int = 0
+    transfer_s: float = 0.0
+    error: tuple[str, str] | None = None  # (status code name, message)
+
+
+def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
+    dev = torch.device(cfg.device)
+    return torch.device("cuda", rank) if dev.type == "cuda" else dev
+
+
+def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> CPRunner:
+    from ringserve.service import torch_dtype
+
+    device = _device_for(cfg, rank)
+    dtype = torch_dtype(cfg.dtype)
+    model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0)
+    init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)
+    check_group(model, cfg.cp, dtype)
+    cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
+    c = model.config
+    rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates)
+
+
+def run_job(runner: CPRunner, job: Job) -> tuple[torch.Tensor | None, RankResult]:
+    """This rank's part of a job: CP forward, push the KV shard, free the blocks.
+
+    Returns the last token's logits on rank 0. Transfer failures are reported, not raised, so
+    every rank still reports; failures of the ring itself (a dead peer) raise.
+    """
+    import torch.distributed as dist
+
+    seq = CPSequence()
+    result = RankResult(runner.rank)
+    try:
+        logits = runner.prefill(seq, job.token_ids, job.strategy)
+        counts: list = [None] * runner.world
+        with runner.comm.peer_errors():
+            dist.all_gather_object(counts, seq.num_cached_local)
+        kv = torch.stack(
+            [
+                torch.stack(runner.cache.read(layer, seq.block_table, seq.num_cached_local))
+                for layer in range(runner.model.config.num_hidden_layers)
+            ]
+        )  # [layers, 2, n, Hkv, D]
+        t0 = time.perf_counter()
+        try:
+            for m in plan_moves(counts, [t.num_tokens for t in job.targets]):
+                if m.src_rank == runner.rank:
+                    target = job.targets[m.dst_rank]
+                    rows = kv[:, :, m.src_start : m.src_start + m.count]
+                    result.bytes_sent += send_kv(
+                        target.address, job.request_id, target.first_position + m.dst_start, rows
+                    )
+        except RingserveError as e:
+            result.error = (e.code, str(e))
+        result.transfer_s = time.perf_counter() - t0
+        return logits, result
+    finally:
+        runner.release(seq)
+
+
+def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
+    from ringserve.service import setup_logging
+
+    setup_logging(f"prefill-rank{rank}")
+    torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
+    try:
+        runner = _build_runner(cfg, rank, init_method)
+    except RingserveError as e:
+        results.put(RankResult(rank, error=(e.code, str(e))))
+        return
+    results.put(RankResult(rank))  # ready
+    while (job := jobs.get()) is not None:
+        try:
+            _, result = run_job(runner, job)
+        except RingserveError as e:
+            result = RankResult(rank, error=(e.code, str(e)))
+        results.put(result)
+        if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
+            return  # the group is broken; the leader restarts or fails over
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrefillGroup:
+    """The leader's handle on its group: start the ranks, run jobs one at a time, stop."""
+
+    def __init__(self, cfg: PrefillConfig):
+        if cfg.cp < 1:
+            raise FailedPrecondition(f"--cp must be at least 1, got {cfg.cp}")
+        self.cfg = cfg
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.results: mp.Queue = ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(cfg.cp - 1)]
+        self.procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(r, cfg, init_method, self.jobs[r - 1], self.results),
+                name=f"prefill-rank{r}",
+                daemon=True,
+            )
+            for r in range(1, cfg.cp)
+        ]
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
+        for p in self.procs:
+            p.start()
+        self.runner = _build_runner(cfg, 0, init_method)
+        for result in self._collect():
+            if result.error:
+                raise error_from_code(*result.error)
+        self.broken = False
+
+    @property
+    def model(self) -> Llama:
+        return self.runner.model
+
+    def _collect(self) -> list[RankResult]:
+        """One result from every other rank; a rank that died or hangs past the timeout fails the group."""
+        got: list[RankResult] = []
+        deadline = time.monotonic() + self.cfg.group_timeout_s
+        while len(got) < len(self.procs):
+            try:
+                got.append(self.results.get(timeout=0.2))
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.broken = True
+                    raise Unavailable(
+                        f"prefill group: {', '.join(dead) or 'a rank'} "
+                        f"{'died' if dead else 'did not answer in time'}; restart the prefill group"
+                    ) from None
+        return got
+
+    def run(self, job: Job) -> tuple[torch.Tensor, list[RankResult]]:
+        """Run a job on every rank; returns the last token's logits and each rank's result."""
+        if self.broken:
+            raise Unavailable("prefill group is broken (a rank died); restart it")
+        for q in self.jobs:
+            q.put(job)
+        try:
+            logits, mine = run_job(self.runner, job)
+        except Unavailable:
+            self.broken = True
+            raise
+        results = [mine, *self._collect()]
+        for r in results:
+            if r.error:
+                if "peer rank" in r.error[1]:
+                    self.broken = True
+                raise error_from_code(*r.error)
+        return logits, results
+
+    def close(self) -> None:
+        for q in self.jobs:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,116 @@
+"""The prefill service: gRPC front of a PrefillGroup (the group's leader process)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ringserve.config import PrefillConfig
+from ringserve.engine.sampling import sample
+from ringserve.errors import InvalidArgument
+from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
+from ringserve.prefill_service.group import Job, PrefillGroup, Target
+from ringserve.prefill_service.strategy import STRATEGIES
+from ringserve.rpc import model_description, rpc_errors, sampling_from_proto, start_server
+from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, group: PrefillGroup, cfg: PrefillConfig, health=None):
+        self.group, self.cfg, self.health = group, cfg, health
+        self.model_desc = model_description(group.model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct")
+        self.lock = threading.Lock()  # one request at a time per group (the scheduler issue lifts this)
+        self.waiting = 0
+
+    @rpc_errors("prefill")
+    def Prefill(self, request, context):
+        ids = list(request.token_ids)
+        config = self.group.model.config
+        if not ids:
+            raise InvalidArgument("token_ids is empty: a prompt needs at least one token")
+        if len(ids) >= config.max_position_embeddings:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens but the model's context is {config.max_position_embeddings}"
+            )
+        if any(t >= config.vocab_size for t in ids):
+            raise InvalidArgument(f"token ids must be below the vocabulary size {config.vocab_size}")
+        if request.strategy not in ("", *STRATEGIES):
+            raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {request.strategy!r}")
+        if not request.targets or sum(t.num_tokens for t in request.targets) != len(ids):
+            raise InvalidArgument("targets must cover every prompt token exactly once (from Decode.Reserve)")
+        params = sampling_from_proto(request.sampling)
+        params.validate_for(config.vocab_size)
+        job = Job(
+            request.request_id,
+            ids,
+            request.strategy or self.cfg.strategy,
+            [Target(t.address, t.first_position, t.num_tokens) for t in request.targets],
+        )
+        self.waiting += 1
+        QUEUE_DEPTH.labels("prefill").set(self.waiting)
+        try:
+            with self.lock:
+                t0 = time.perf_counter()
+                logits, results = self.group.run(job)
+                elapsed = time.perf_counter() - t0
+        finally:
+            self.waiting -= 1
+            QUEUE_DEPTH.labels("prefill").set(self.waiting)
+            self._update_gauges()
+        if self.group.broken and self.health is not None:
+            self.health.enter_graceful_shutdown()
+        first = sample(logits, params, params.generator())
+        sent = sum(r.bytes_sent for r in results)
+        transfer = max(r.transfer_s for r in results)
+        KV_BYTES.labels("prefill", "sent").inc(sent)
+        log.info(
+            "request_id=%s prefilled tokens=%d strategy=%s seconds=%.3f kv_bytes=%d",
+            job.request_id,
+            len(ids),
+            self.group.runner.last_strategy,
+            elapsed,
+            sent,
+        )
+        return prefill_pb2.PrefillResponse(
+            first_token=first,
+            strategy=self.group.runner.last_strategy or "",
+            compute_seconds=elapsed - transfer,
+            transfer_seconds=transfer,
+            bytes_transferred=sent,
+        )
+
+    def _update_gauges(self) -> None:
+        alloc = self.group.runner.cache.allocator
+        KV_BLOCKS.labels("prefill", "used").set(alloc.num_used)
+        KV_BLOCKS.labels("prefill", "free").set(alloc.num_free)
+
+    @rpc_errors("prefill")
+    def GetInfo(self, request, context):
+        alloc = self.group.runner.cache.allocator
+        return prefill_pb2.GetPrefillInfoResponse(
+            model=self.model_desc,
+            cp_size=self.cfg.cp,
+            transport="tcp",
+            active_requests=self.waiting,
+            kv_blocks_used=alloc.num_used,
+            kv_blocks_free=alloc.num_free,
+        )
+
+
+def serve(cfg: PrefillConfig):
+    """Start the group and the gRPC server; returns (server, port, group)."""
+    group = PrefillGroup(cfg)
+    servicer = PrefillServicer(group, cfg)
+    server, port, health = start_server(
+        [(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer)],
+        ["ringserve.v1.Prefill"],
+        cfg.host,
+        cfg.port,
+    )
+    servicer.health = health
+    serve_metrics(cfg.metrics_port)
+    log.info("prefill group (cp=%d) serving on %s:%d", cfg.cp, cfg.advertise_host or cfg.host, port)
+    return server, port, group

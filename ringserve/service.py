@@ -1,0 +1,58 @@
+"""Start-up pieces every service process shares: loading the model, logging, waiting for SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import torch
+
+from ringserve.config import ModelArgs
+from ringserve.errors import InvalidArgument
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def setup_logging(role: str, quiet: bool = False) -> None:
+    """key=value logs on stderr, each line naming the service; request ids travel as request_id=."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.WARNING if quiet else logging.INFO,
+        format=f"%(asctime)s level=%(levelname)s service={role} logger=%(name)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InvalidArgument(f"dtype {name!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def load_model_and_tokenizer(cfg: ModelArgs, device: torch.device | None = None):
+    """The model (on ``device`` or cfg.device) and its tokenizer."""
+    from ringserve.engine.model import Llama
+    from ringserve.engine.tokenizer import Tokenizer
+
+    model = Llama.load(cfg.model, dtype=torch_dtype(cfg.dtype), device=device or check_device(cfg.device))
+    return model, Tokenizer.from_checkpoint(cfg.model)
+
+
+def wait_for_termination(server, on_stop=None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop the server gracefully."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    if on_stop:
+        on_stop()
