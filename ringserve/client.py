@@ -50,8 +50,9 @@ class Client:
         request_id: str | None = None,
         **sampling,
     ) -> Iterator[router_pb2.GenerateResponse]:
-        """Stream response chunks; the last carries finish_reason and usage."""
-        yield from self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
+        """Stream response chunks; the last carries finish_reason and usage. ``.cancel()`` on the
+        returned iterator ends the request and frees what it holds on every tier."""
+        return self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
 
     def complete(self, prompt: str | None = None, **kwargs) -> str:
         """The whole generated text."""

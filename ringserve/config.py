@@ -74,7 +74,7 @@ class ModelArgs:
 class DecodeConfig(ModelArgs):
     port: int = _opt(50061, "gRPC port (0: pick a free one)")
     kv_port: int = _opt(0, "TCP port of the KV receiver (0: pick a free one)")
-    kv_blocks: int = _opt(2048, "KV cache blocks")
+    kv_blocks: int = _opt(512, "KV cache blocks")
     block_size: int = _opt(64, "tokens per KV block")
     max_batch: int = _opt(64, "most requests decoded in one step")
     reservation_ttl_s: float = _opt(120.0, "free reserved blocks never claimed after this many seconds")
@@ -84,7 +84,7 @@ class DecodeConfig(ModelArgs):
 class PrefillConfig(ModelArgs):
     port: int = _opt(50051, "gRPC port of the group leader (0: pick a free one)")
     cp: int = _opt(2, "context-parallel ranks in this group (one process each)")
-    kv_blocks: int = _opt(2048, "KV cache blocks per rank")
+    kv_blocks: int = _opt(256, "KV cache blocks per rank")
     block_size: int = _opt(64, "tokens per KV block")
     strategy: str = _opt("auto", "ring attention variant: auto, pass_kv or pass_q")
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")

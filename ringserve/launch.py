@@ -149,3 +149,25 @@ def up(cp: int, model: str | None, dtype: str, host: str, port: int) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def add_service_commands(sub) -> None:
+    """`ringserve up|router|prefill|decode`: each flag can also be set by its RINGSERVE_* variable."""
+    from ringserve.config import add_config_args, config_from_args
+
+    def service(name: str, cls, run, help_text: str) -> None:
+        p = sub.add_parser(name, help=help_text)
+        add_config_args(p, cls)
+        p.set_defaults(func=lambda args: run(config_from_args(cls, args)), role=name)
+
+    service("decode", DecodeConfig, run_decode, "run a decode worker (gRPC + KV receiver)")
+    service("prefill", PrefillConfig, run_prefill, "run a prefill group: this process leads, ranks 1..N-1 are children")
+    service("router", RouterConfig, run_router, "run the client-facing router")
+
+    p = sub.add_parser("up", help="start a router, a prefill group and a decode worker on this machine")
+    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
+    p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--port", type=int, default=50050, help="the router's port")
+    p.set_defaults(func=lambda a: up(a.cp, a.model, a.dtype, a.host, a.port), role="up")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from concurrent import futures
 
@@ -99,23 +100,19 @@ def start_server(
 
 def wait_ready(address: str, timeout_s: float) -> None:
     """Block until the server at ``address`` answers health checks as SERVING."""
-    import time
-
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
+    while True:
+        # A fresh channel per try: a long-lived one backs off for up to minutes after early failures.
+        with grpc.insecure_channel(address) as channel:
             try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} did not become ready within {timeout_s:.0f} s")
-            time.sleep(0.1)
-
-
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{address} did not become ready within {timeout_s:.0f} s")
+        time.sleep(0.2)
 def sampling_from_proto(msg) -> SamplingParams:
     """SamplingParams from the API message; unset fields take the engine's defaults."""
     defaults = SamplingParams()

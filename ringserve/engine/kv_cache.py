@@ -22,9 +22,7 @@ from ringserve.errors import InvalidArgument, ResourceExhausted
 DEFAULT_BLOCK_SIZE = 64
 
 
-def block_hashes(
-    token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: bytes = b""
-) -> list[bytes]:
+def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE, parent: bytes = b"") -> list[bytes]:
     """Chained content hashes of the full blocks of ``token_ids`` (a trailing partial block has none).
 
     Block n's hash covers the hash of block n-1 and its own token ids, so equal hashes mean equal
@@ -102,14 +100,23 @@ class KVCache:
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: pages are committed only as blocks get used, and every slot is
+        # written before it is read.
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
 
-    def slots(self, block_table: Sequence[int], start: int, end: int) -> torch.Tensor:
+    def table(self, block_table: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """A block table as a tensor on the cache's device. Build it once per forward: each
+        host-to-device copy stalls the GPU stream."""
+        if isinstance(block_table, torch.Tensor):
+            return block_table
+        return torch.tensor(block_table, dtype=torch.long).to(self.k.device, non_blocking=True)
+
+    def slots(self, block_table: Sequence[int] | torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Flat slot indices of cache positions [start, end) of a sequence."""
-        idx = torch.arange(start, end)
-        table = torch.as_tensor(block_table, dtype=torch.long)
-        return (table[idx // self.block_size] * self.block_size + idx % self.block_size).to(self.k.device)
+        table = self.table(block_table)
+        idx = torch.arange(start, end, device=table.device)
+        return table[idx // self.block_size] * self.block_size + idx % self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' K and V ([T, Hkv, D]) at flat slots."""
@@ -118,10 +125,11 @@ class KVCache:
         flat_k.index_copy_(0, slots, k.to(flat_k.dtype))
         flat_v.index_copy_(0, slots, v.to(flat_v.dtype))
 
-    def read(self, layer: int, block_table: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, layer: int, block_table: Sequence[int] | torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``length`` cached tokens of a sequence as contiguous K, V [length, Hkv, D]."""
-        nb = blocks_needed(length, self.block_size)
-        table = torch.as_tensor(block_table[:nb], dtype=torch.long, device=self.k.device)
+        table = self.table(block_table)[: blocks_needed(length, self.block_size)]
         k = self.k[layer].index_select(0, table).flatten(0, 1)[:length]
         v = self.v[layer].index_select(0, table).flatten(0, 1)[:length]
         return k, v
@@ -144,14 +152,15 @@ class PagedAttention:
     def __init__(self, cache: KVCache, spans: list[SeqSpan]):
         self.cache = cache
         self.spans = spans
+        self.tables = [cache.table(s.block_table) for s in spans]
         self.slots = torch.cat(
-            [cache.slots(s.block_table, s.cached, s.cached + s.end - s.start) for s in spans]
+            [cache.slots(t, s.cached, s.cached + s.end - s.start) for s, t in zip(spans, self.tables)]
         )
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slots, k, v)
         outs = []
-        for s in self.spans:
-            keys, values = self.cache.read(layer, s.block_table, s.cached + s.end - s.start)
+        for s, table in zip(self.spans, self.tables):
+            keys, values = self.cache.read(layer, table, s.cached + s.end - s.start)
             outs.append(attend(q[s.start : s.end], keys, values, causal=True)[0])
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -86,12 +86,13 @@ class RingAttention:
         self.cache, self.seq, self.layout, self.comm = cache, seq, layout, comm
         self.ring = ring_pass_kv if strategy == "pass_kv" else ring_pass_q
         n_new = layout.plan.rank_len(comm.rank)
-        self.slots = cache.slots(seq.block_table, seq.num_cached_local, seq.num_cached_local + n_new)
+        self.table = cache.table(seq.block_table)
+        self.slots = cache.slots(self.table, seq.num_cached_local, seq.num_cached_local + n_new)
         self.length = seq.num_cached_local + n_new
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slots, k, v)
-        keys, values = self.cache.read(layer, self.seq.block_table, self.length)
+        keys, values = self.cache.read(layer, self.table, self.length)
         return self.ring(q, keys, values, self.layout, self.comm)
 
 
@@ -143,8 +144,9 @@ class CPRunner:
         grow = blocks_needed(seq.num_cached_local + len(mine), self.cache.block_size) - len(seq.block_table)
         if grow > 0:
             seq.block_table += self.cache.allocator.allocate(grow)
-        ids = torch.tensor([new_ids[i] for i in mine], dtype=torch.long, device=self.device)
-        positions = torch.tensor(mine, dtype=torch.long, device=self.device) + seq.num_done
+        local = torch.cat([torch.arange(*plan.pieces[p], device=self.device) for p in plan.rank_pieces(self.rank)])
+        ids = torch.as_tensor(new_ids, dtype=torch.long).to(self.device)[local]
+        positions = local + seq.num_done
         # The pass's last token is the last of rank 0's late piece (sharding puts it there).
         at = [len(mine) - 1] if self.rank == 0 else []
         attention = RingAttention(self.cache, seq, layout, chosen, self.comm)

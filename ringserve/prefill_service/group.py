@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import socket
 import time
@@ -90,9 +91,10 @@ def run_job(runner: CPRunner, job: Job) -> tuple[torch.Tensor | None, RankResult
         counts: list = [None] * runner.world
         with runner.comm.peer_errors():
             dist.all_gather_object(counts, seq.num_cached_local)
+        table = runner.cache.table(seq.block_table)
         kv = torch.stack(
             [
-                torch.stack(runner.cache.read(layer, seq.block_table, seq.num_cached_local))
+                torch.stack(runner.cache.read(layer, table, seq.num_cached_local))
                 for layer in range(runner.model.config.num_hidden_layers)
             ]
         )  # [layers, 2, n, Hkv, D]
@@ -113,6 +115,16 @@ def run_job(runner: CPRunner, job: Job) -> tuple[torch.Tensor | None, RankResult
         runner.release(seq)
 
 
+def _next_job(jobs: mp.Queue, parent: int) -> Job | None:
+    """The next job, or None to stop: on request, or when the leader has died (we are orphaned)."""
+    while True:
+        try:
+            return jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
 def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
     from ringserve.service import setup_logging
 
@@ -124,7 +136,8 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
         results.put(RankResult(rank, error=(e.code, str(e))))
         return
     results.put(RankResult(rank))  # ready
-    while (job := jobs.get()) is not None:
+    parent = os.getppid()
+    while (job := _next_job(jobs, parent)) is not None:
         try:
             _, result = run_job(runner, job)
         except RingserveError as e:

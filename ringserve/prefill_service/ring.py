@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ringserve.engine.attention import attend, merge
 from ringserve.errors import Unavailable
@@ -94,11 +93,6 @@ class RingLayout:
         return end, False
 
 
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """Pad dim 0 to ``rows``: ring messages have one size on every rank."""
-    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
-
-
 def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
     """Attention of ``q_rank``'s queries (its two pieces, concatenated) over ``kv_rank``'s KV."""
     outs, lses, offset = [], [], 0
@@ -115,16 +109,18 @@ def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
 def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
     """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn."""
     rank, world = comm.rank, comm.world
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
-    rows = max(layout.kv_len(r) for r in range(world))
-    kv = _pad_rows(torch.stack([k, v], dim=1), rows)  # [L, 2, Hkv, D]: one message per step
+    # One message per step: K and V side by side, padded to the longest rank (padding never read).
+    kv = k.new_empty(max(layout.kv_len(r) for r in range(world)), 2, *k.shape[1:])
+    kv[: k.shape[0], 0] = k
+    kv[: k.shape[0], 1] = v
+    out = lse = None
     for step in range(world):
         src = (rank - step) % world
         if step + 1 < world:
             incoming = comm.send_recv(kv)
         n = layout.kv_len(src)
-        out, lse = merge(out, lse, *_attend_pieces(q, kv[:n, 0], kv[:n, 1], layout, rank, src))
+        part = _attend_pieces(q, kv[:n, 0], kv[:n, 1], layout, rank, src)
+        out, lse = (part[0].float(), part[1]) if out is None else merge(out, lse, *part)
         if step + 1 < world:
             comm.wait()
             kv = incoming
@@ -135,7 +131,8 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingL
     """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV."""
     rank, world = comm.rank, comm.world
     rows = max(layout.plan.rank_len(r) for r in range(world))
-    q_buf = _pad_rows(q, rows)
+    q_buf = q.new_empty(rows, *q.shape[1:])
+    q_buf[: q.shape[0]] = q
     part_out = q.new_zeros(world, rows, *q.shape[1:])
     part_lse = torch.full((world, rows, q.shape[1]), float("-inf"), device=q.device)
     for step in range(world):

@@ -85,7 +85,8 @@ def measure_rates(
     """
     from ringserve.prefill_service.ring import RingComm
 
-    tokens = 4096 if device.type == "cuda" else 512
+    # Pass-like sizes: small problems measure launch latency, not rates.
+    tokens = 16384 if device.type == "cuda" else 512
     q = torch.randn(tokens, n_heads, head_dim, device=device, dtype=dtype)
     kv = torch.randn(tokens, n_kv_heads, head_dim, device=device, dtype=dtype)
 
@@ -100,18 +101,18 @@ def measure_rates(
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / iters
 
-    attn_s = timed(lambda: attend(q, kv, kv, causal=True), 3)
+    attn_s = timed(lambda: attend(q, kv, kv, causal=True), 5)
     compute = 2 * tokens * tokens * n_heads * head_dim / attn_s  # causal: half of 4*T*T*D
     bandwidth = float("inf")
     if dist.get_world_size(group) > 1:
         comm = RingComm(group)
-        msg = torch.empty(8 << 20, dtype=torch.uint8, device=device)
+        msg = torch.empty((256 if device.type == "cuda" else 8) << 20, dtype=torch.uint8, device=device)
 
         def ring_step():
             comm.send_recv(msg)
             comm.wait()
 
-        bandwidth = msg.numel() / timed(ring_step, 3)
+        bandwidth = msg.numel() / timed(ring_step, 5)
     both = torch.tensor([-compute, -bandwidth], dtype=torch.float64, device=device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # max of negatives: the slowest rank
     return Rates(compute=-float(both[0]), bandwidth=-float(both[1]))

@@ -1,0 +1,247 @@
+"""The disaggregated path end to end: real service processes, real gRPC on loopback."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ringserve.client import Client
+from ringserve.engine.engine import Engine
+from ringserve.engine.sampling import SamplingParams
+from ringserve.launch import start_cluster
+from ringserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "1, 2, 3, 4,",
+    "def fibonacci(n):",
+    "Once upon a time " * 40,  # a few hundred tokens: several blocks, every rank gets work
+    "a",
+]
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory):
+    """Clusters by CP size, started on first use and stopped at the end of the module."""
+    started = {}
+
+    def get(cp: int):
+        if cp not in started:
+            started[cp] = start_cluster(cp=cp, log_dir=str(tmp_path_factory.mktemp(f"cp{cp}")))
+        return started[cp]
+
+    yield get
+    for c in started.values():
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(default_model):
+    model, tokenizer = default_model
+    return Engine(model, tokenizer)
+
+
+def reference(engine, prompt: str, max_tokens: int) -> tuple[list[int], str]:
+    events = list(engine.generate(engine.tokenizer.encode(prompt), SamplingParams(max_tokens=max_tokens)))
+    return [e.token_id for e in events], "".join(e.text for e in events)
+
+
+def blocks_used(cluster) -> tuple[int, int]:
+    with grpc.insecure_channel(cluster.prefill) as pc, grpc.insecure_channel(cluster.decode) as dc:
+        p = prefill_pb2_grpc.PrefillStub(pc).GetInfo(prefill_pb2.GetPrefillInfoRequest(), timeout=10)
+        d = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
+    return p.kv_blocks_used, d.kv_blocks_used
+
+
+def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while blocks_used(cluster) != (0, 0):
+        assert time.monotonic() < deadline, f"KV blocks still held: {blocks_used(cluster)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_greedy_tokens_match_single_process_engine(clusters, engine, cp):
+    cluster = clusters(cp)
+    with Client(cluster.router, timeout=120) as client:
+        for prompt in PROMPTS:
+            chunks = list(client.generate(prompt, max_tokens=24))
+            ids, text = reference(engine, prompt, 24)
+            assert [t for c in chunks for t in c.token_ids] == ids, prompt
+            assert "".join(c.text for c in chunks) == text
+            last = chunks[-1]
+            assert last.finish_reason in (1, 2) and last.usage.completion_tokens == len(ids)
+            assert last.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+    wait_blocks_free(cluster)
+
+
+def test_concurrent_streams_all_complete(clusters, engine):
+    cluster = clusters(2)
+    prompts = [PROMPTS[i % len(PROMPTS)] + f" {i}" * (i % 7) for i in range(32)]
+    expected = {p: reference(engine, p, 12)[0] for p in set(prompts)}
+    got: dict[int, list[int]] = {}
+    errors = []
+
+    def run(i):
+        try:
+            with Client(cluster.router, timeout=300) as client:
+                got[i] = [t for c in client.generate(prompts[i], max_tokens=12) for t in c.token_ids]
+        except Exception as e:  # collected and reported below
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    for i, p in enumerate(prompts):
+        assert got[i] == expected[p], f"stream {i} differs"
+    wait_blocks_free(cluster)
+
+
+def test_cancelled_stream_releases_blocks_on_both_tiers(clusters):
+    cluster = clusters(2)
+    with Client(cluster.router, timeout=120) as client:
+        stream = client.generate("Tell me a long story.", max_tokens=400, ignore_eos=True)
+        for _, _ in zip(range(3), stream):
+            pass
+        assert blocks_used(cluster)[1] > 0, "the decode tier holds the request while it streams"
+        stream.cancel()
+    wait_blocks_free(cluster)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompt=""), "prompt is empty"),
+        (dict(token_ids=[1] * 9000), "context is 8192"),
+        (dict(token_ids=[10**6]), "vocabulary"),
+        (dict(prompt="hi", temperature=-1.0), "temperature"),
+        (dict(prompt="hi", top_p=1.5), "top_p"),
+        (dict(prompt="hi", max_tokens=0), "max_tokens"),
+        (dict(prompt="hi", stop=[""]), "stop"),
+        (dict(prompt="hi", stop_token_ids=[10**6]), "vocabulary"),
+    ],
+)
+def test_bad_input_is_invalid_argument(clusters, kwargs, message):
+    cluster = clusters(2)
+    with Client(cluster.router, timeout=60) as client, pytest.raises(grpc.RpcError) as err:
+        list(client.generate(**kwargs))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert message in err.value.details()
+    wait_blocks_free(cluster)
+
+
+def test_malformed_request_and_passed_deadline(clusters):
+    cluster = clusters(2)
+    from ringserve.v1 import router_pb2, router_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(router_pb2.GenerateRequest()))  # no input at all
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "one of prompt, messages or token_ids" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(router_pb2.GenerateRequest(prompt="hi"), timeout=0.0001))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_blocks_free(cluster)
+
+
+def test_health_reflection_tokenize_and_model_info(clusters, engine):
+    cluster = clusters(2)
+    for address in (cluster.router, cluster.prefill, cluster.decode):
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster.router) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert "ringserve.v1.Router" in names and "grpc.health.v1.Health" in names
+    with Client(cluster.router, timeout=30) as client:
+        assert client.tokenize("The capital of France is") == engine.tokenizer.encode("The capital of France is")
+        info = client.model_info()
+        assert info.model.num_layers == 30 and info.model.max_context == 8192 and info.prefill_groups == 1
+
+
+def test_chat_messages_use_the_template(clusters, engine):
+    cluster = clusters(2)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    expected = "".join(e.text for e in engine.generate(ids, SamplingParams(max_tokens=16)))
+    with Client(cluster.router, timeout=60) as client:
+        assert client.complete(messages=messages, max_tokens=16) == expected
+
+
+def test_async_client_streams(clusters, engine):
+    import asyncio
+
+    from ringserve.client import AsyncClient
+
+    cluster = clusters(2)
+
+    async def main():
+        async with AsyncClient(cluster.router, timeout=60) as client:
+            return await client.complete("The capital of France is", max_tokens=8)
+
+    assert asyncio.run(main()) == reference(engine, "The capital of France is", 8)[1]
+
+
+def test_unknown_model_path_fails_at_start_with_a_clear_message():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringserve.cli", "decode", "--port", "0", "--model", "/no/such/model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_killed_workers_end_requests_with_unavailable(tmp_path):
+    """Kill the prefill group mid-prefill, then the decode worker mid-stream: the affected requests
+    end with UNAVAILABLE promptly, the others finish, and nothing is left reserved."""
+    cluster = start_cluster(cp=2, log_dir=str(tmp_path))
+    try:
+        with Client(cluster.router, timeout=120) as client:
+            survivor = client.generate("Count to one hundred.", max_tokens=60, ignore_eos=True)
+            doomed = client.generate("Tell me a long story.", max_tokens=400, ignore_eos=True)
+            next(survivor), next(doomed)
+            long_prompt = client.generate(token_ids=[100 + i % 1000 for i in range(6000)], max_tokens=4)
+            result = {}
+            waiter = threading.Thread(target=lambda: result.update(error=_rpc_error(long_prompt)))
+            waiter.start()
+            time.sleep(1.0)  # the long prompt is now in prefill
+            cluster.procs["prefill"].kill()
+            t0 = time.monotonic()
+            waiter.join(timeout=30)
+            assert result["error"] == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - t0 < 15
+            assert len([c for c in survivor]) == 59, "a request already decoding is unaffected"
+            with grpc.insecure_channel(cluster.decode) as dc:
+                info = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
+            assert info.reserved_requests == 0 and info.active_requests == 1, "only the doomed stream holds blocks"
+            cluster.procs["decode"].kill()
+            t0 = time.monotonic()
+            assert _rpc_error(doomed) == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - t0 < 10
+    finally:
+        cluster.stop()
+
+
+def _rpc_error(stream):
+    try:
+        list(stream)
+    except grpc.RpcError as e:
+        return e.code()
+    return None
