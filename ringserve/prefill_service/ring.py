@@ -133,8 +133,9 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingL
     rows = max(layout.plan.rank_len(r) for r in range(world))
     q_buf = q.new_empty(rows, *q.shape[1:])
     q_buf[: q.shape[0]] = q
-    part_out = q.new_zeros(world, rows, *q.shape[1:])
-    part_lse = torch.full((world, rows, q.shape[1]), float("-inf"), device=q.device)
+    # Row i of part_*[src] is written for every i below src's query count, and no other row is read.
+    part_out = q.new_empty(world, rows, *q.shape[1:])
+    part_lse = q.new_empty(world, rows, q.shape[1], dtype=torch.float32)
     for step in range(world):
         src = (rank - step) % world  # whose queries are visiting
         if step + 1 < world:
