@@ -57,6 +57,7 @@ class Cluster:
     prefill: str
     decode: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics: dict[str, str] = field(default_factory=dict)  # service -> host:port of /metrics
 
     def stop(self) -> None:
         """SIGTERM everyone (they shut down gracefully), then kill stragglers."""
@@ -81,9 +82,13 @@ def start_cluster(
     extra: dict[str, list[str]] | None = None,
     ready_timeout_s: float = 300.0,
     log_dir: str | None = None,
+    metrics: bool = False,
 ) -> Cluster:
-    """Start decode, prefill (CP = ``cp``) and router as child processes; return once all serve."""
+    """Start decode, prefill (CP = ``cp``) and router as child processes; return once all serve.
+
+    With ``metrics``, each service also serves Prometheus /metrics on a free port."""
     ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
+    metrics_ports = {name: free_port() for name in ports} if metrics else {}
     common = ["--host", host, "--dtype", dtype] + (["--model", model] if model else [])
     argv = {
         "decode": ["decode", "--port", str(ports["decode"]), *common],
@@ -101,7 +106,10 @@ def start_cluster(
             *(["--model", model] if model else []),
         ],
     }
+    for name, port in metrics_ports.items():
+        argv[name] += ["--metrics-port", str(port)]
     cluster = Cluster(**{k: f"{host}:{p}" for k, p in ports.items()})
+    cluster.metrics = {name: f"{host}:{port}" for name, port in metrics_ports.items()}
     try:
         for name in ("decode", "prefill", "router"):
             args = [sys.executable, "-m", "ringserve.cli", *argv[name], *(extra or {}).get(name, [])]
@@ -134,9 +142,13 @@ def start_cluster(
 
 def up(cp: int, model: str | None, dtype: str, host: str, port: int) -> int:
     """`ringserve up`: start everything, print the router's address, stop all on Ctrl-C."""
-    cluster = start_cluster(cp=cp, model=model, dtype=dtype, host=host, router_port=port)
+    cluster = start_cluster(cp=cp, model=model, dtype=dtype, host=host, router_port=port, metrics=True)
     print(cluster.router, flush=True)
-    log.info("ringserve is up: router at %s (Ctrl-C stops everything)", cluster.router)
+    log.info(
+        "ringserve is up: router at %s (Ctrl-C stops everything); metrics at %s",
+        cluster.router,
+        ", ".join(f"{k} http://{v}/metrics" for k, v in cluster.metrics.items()),
+    )
     try:
         while True:
             for name, p in cluster.procs.items():

@@ -32,7 +32,7 @@ def clusters(tmp_path_factory):
 
     def get(cp: int):
         if cp not in started:
-            started[cp] = start_cluster(cp=cp, log_dir=str(tmp_path_factory.mktemp(f"cp{cp}")))
+            started[cp] = start_cluster(cp=cp, log_dir=str(tmp_path_factory.mktemp(f"cp{cp}")), metrics=True)
         return started[cp]
 
     yield get
@@ -202,6 +202,32 @@ def test_async_client_streams(clusters, engine):
             return await client.complete("The capital of France is", max_tokens=8)
 
     assert asyncio.run(main()) == reference(engine, "The capital of France is", 8)[1]
+
+
+def test_metrics_count_requests_latency_blocks_and_bytes(clusters):
+    import urllib.request
+
+    cluster = clusters(2)
+    with Client(cluster.router, timeout=60) as client:
+        list(client.generate("The capital of France is", max_tokens=4))
+
+    def scrape(service: str) -> str:
+        with urllib.request.urlopen(f"http://{cluster.metrics[service]}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def value(text: str, prefix: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(prefix)]
+        assert lines, f"no metric {prefix}"
+        return float(lines[0].rsplit(" ", 1)[1])
+
+    router, prefill, decode = scrape("router"), scrape("prefill"), scrape("decode")
+    assert value(router, 'ringserve_requests_total{method="Generate",service="router",status="OK"}') >= 1
+    assert value(router, "ringserve_time_to_first_token_seconds_count") >= 1
+    assert value(router, "ringserve_time_per_output_token_seconds_count") >= 1
+    assert value(prefill, 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}') > 0
+    assert value(decode, 'ringserve_kv_transfer_bytes_total{direction="received",service="decode"}') > 0
+    assert value(decode, 'ringserve_kv_blocks{service="decode",state="free"}') > 0
+    assert 'ringserve_queue_depth{service="decode"}' in decode
 
 
 def test_unknown_model_path_fails_at_start_with_a_clear_message():
