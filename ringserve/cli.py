@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
-from ringserve.errors import RingserveError
+from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError
+from ringserve.logs import setup_logging
 
 log = logging.getLogger("ringserve")
 
@@ -49,19 +51,59 @@ def _sampling_params(args: argparse.Namespace):
     )
 
 
+def _read_prompt(arg: str) -> str:
+    """The prompt argument, or all of stdin for ``-``."""
+    if arg != "-":
+        return arg
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise InvalidArgument(f"the prompt on stdin is not valid text in the locale's encoding: {e}") from e
+
+
+def _check_device(device: str) -> None:
+    """Reject devices this machine cannot run on before spending time on the model load."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidArgument(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from e
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise InvalidArgument(f"--device {device}: ringserve runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FailedPrecondition(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from one prompt in this process and print the text as it is produced."""
+    # Every check that needs no model runs first: the load takes seconds.
+    params = _sampling_params(args)
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise InvalidArgument(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    prompt = _read_prompt(args.prompt)
+    if not prompt:
+        raise InvalidArgument("the prompt is empty: give at least one token of text")
+    if args.url:
+        return _generate_remote(args, prompt, params)
+    _check_device(args.device)
     import torch
 
     from ringserve.engine.engine import Engine
+    from ringserve.engine.weights import resolve_model_path
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    params = _sampling_params(args)  # validate before the slow model load
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise RingserveError(f"--device {args.device} asked for but no CUDA GPU is visible; use --device cpu")
+    resolve_model_path(args.model)  # a missing path is reported before the load is announced
     log.info("loading model %s", args.model or "(embedded SmolLM2-135M-Instruct)")
     engine = Engine.load(
-        args.model, dtype=getattr(torch, args.dtype), device=args.device, prefill_chunk=args.prefill_chunk
+        args.model,
+        dtype=getattr(torch, args.dtype),
+        device=args.device,
+        progress=not args.quiet,
+        prefill_chunk=args.prefill_chunk,
     )
     tok = engine.tokenizer
     if args.chat:
@@ -94,6 +136,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_remote(args: argparse.Namespace, prompt: str, params) -> int:
+    """`generate --url`: the same, through a running router (see `ringserve up`)."""
+    import grpc
+
+    from ringserve.client import Client
+
+    sampling = dict(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+    inputs = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+    t0 = time.perf_counter()
+    last = None
+    try:
+        with Client(args.url) as client:
+            for chunk in client.generate(**inputs, **sampling):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+    except grpc.RpcError as e:
+        raise RingserveError(f"{args.url} answered {e.code().name}: {e.details()}") from e
+    sys.stdout.write("\n")
+    if last is not None:
+        log.info(
+            "request %s: %d prompt tokens, %d generated in %.2f s",
+            last.request_id,
+            last.usage.prompt_tokens,
+            last.usage.completion_tokens,
+            time.perf_counter() - t0,
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringserve", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
@@ -102,29 +182,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt in one process")
     gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument(
-        "--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens"
-    )
+    gen.add_argument("--url", default=None, help="send the prompt to a running router (host:port) instead")
+    gen.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from ringserve.launch import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print a message and exit 2, never a traceback."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(getattr(args, "role", args.command), args.quiet)
     try:
         return args.func(args)
     except RingserveError as e:
         print(f"ringserve: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`ringserve generate ... | head`): stop quietly, and point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("ringserve: interrupted", file=sys.stderr)
         return 130

@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 
 from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig
 from ringserve.errors import Unavailable
-from ringserve.rpc import wait_ready
-from ringserve.service import wait_for_termination
 
 log = logging.getLogger(__name__)
 
 
+# Heavy imports (grpc, torch) happen inside the commands, so `ringserve --help` stays fast.
+
+
 def run_decode(cfg: DecodeConfig) -> int:
     from ringserve.decode_service.server import serve
+    from ringserve.service import wait_for_termination
 
     server, _, worker, receiver = serve(cfg)
     wait_for_termination(server, lambda: (worker.close(), receiver.close()))
@@ -29,6 +31,7 @@ def run_decode(cfg: DecodeConfig) -> int:
 
 def run_prefill(cfg: PrefillConfig) -> int:
     from ringserve.prefill_service.server import serve
+    from ringserve.service import wait_for_termination
 
     server, _, group = serve(cfg)
     wait_for_termination(server, group.close)
@@ -37,6 +40,7 @@ def run_prefill(cfg: PrefillConfig) -> int:
 
 def run_router(cfg: RouterConfig) -> int:
     from ringserve.router.server import serve
+    from ringserve.service import wait_for_termination
 
     server, _ = serve(cfg)
     wait_for_termination(server)
@@ -87,6 +91,8 @@ def start_cluster(
     """Start decode, prefill (CP = ``cp``) and router as child processes; return once all serve.
 
     With ``metrics``, each service also serves Prometheus /metrics on a free port."""
+    from ringserve.rpc import wait_ready
+
     ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}
     metrics_ports = {name: free_port() for name in ports} if metrics else {}
     common = ["--host", host, "--dtype", dtype] + (["--model", model] if model else [])

@@ -1,10 +1,8 @@
-"""Start-up pieces every service process shares: loading the model, logging, waiting for SIGTERM."""
+"""Start-up pieces every service process shares: loading the model, waiting for SIGTERM."""
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 import threading
 
 import torch
@@ -13,16 +11,6 @@ from ringserve.config import ModelArgs
 from ringserve.errors import InvalidArgument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def setup_logging(role: str, quiet: bool = False) -> None:
-    """key=value logs on stderr, each line naming the service; request ids travel as request_id=."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING if quiet else logging.INFO,
-        format=f"%(asctime)s level=%(levelname)s service={role} logger=%(name)s %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
 
 
 def torch_dtype(name: str) -> torch.dtype:

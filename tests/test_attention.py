@@ -35,9 +35,10 @@ def rand(t, h, d, seed):
 @pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2), (6, 1), (9, 3)])
 @pytest.mark.parametrize("tq,tk", [(1, 1), (1, 17), (5, 5), (7, 30), (13, 13), (20, 8), (3, 0), (0, 4)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attend_matches_reference(h, hkv, tq, tk, causal):
+@pytest.mark.parametrize("backend", attention.CPU_BACKENDS)
+def test_attend_matches_reference(h, hkv, tq, tk, causal, backend):
     q, k, v = rand(tq, h, 16, 1), rand(tk, hkv, 16, 2), rand(tk, hkv, 16, 3)
-    out, lse = attend(q, k, v, causal=causal)
+    out, lse = attend(q, k, v, causal=causal, kernel=attention.BACKENDS[backend])
     ref_out, ref_lse = reference(q, k, v, causal)
     assert out.shape == (tq, h, 16) and lse.shape == (tq, h) and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
@@ -88,16 +89,17 @@ def test_causal_split_pieces_merge_to_causal():
 def test_cpu_query_slicing_matches(monkeypatch):
     """Long prompts are attended in query slices on CPU; the result must not change."""
     q, k, v = rand(40, 4, 8, 8), rand(40, 2, 8, 9), rand(40, 2, 8, 10)
-    expected = [attend(q, k, v, causal=c) for c in (False, True)]
+    plain = attention.BACKENDS["torch"]
+    expected = [attend(q, k, v, causal=c, kernel=plain) for c in (False, True)]
     monkeypatch.setattr(attention, "_CPU_MAX_SCORES", 500)
     for c, (e_out, e_lse) in zip((False, True), expected):
-        out, lse = attend(q, k, v, causal=c)
+        out, lse = attend(q, k, v, causal=c, kernel=plain)
         torch.testing.assert_close(out, e_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse, e_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_backend_selection_and_forcing():
-    assert attention.backend_name(torch.device("cpu")) == "torch"
+    assert attention.backend_name(torch.device("cpu")) == "cpu_flash"
     with pytest.raises(attention.InvalidArgument, match="needs a GPU"):
         attention.set_backend("cudnn", "cpu")
     with pytest.raises(attention.InvalidArgument, match="unknown attention backend"):

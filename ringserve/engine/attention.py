@@ -12,7 +12,9 @@ get out = 0 and lse = -inf, and ``merge`` treats them as empty, so splitting the
 number of pieces and merging gives the unsplit result.
 
 Backends compute only two cases, full and square-causal; ``attend`` reduces every other case to
-those, so the CPU tests exercise the same decomposition the GPU kernels run under.
+those, so the CPU tests exercise the same decomposition the GPU kernels run under. Backends:
+``cpu_flash`` (CPU default: PyTorch's fused CPU kernel), ``torch`` (plain math, the reference),
+``cudnn`` (CUDA default), ``flash``, ``flash_attn``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ def _torch_kernel(q, k, v, causal, scale):
     return out.to(q.dtype), lse
 
 
+def _cpu_flash_kernel(q, k, v, causal, scale):
+    """PyTorch's fused CPU attention (it returns the LSE too) for prefill; one query (decode) is
+    faster through the plain kernel, which also bounds memory the same way."""
+    if q.shape[0] == 1:
+        return _torch_kernel(q, k, v, causal, scale)
+    k, v = _expand_kv(q, k, v)
+    qb, kb, vb = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, H, T, D]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qb, kb, vb, 0.0, causal, scale=scale)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+
+
 def _expand_kv(q, k, v):
     """Repeat KV heads for kernels that need H == Hkv."""
     g = q.shape[1] // k.shape[1]
@@ -101,12 +114,14 @@ def _flash_attn_kernel(q, k, v, causal, scale):
 
 
 BACKENDS: dict[str, Kernel] = {
-    "torch": _torch_kernel,
+    "torch": _torch_kernel,  # plain math in fp32: the reference, and float32 on GPUs
+    "cpu_flash": _cpu_flash_kernel,
     "cudnn": _cudnn_kernel,
     "flash": _flash_kernel,
     "flash_attn": _flash_attn_kernel,
 }
 
+CPU_BACKENDS = ("cpu_flash", "torch")
 _selected: dict[str, str] = {}  # device type -> backend name, chosen once
 
 
@@ -129,8 +144,8 @@ def set_backend(name: str | None, device_type: str = "cuda") -> None:
         return
     if name not in BACKENDS:
         raise InvalidArgument(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
-    if device_type == "cpu" and name != "torch":
-        raise InvalidArgument(f"attention backend {name!r} needs a GPU; on CPU only 'torch' runs")
+    if device_type == "cpu" and name not in CPU_BACKENDS:
+        raise InvalidArgument(f"attention backend {name!r} needs a GPU; on CPU choose one of {CPU_BACKENDS}")
     _selected[device_type] = name
 
 
@@ -139,10 +154,10 @@ def backend_name(device: torch.device) -> str:
     dev = device.type
     if dev not in _selected:
         forced = os.environ.get("RINGSERVE_ATTENTION_BACKEND")
-        if forced and (dev == "cuda" or forced == "torch"):
+        if forced and (dev == "cuda" or forced in CPU_BACKENDS):
             set_backend(forced, dev)
         else:
-            _selected[dev] = _capable_cuda_backend() if dev == "cuda" else "torch"
+            _selected[dev] = _capable_cuda_backend() if dev == "cuda" else "cpu_flash"
     return _selected[dev]
 
 
@@ -166,12 +181,12 @@ def attend(
     if scale is None:
         scale = d**-0.5
     if kernel is None:
-        # The GPU kernels take only half precision; float32 (tests, references) runs the plain one.
-        on_gpu = q.device.type != "cpu" and q.dtype != torch.float32
-        kernel = BACKENDS[backend_name(q.device) if on_gpu else "torch"]
+        # The GPU kernels take only half precision; float32 on a GPU runs the plain kernel.
+        gpu_fp32 = q.device.type != "cpu" and q.dtype == torch.float32
+        kernel = BACKENDS["torch" if gpu_fp32 else backend_name(q.device)]
     if tq == 0 or tk == 0:
         return _empty(q, tq)
-    if not causal:
+    if not causal or tq == 1:  # one query at the end of the keys sees them all
         return kernel(q, k, v, False, scale)
     if tq > tk:  # the first tq - tk queries see nothing
         out, lse = attend(q[tq - tk :], k, v, True, scale, kernel)

@@ -8,6 +8,7 @@ ends.
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,12 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefill_chunk: int | None = None,
     ):
+        """``num_blocks`` of ``block_size`` tokens hold the KV (default: one full-context request);
+        ``prefill_chunk`` splits long prompts into chunks of that many tokens (None: one pass)."""
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise InvalidArgument(f"prefill_chunk must be an integer >= 1 (or None), got {prefill_chunk!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise InvalidArgument(f"block_size must be an integer >= 1, got {block_size!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -66,13 +73,24 @@ class Engine:
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", **kwargs
+        cls,
+        path: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        progress: bool = True,
+        **kwargs,
     ) -> Engine:
-        """Model and tokenizer from a checkpoint (None: the embedded default)."""
-        return cls(Llama.load(path, dtype=dtype, device=device), Tokenizer.from_checkpoint(path), **kwargs)
+        """Model and tokenizer from a checkpoint (None: the embedded default); ``progress`` shows
+        a loading bar on stderr; ``kwargs`` go to ``Engine``."""
+        model = Llama.load(path, dtype=dtype, device=device, progress=progress)
+        return cls(model, Tokenizer.from_checkpoint(path), **kwargs)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """Reject prompts the model cannot take, with the limits in the message."""
+        try:
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError as e:
+            raise InvalidArgument(f"prompt token ids must be integers: {e}") from e
         if not prompt_ids:
             raise InvalidArgument("the prompt is empty: give at least one token of text")
         if len(prompt_ids) >= self.max_context:
@@ -95,14 +113,14 @@ class Engine:
         ids = torch.tensor(seq.token_ids[start:end], device=self.device)
         positions = torch.arange(start, end, device=self.device)
         attention = PagedAttention(self.cache, [SeqSpan(0, num_new, seq.block_table, start)])
-        last = (
-            torch.tensor([num_new - 1], device=self.device)
-            if want_logits
-            else torch.tensor([], dtype=torch.long)
-        )
+        if want_logits:
+            # Only the last row is sampled; a one-token step needs no row selection at all.
+            last = None if num_new == 1 else torch.tensor([num_new - 1], device=self.device)
+        else:
+            last = torch.tensor([], dtype=torch.long, device=self.device)
         logits = self.model(ids, positions, attention, logits_at=last)
         seq.num_cached = end
-        return logits[0] if want_logits else None
+        return logits[-1] if want_logits else None
 
     def prefill(self, seq: Sequence) -> torch.Tensor:
         """All of the prompt, in chunks of ``prefill_chunk`` tokens when set; the last token's logits."""
@@ -114,10 +132,17 @@ class Engine:
         return logits
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
-        """Stream tokens for one prompt; the request's KV blocks are freed however it ends."""
+        """Stream tokens for one prompt; the request's KV blocks are freed however it ends.
+
+        Bad input raises here, at the call, not at the first ``next()``: a caller learns of it
+        before it starts streaming anything. Blocks are only taken once iteration starts.
+        """
         self.check_prompt(prompt_ids)
         params.validate_for(self.config.vocab_size)
-        seq = Sequence(list(prompt_ids), [])
+        return self._generate([operator.index(t) for t in prompt_ids], params)
+
+    def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
+        seq = Sequence(prompt_ids, [])
         output = TextOutput(self.tokenizer, params)
         generator = params.generator()
         try:

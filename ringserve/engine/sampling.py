@@ -10,6 +10,15 @@ import torch
 from ringserve.errors import InvalidArgument
 
 
+def _is_int(x) -> bool:
+    """A true integer: bool is an int subclass, but True is no token count."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
@@ -24,22 +33,25 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        # A lone string or id is one stop condition, not a sequence of characters or an error.
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        stop_ids = (self.stop_token_ids,) if isinstance(self.stop_token_ids, int) else self.stop_token_ids
+        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "stop_token_ids", tuple(stop_ids))
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (0 < self.top_p <= 1):
+        if not _is_real(self.top_p) or not (0 < self.top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidArgument(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed < 2**63)):
+            raise InvalidArgument(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InvalidArgument("stop strings must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise InvalidArgument("stop_token_ids must be non-negative integers")
+            raise InvalidArgument(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+            raise InvalidArgument(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 
     def validate_for(self, vocab_size: int) -> None:
         """Checks that need the model: token ids in range."""
@@ -61,15 +73,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from one row of logits [V]."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float().cpu() / params.temperature
+    # float64, shifted so the best logit is 0 before dividing: a tiny temperature then sends the
+    # rest to -inf instead of making inf - inf = NaN in the softmax.
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        probs = torch.softmax(sorted_logits, -1)
         # Drop tokens once the mass before them already reaches top_p (the first always stays).
-        drop = (cum - torch.softmax(sorted_logits, -1)) >= params.top_p
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -12,6 +12,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -126,9 +127,10 @@ def _next_job(jobs: mp.Queue, parent: int) -> Job | None:
 
 
 def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
-    from ringserve.service import setup_logging
+    from ringserve.logs import setup_logging
 
     setup_logging(f"prefill-rank{rank}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the leader stops us
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
     try:
         runner = _build_runner(cfg, rank, init_method)
