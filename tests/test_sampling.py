@@ -76,15 +76,14 @@ def random_logits(n: int, seed: int, vocab: int = 500) -> list[torch.Tensor]:
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, n: int) -> list[int]:
-    gen = params.generator()
-    return [sample(logits, params, gen) for _ in range(n)]
+    return [sample(logits, params, params.generator(step)) for step in range(n)]
 
 
 def test_greedy_is_argmax():
     for row in random_logits(20, seed=1):
         # Greedy ignores the other knobs: temperature 0 decides.
         params = SamplingParams(temperature=0, top_k=50, top_p=0.5, seed=3)
-        assert sample(row, params, params.generator()) == int(row.argmax())
+        assert sample(row, params, params.generator(0)) == int(row.argmax())
     row = torch.zeros(10)
     row[7] = 1.0
     assert sample(row.to(torch.bfloat16), SamplingParams(), torch.Generator()) == 7
@@ -93,7 +92,7 @@ def test_greedy_is_argmax():
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
 def test_top_k_1_is_greedy_at_any_temperature(temperature):
     params = SamplingParams(temperature=temperature, top_k=1, seed=11)
-    gen = params.generator()
+    gen = params.generator(0)
     for row in random_logits(20, seed=2):
         assert sample(row, params, gen) == int(row.argmax())
 
@@ -101,7 +100,7 @@ def test_top_k_1_is_greedy_at_any_temperature(temperature):
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 10.0])
 def test_tiny_top_p_is_greedy(temperature):
     params = SamplingParams(temperature=temperature, top_p=1e-6, seed=5)
-    gen = params.generator()
+    gen = params.generator(0)
     for row in random_logits(20, seed=3):
         assert sample(row, params, gen) == int(row.argmax())
 
@@ -110,7 +109,7 @@ def test_tiny_top_p_is_greedy(temperature):
 def test_tiny_temperature_is_greedy_not_nan(temperature):
     # logits / 1e-300 overflows: sampling must still pick the best token, not fail on NaN.
     params = SamplingParams(temperature=temperature, seed=5)
-    gen = params.generator()
+    gen = params.generator(0)
     for row in random_logits(10, seed=4):
         assert sample(row, params, gen) == int(row.argmax())
 

@@ -87,6 +87,19 @@ def test_greedy_tokens_match_single_process_engine(clusters, engine, cp):
     wait_blocks_free(cluster)
 
 
+def test_seeded_sampling_matches_the_engine(clusters, engine):
+    """The prefill tier samples the first token and the decode tier the rest, yet a seed gives
+    the engine's tokens: each step's RNG derives from (seed, step)."""
+    cluster = clusters(2)
+    prompt = "Write a haiku about the sea."
+    # Values exact in float32 (the API carries floats), so both sides sample the same distribution.
+    params = SamplingParams(max_tokens=16, temperature=0.75, top_p=0.5, top_k=40, seed=7)
+    expected = [e.token_id for e in engine.generate(engine.tokenizer.encode(prompt), params)]
+    with Client(cluster.router, timeout=120) as client:
+        chunks = client.generate(prompt, max_tokens=16, temperature=0.75, top_p=0.5, top_k=40, seed=7)
+        assert [t for c in chunks for t in c.token_ids] == expected
+
+
 def test_concurrent_streams_all_complete(clusters, engine):
     cluster = clusters(2)
     prompts = [PROMPTS[i % len(PROMPTS)] + f" {i % 3}" * (i % 3) for i in range(32)]  # mixed lengths

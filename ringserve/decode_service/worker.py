@@ -58,7 +58,6 @@ class Request:
     generated: int = 0
     params: SamplingParams | None = None
     output: TextOutput | None = None
-    generator: torch.Generator | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
 
@@ -155,7 +154,6 @@ class DecodeWorker:
             req.params = params
             req.max_tokens = min(req.max_tokens, params.max_tokens)
             req.output = TextOutput(self.tokenizer, params)
-            req.generator = params.generator()
             req.token_ids = list(prompt_ids)
             req.num_cached = req.prompt_len
             if not self._emit(req, first_token):
@@ -225,7 +223,7 @@ class DecodeWorker:
                     if req.cancelled:
                         self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
                         continue
-                    self._emit(req, sample(logits[i], req.params, req.generator))
+                    self._emit(req, sample(logits[i], req.params, req.params.generator(req.generated)))
                 # Rotate so that more requests than max_batch take turns.
                 stepped = {id(r) for r in batch}
                 self.active = [r for r in self.active if id(r) not in stepped] + [

@@ -144,11 +144,10 @@ class Engine:
     def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         seq = Sequence(prompt_ids, [])
         output = TextOutput(self.tokenizer, params)
-        generator = params.generator()
         try:
             logits = self.prefill(seq)
             for i in range(params.max_tokens):
-                token = sample(logits, params, generator)
+                token = sample(logits, params, params.generator(i))
                 text, stopped = output.push(token)
                 seq.token_ids.append(token)
                 at_limit = i + 1 == params.max_tokens or len(seq.token_ids) >= self.max_context

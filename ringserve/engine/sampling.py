@@ -59,13 +59,15 @@ class SamplingParams:
         if bad:
             raise InvalidArgument(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
 
-    def generator(self) -> torch.Generator:
-        """A per-request RNG: seeded when asked, so the same seed gives the same tokens."""
+    def generator(self, step: int) -> torch.Generator:
+        """The RNG for the ``step``-th generated token: seeded from (seed, step) when a seed is
+        given, so a request draws the same tokens whichever process samples each one (the prefill
+        tier samples the first, the decode tier the rest)."""
         gen = torch.Generator()
         if self.seed is None:
             gen.seed()
         else:
-            gen.manual_seed(self.seed)
+            gen.manual_seed((self.seed + step * 0x9E3779B97F4A7C15) % 2**63)
         return gen
 
 

@@ -62,7 +62,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self._update_gauges()
         if self.group.broken and self.health is not None:
             self.health.enter_graceful_shutdown()
-        first = sample(logits, params, params.generator())
+        first = sample(logits, params, params.generator(0))
         sent = sum(r.bytes_sent for r in results)
         transfer = max(r.transfer_s for r in results)
         KV_BYTES.labels("prefill", "sent").inc(sent)
