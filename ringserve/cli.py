@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -142,15 +143,7 @@ def _generate_remote(args: argparse.Namespace, prompt: str, params) -> int:
 
     from ringserve.client import Client
 
-    sampling = dict(
-        max_tokens=params.max_tokens,
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        seed=params.seed,
-        stop=list(params.stop),
-        ignore_eos=params.ignore_eos,
-    )
+    sampling = dataclasses.asdict(params)  # the API's SamplingParams has the same field names
     inputs = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
     t0 = time.perf_counter()
     last = None

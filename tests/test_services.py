@@ -243,6 +243,18 @@ def test_metrics_count_requests_latency_blocks_and_bytes(clusters):
     assert 'ringserve_queue_depth{service="decode"}' in decode
 
 
+def test_generate_command_through_the_router(clusters, engine):
+    cluster = clusters(2)
+    run = [sys.executable, "-m", "ringserve.cli", "generate", "--url", cluster.router]
+    proc = subprocess.run(
+        [*run, "The capital of France is", "--max-tokens", "8"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == reference(engine, "The capital of France is", 8)[1] + "\n"
+    bad = subprocess.run([*run, "hi", "--top-p", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_unknown_model_path_fails_at_start_with_a_clear_message():
     proc = subprocess.run(
         [sys.executable, "-m", "ringserve.cli", "decode", "--port", "0", "--model", "/no/such/model"],
