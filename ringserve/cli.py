@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError
+from ringserve.errors import InvalidArgument, RingserveError
 from ringserve.logs import setup_logging
 
 log = logging.getLogger("ringserve")
@@ -62,24 +62,6 @@ def _read_prompt(arg: str) -> str:
         raise InvalidArgument(f"the prompt on stdin is not valid text in the locale's encoding: {e}") from e
 
 
-def _check_device(device: str) -> None:
-    """Reject devices this machine cannot run on before spending time on the model load."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise InvalidArgument(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from e
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise InvalidArgument(f"--device {device}: ringserve runs on cpu or cuda")
-    if not torch.cuda.is_available():
-        raise FailedPrecondition(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise FailedPrecondition(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from one prompt in this process and print the text as it is produced."""
     # Every check that needs no model runs first: the load takes seconds.
@@ -91,8 +73,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidArgument("the prompt is empty: give at least one token of text")
     if args.url:
         return _generate_remote(args, prompt, params)
-    _check_device(args.device)
     import torch
+
+    from ringserve.service import check_device
+
+    check_device(args.device)
 
     from ringserve.engine.engine import Engine
     from ringserve.engine.weights import resolve_model_path

@@ -8,7 +8,7 @@ import threading
 import torch
 
 from ringserve.config import ModelArgs
-from ringserve.errors import InvalidArgument
+from ringserve.errors import FailedPrecondition, InvalidArgument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,9 +20,18 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument(f"device {device} asked for but no CUDA GPU is visible; use --device cpu")
+    """The device, or a clear error if this machine cannot run on it (checked before any load)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise InvalidArgument(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"--device {device}: ringserve runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FailedPrecondition(f"--device {device} asked for but no CUDA GPU is visible; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FailedPrecondition(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
     return dev
 
 
