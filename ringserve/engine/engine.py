@@ -25,6 +25,25 @@ from ringserve.errors import InvalidArgument
 log = logging.getLogger(__name__)
 
 
+def check_prompt(prompt_ids, max_context: int, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, or InvalidArgument naming the limit it breaks. Every tier
+    that takes token ids (engine, router, prefill) checks them with this."""
+    try:
+        prompt_ids = [operator.index(t) for t in prompt_ids]
+    except TypeError as e:
+        raise InvalidArgument(f"prompt token ids must be integers: {e}") from e
+    if not prompt_ids:
+        raise InvalidArgument("the prompt is empty: give at least one token of text")
+    if len(prompt_ids) >= max_context:
+        raise InvalidArgument(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context is {max_context}: "
+            "shorten it to leave room for at least one generated token"
+        )
+    if any(not 0 <= t < vocab_size for t in prompt_ids):
+        raise InvalidArgument(f"prompt token ids must be in [0, {vocab_size}), the vocabulary size")
+    return prompt_ids
+
+
 @dataclass
 class TokenEvent:
     """One generated token: its id, the text it makes visible, and why generation ended (if it did)."""
@@ -85,22 +104,9 @@ class Engine:
         model = Llama.load(path, dtype=dtype, device=device, progress=progress)
         return cls(model, Tokenizer.from_checkpoint(path), **kwargs)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """Reject prompts the model cannot take, with the limits in the message."""
-        try:
-            prompt_ids = [operator.index(t) for t in prompt_ids]
-        except TypeError as e:
-            raise InvalidArgument(f"prompt token ids must be integers: {e}") from e
-        if not prompt_ids:
-            raise InvalidArgument("the prompt is empty: give at least one token of text")
-        if len(prompt_ids) >= self.max_context:
-            raise InvalidArgument(
-                f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_context}: "
-                "shorten it to leave room for at least one generated token"
-            )
-        vocab = self.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+    def check_prompt(self, prompt_ids: list[int]) -> list[int]:
+        """Reject prompts this model cannot take (see ``check_prompt``)."""
+        return check_prompt(prompt_ids, self.max_context, self.config.vocab_size)
 
     @torch.inference_mode()
     def forward(self, seq: Sequence, num_new: int, want_logits: bool) -> torch.Tensor | None:
@@ -137,9 +143,9 @@ class Engine:
         Bad input raises here, at the call, not at the first ``next()``: a caller learns of it
         before it starts streaming anything. Blocks are only taken once iteration starts.
         """
-        self.check_prompt(prompt_ids)
+        prompt_ids = self.check_prompt(prompt_ids)
         params.validate_for(self.config.vocab_size)
-        return self._generate([operator.index(t) for t in prompt_ids], params)
+        return self._generate(prompt_ids, params)
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:
         seq = Sequence(prompt_ids, [])

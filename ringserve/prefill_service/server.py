@@ -7,6 +7,7 @@ import threading
 import time
 
 from ringserve.config import PrefillConfig
+from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import sample
 from ringserve.errors import InvalidArgument
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
@@ -27,16 +28,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @rpc_errors("prefill")
     def Prefill(self, request, context):
-        ids = list(request.token_ids)
         config = self.group.model.config
-        if not ids:
-            raise InvalidArgument("token_ids is empty: a prompt needs at least one token")
-        if len(ids) >= config.max_position_embeddings:
-            raise InvalidArgument(
-                f"the prompt has {len(ids)} tokens but the model's context is {config.max_position_embeddings}"
-            )
-        if any(t >= config.vocab_size for t in ids):
-            raise InvalidArgument(f"token ids must be below the vocabulary size {config.vocab_size}")
+        ids = check_prompt(request.token_ids, config.max_position_embeddings, config.vocab_size)
         if request.strategy not in ("", *STRATEGIES):
             raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {request.strategy!r}")
         if not request.targets or sum(t.num_tokens for t in request.targets) != len(ids):

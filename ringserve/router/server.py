@@ -17,6 +17,7 @@ import uuid
 import grpc
 
 from ringserve.config import RouterConfig
+from ringserve.engine.engine import check_prompt
 from ringserve.engine.tokenizer import Tokenizer
 from ringserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ringserve.metrics import QUEUE_DEPTH, TPOT, TTFT, serve_metrics
@@ -78,16 +79,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             ids = list(request.token_ids.ids)
         else:
             raise InvalidArgument("set one of prompt, messages or token_ids")
-        if not ids:
-            raise InvalidArgument("the prompt is empty: give at least one token of text")
-        if len(ids) >= self.model.max_context:
-            raise InvalidArgument(
-                f"the prompt has {len(ids)} tokens but the model's context is {self.model.max_context}: "
-                "shorten it to leave room for at least one generated token"
-            )
-        if any(t >= self.model.vocab_size for t in ids):
-            raise InvalidArgument(f"token ids must be below the vocabulary size {self.model.vocab_size}")
-        return ids
+        return check_prompt(ids, self.model.max_context, self.model.vocab_size)
 
     @staticmethod
     def _timeout(context) -> float | None:
