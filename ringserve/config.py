@@ -74,10 +74,13 @@ class ModelArgs:
 class DecodeConfig(ModelArgs):
     port: int = _opt(50061, "gRPC port (0: pick a free one)")
     kv_port: int = _opt(0, "TCP port of the KV receiver (0: pick a free one)")
-    kv_blocks: int = _opt(512, "KV cache blocks")
+    kv_blocks: int = _opt(512, "KV cache blocks per rank")
     block_size: int = _opt(64, "tokens per KV block")
     max_batch: int = _opt(64, "most requests decoded in one step")
     reservation_ttl_s: float = _opt(120.0, "free reserved blocks never claimed after this many seconds")
+    kvp: int = _opt(1, "KV-parallel ranks in this decode group (one process and device each)")
+    shard_tokens: int = _opt(32768, "a request spreads its KV over one more rank per this many tokens")
+    group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
 
 
 @dataclass

@@ -24,8 +24,8 @@ def run_decode(cfg: DecodeConfig) -> int:
     from ringserve.decode_service.server import serve
     from ringserve.service import wait_for_termination
 
-    server, _, worker, receiver = serve(cfg)
-    wait_for_termination(server, lambda: (worker.close(), receiver.close()))
+    server, _, worker = serve(cfg)
+    wait_for_termination(server, worker.close)
     return 0
 
 

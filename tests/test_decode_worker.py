@@ -1,24 +1,40 @@
-"""The decode worker in process: continuous batching is exact, and no path leaks blocks."""
+"""The decode worker of a one-rank group, in process: continuous batching is exact, KV lands
+through the real receiver, and no path leaks blocks."""
 
 import time
 
 import pytest
 import torch
 
+from ringserve.config import DecodeConfig
+from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.engine import Engine
 from ringserve.engine.kv_cache import KVCache, PagedAttention, SeqSpan
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ringserve.kv_transfer.tcp import send_kv
+
+
+def make_worker(model, tokenizer, kv_blocks=64, reservation_ttl_s=60.0, **kw) -> DecodeWorker:
+    group = DecodeGroup(DecodeConfig(kv_blocks=kv_blocks, block_size=16), model=model)
+    return DecodeWorker(group, tokenizer, reservation_ttl_s=reservation_ttl_s, **kw)
+
+
+def push(targets, request_id, kv):
+    """Send each rank its share, as the prefill tier would (through the real TCP path)."""
+    for _, address, first, count in targets:
+        if count:
+            send_kv(address, request_id, first, kv[:, :, first : first + count])
 
 
 @pytest.fixture
 def worker(default_model):
     model, tokenizer = default_model
-    w = DecodeWorker(model, tokenizer, num_blocks=64, block_size=16, reservation_ttl_s=60)
+    w = make_worker(model, tokenizer, landing_timeout_s=0.5)
     yield w
     w.close()
-    assert w.cache.allocator.num_used == 0
+    assert w.blocks_used == 0
 
 
 def prompt_kv_and_first_token(model, ids):
@@ -54,54 +70,55 @@ def test_requests_joining_a_running_batch_match_the_engine(worker, default_model
     for i, p in enumerate(prompts):
         ids = tokenizer.encode(p)
         kv, first = prompt_kv_and_first_token(model, ids)
-        [(rank, _, start, count)] = worker.reserve(f"r{i}", len(ids), 20)
+        [(rank, address, start, count)] = worker.reserve(f"r{i}", len(ids), 20)
         assert (rank, start, count) == (0, 0, len(ids))
         # Two transfers, as two prefill ranks would send them (any split works: KV is a set).
         half = len(ids) // 2
-        worker.write_kv(f"r{i}", 0, kv[:, :, :half])
-        worker.write_kv(f"r{i}", half, kv[:, :, half:])
+        send_kv(address, f"r{i}", 0, kv[:, :, :half])
+        send_kv(address, f"r{i}", half, kv[:, :, half:])
         reqs.append((ids, worker.start(f"r{i}", ids, first, SamplingParams(max_tokens=20, ignore_eos=True))))
         time.sleep(0.3)  # the next request joins while this one is decoding
     for ids, req in reqs:
         got = [e.token_id for e in drain(req)]
         expected = [e.token_id for e in engine.generate(ids, SamplingParams(max_tokens=20, ignore_eos=True))]
         assert got == expected
-    assert worker.cache.allocator.num_used == 0
+    assert worker.blocks_used == 0
 
 
 def test_bad_reservations_and_transfers(worker, default_model):
     model, _ = default_model
-    used = worker.cache.allocator.num_used
+    used = worker.blocks_used
     with pytest.raises(InvalidArgument, match="context is 8192"):
         worker.reserve("big", 9000, 10)
     with pytest.raises(ResourceExhausted, match="KV cache full"):
         worker.reserve("huge", 2000, 10)
-    assert worker.cache.allocator.num_used == used
-    worker.reserve("a", 10, 5)
+    assert worker.blocks_used == used
+    [(_, address, _, _)] = worker.reserve("a", 10, 5)
     with pytest.raises(InvalidArgument, match="already reserved"):
         worker.reserve("a", 10, 5)
-    with pytest.raises(NotFound):
-        worker.write_kv("nope", 0, torch.zeros(30, 2, 1, 3, 64))
-    with pytest.raises(InvalidArgument, match="outside the prompt"):
-        worker.write_kv("a", 8, torch.zeros(30, 2, 5, 3, 64))
+    worker.group.rank0.landing_timeout_s = 0.2
+    with pytest.raises(NotFound, match="no reservation"):
+        send_kv(address, "nope", 0, torch.zeros(30, 2, 1, 3, 64))
+    with pytest.raises(InvalidArgument, match="outside decode rank 0's share"):
+        send_kv(address, "a", 8, torch.zeros(30, 2, 5, 3, 64))
     with pytest.raises(InvalidArgument, match="does not match"):
-        worker.write_kv("a", 0, torch.zeros(30, 2, 5, 4, 64))
+        send_kv(address, "a", 0, torch.zeros(30, 2, 5, 4, 64))
     with pytest.raises(FailedPrecondition, match="0 of 10"):
         worker.start("a", list(range(10)), 1, SamplingParams())
     assert worker.cancel("a") and not worker.cancel("a")
-    assert worker.cache.allocator.num_used == used
+    assert worker.blocks_used == used
 
 
 def test_unclaimed_reservations_expire(default_model):
     model, tokenizer = default_model
-    w = DecodeWorker(model, tokenizer, num_blocks=16, block_size=16, reservation_ttl_s=0.5)
+    w = make_worker(model, tokenizer, kv_blocks=16, reservation_ttl_s=0.5)
     try:
         w.reserve("forgotten", 20, 10)
-        assert w.cache.allocator.num_used > 0
+        assert w.blocks_used > 0
         deadline = time.monotonic() + 10
-        while w.cache.allocator.num_used and time.monotonic() < deadline:
+        while w.blocks_used and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert w.cache.allocator.num_used == 0
+        assert w.blocks_used == 0
     finally:
         w.close()
 
@@ -110,11 +127,10 @@ def test_cancel_while_decoding_frees_blocks(worker, default_model):
     model, tokenizer = default_model
     ids = tokenizer.encode("Tell me a story.")
     kv, first = prompt_kv_and_first_token(model, ids)
-    worker.reserve("c", len(ids), 200)
-    worker.write_kv("c", 0, kv)
+    push(worker.reserve("c", len(ids), 200), "c", kv)
     req = worker.start("c", ids, first, SamplingParams(max_tokens=200, ignore_eos=True))
     req.events.get(timeout=30)
     worker.cancel("c")
     with pytest.raises(Cancelled):
         drain(req)
-    assert worker.cache.allocator.num_used == 0
+    assert worker.blocks_used == 0

@@ -1,14 +1,14 @@
-"""The decode service: gRPC front of a DecodeWorker plus its KV receiver."""
+"""The decode service: gRPC front of a KVP decode group's leader (DecodeWorker + DecodeGroup)."""
 
 from __future__ import annotations
 
 import logging
 
 from ringserve.config import DecodeConfig
+from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.errors import RingserveError
-from ringserve.kv_transfer.tcp import KVReceiver
-from ringserve.metrics import KV_BYTES, serve_metrics
+from ringserve.metrics import serve_metrics
 from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -61,28 +61,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         with w.lock:
             return decode_pb2.GetDecodeInfoResponse(
                 model=self.model_desc,
-                kvp_size=1,
+                kvp_size=w.group.world,
                 active_requests=len(w.active),
                 reserved_requests=len(w.requests) - len(w.active),
-                kv_blocks_used=w.cache.allocator.num_used,
-                kv_blocks_free=w.cache.allocator.num_free,
+                kv_blocks_used=w.blocks_used,
+                kv_blocks_free=w.blocks_free,
             )
 
 
-def serve(cfg: DecodeConfig, ready=None):
-    """Load the model, start the KV receiver and the gRPC server; returns (server, port, worker, receiver)."""
-    from ringserve.service import load_model_and_tokenizer
+def serve(cfg: DecodeConfig):
+    """Start the decode group (ranks 1..K-1 as child processes), its worker and the gRPC server;
+    returns (server, port, worker)."""
+    from ringserve.engine.tokenizer import Tokenizer
+    from ringserve.service import check_device
 
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    worker = DecodeWorker(model, tokenizer, cfg.kv_blocks, cfg.block_size, cfg.reservation_ttl_s, cfg.max_batch)
-
-    def sink(request_id, first_position, kv):
-        worker.write_kv(request_id, first_position, kv)
-        KV_BYTES.labels("decode", "received").inc(kv.numel() * kv.element_size())
-
-    receiver = KVReceiver(sink, host=cfg.host, port=cfg.kv_port, advertise_host=cfg.advertise_host)
-    worker.kv_address = receiver.address
-    servicer = DecodeServicer(worker, model_description(model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct"))
+    check_device(cfg.device)
+    group = DecodeGroup(cfg)
+    worker = DecodeWorker(
+        group, Tokenizer.from_checkpoint(cfg.model), cfg.reservation_ttl_s, cfg.max_batch, cfg.shard_tokens
+    )
+    name = cfg.model or "SmolLM2-135M-Instruct"
+    servicer = DecodeServicer(worker, model_description(group.model, cfg.block_size, name))
     server, port, _ = start_server(
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)],
         ["ringserve.v1.Decode"],
@@ -91,9 +90,10 @@ def serve(cfg: DecodeConfig, ready=None):
     )
     serve_metrics(cfg.metrics_port)
     log.info(
-        "decode worker serving on %s:%d, KV receiver on %s",
+        "decode group (kvp=%d) serving on %s:%d, KV receivers at %s",
+        cfg.kvp,
         cfg.advertise_host or cfg.host,
         port,
-        receiver.address,
+        ", ".join(group.addresses),
     )
-    return server, port, worker, receiver
+    return server, port, worker

@@ -1,12 +1,13 @@
-"""The decode worker: a paged KV cache, reservations for incoming KV, and continuous batching.
+"""The decode worker: the scheduler of a KVP decode group (it runs in the leader, rank 0).
 
 A request goes through three states here:
 
-1. reserved: ``reserve`` takes blocks for its prompt and its whole generation (so it can never
-   run out mid-stream) and says where the prompt's KV should be written;
-2. landing: the KV receiver writes rows into those blocks (``write_kv``);
+1. reserved: ``reserve`` picks the ranks that will hold its KV (one for short requests, more as
+   the context grows), takes blocks on each for its share of the prompt and of its whole
+   generation (so it can never run out mid-stream), and says where the prompt's KV goes;
+2. landing: each rank's KV receiver writes its share into those blocks and reports it;
 3. active: ``start`` adds it to the running batch; every step decodes one token for each active
-   request in one forward, and new requests join between steps.
+   request in one forward over the group, and new requests join between steps.
 
 Whatever ends a request (finish, cancel, release, an error, a reservation never claimed) frees
 its blocks, in one place: ``_finish``.
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ringserve.decode_service.group import DecodeGroup
+from ringserve.decode_service.kvp import StepEntry
 from ringserve.engine.engine import TokenEvent
-from ringserve.engine.kv_cache import KVCache, PagedAttention, SeqSpan, blocks_needed
-from ringserve.engine.model import Llama
+from ringserve.engine.kv_cache import BlockAllocator, blocks_needed
 from ringserve.engine.output import TextOutput
 from ringserve.engine.sampling import SamplingParams, sample
 from ringserve.engine.tokenizer import Tokenizer
@@ -35,8 +37,11 @@ from ringserve.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     RingserveError,
+    Unavailable,
 )
+from ringserve.kv_transfer.plan import balanced_shares
 from ringserve.metrics import KV_BLOCKS, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
@@ -47,14 +52,14 @@ class Request:
     """One request's state on this worker."""
 
     request_id: str
-    block_table: list[int]
+    tables: dict[int, list[int]]  # rank -> its blocks for this request
+    rows: dict[int, int]  # rank -> KV rows it holds (prompt share, then generated tokens)
     prompt_len: int
     max_tokens: int  # generation budget, already capped by the model's context
     reserved_at: float
-    landed: int = 0  # prompt tokens whose KV has arrived
+    landed: int = 0  # prompt tokens whose KV has arrived, over all ranks
     # Set by start():
     token_ids: list[int] = field(default_factory=list)
-    num_cached: int = 0
     generated: int = 0
     params: SamplingParams | None = None
     output: TextOutput | None = None
@@ -63,37 +68,57 @@ class Request:
 
 
 class DecodeWorker:
-    """Owns the model and KV cache of one decode process; thread-safe."""
+    """Schedules a decode group's requests: placement, admission, batching, sampling; thread-safe."""
 
     def __init__(
         self,
-        model: Llama,
+        group: DecodeGroup,
         tokenizer: Tokenizer,
-        num_blocks: int,
-        block_size: int = 64,
         reservation_ttl_s: float = 120.0,
         max_batch: int = 64,
+        shard_tokens: int = 32768,
+        landing_timeout_s: float = 10.0,
     ):
-        self.model, self.tokenizer = model, tokenizer
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = KVCache(model.config, num_blocks, block_size, dtype=param.dtype, device=param.device)
-        self.max_context = model.config.max_position_embeddings
+        self.group, self.tokenizer = group, tokenizer
+        self.model = group.model
+        self.device = group.rank0.device
+        self.block_size = group.rank0.cache.block_size
+        # The leader allocates every rank's blocks; rank 0's allocator is its cache's own.
+        self.allocators = [group.rank0.cache.allocator] + [
+            BlockAllocator(group.rank0.cache.allocator.num_blocks) for _ in range(1, group.world)
+        ]
+        self.max_context = self.model.config.max_position_embeddings
         self.reservation_ttl_s = reservation_ttl_s
         self.max_batch = max_batch
-        self.kv_address = ""  # set by the service once its KV receiver listens
+        self.shard_tokens = shard_tokens
+        self.landing_timeout_s = landing_timeout_s
         self.requests: dict[str, Request] = {}
         self.active: list[Request] = []
+        self.failure: str | None = None  # set when a rank dies: the group serves nothing more
         self.lock = threading.Condition()
         self._stop = False
+        group.start_monitor(self._landed, self._group_failed)
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
         self._update_gauges()
 
+    @property
+    def blocks_used(self) -> int:
+        return sum(a.num_used for a in self.allocators)
+
+    @property
+    def blocks_free(self) -> int:
+        return sum(a.num_free for a in self.allocators)
+
     # --- reservations and KV landing --------------------------------------------------------
 
+    def degree(self, rows: int) -> int:
+        """Ranks a request of ``rows`` KV rows spreads over: one per ``shard_tokens``, at most K."""
+        return max(1, min(self.group.world, -(-rows // self.shard_tokens)))
+
     def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> list[tuple[int, str, int, int]]:
-        """Take blocks for the prompt and its generation; returns [(rank, address, first, count)]."""
+        """Take blocks for the prompt and its generation on the ranks that will hold the request;
+        returns [(rank, KV receiver address, first prompt position, prompt tokens)] per rank."""
         if prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens must be at least 1")
         if prompt_tokens >= self.max_context:
@@ -104,35 +129,43 @@ class DecodeWorker:
             raise InvalidArgument("max_tokens must be at least 1")
         budget = min(max_tokens, self.max_context - prompt_tokens)
         request_id = request_id or uuid.uuid4().hex
+        # The last generated token is never fed back, so prompt + budget - 1 rows suffice.
+        rows = prompt_tokens + budget - 1
         with self.lock:
+            if self.failure:
+                raise Unavailable(f"this decode group is broken ({self.failure}); restart it")
             if request_id in self.requests:
                 raise InvalidArgument(f"request {request_id} is already reserved on this decode worker")
-            # The last generated token is never fed back, so prompt + budget - 1 rows suffice.
-            blocks = self.cache.allocator.allocate(blocks_needed(prompt_tokens + budget - 1, self.cache.block_size))
-            self.requests[request_id] = Request(request_id, blocks, prompt_tokens, budget, time.monotonic())
+            d = self.degree(rows)
+            # The d ranks with the most free blocks, in rank order (shares are laid out in it).
+            ranks = sorted(sorted(range(self.group.world), key=lambda r: -self.allocators[r].num_free)[:d])
+            needs = [blocks_needed(n, self.block_size) for n in balanced_shares(rows, d)]
+            short = [(r, n) for r, n in zip(ranks, needs) if n > self.allocators[r].num_free]
+            if short:  # check every rank before taking anything: never half-admitted
+                r, n = short[0]
+                raise ResourceExhausted(
+                    f"KV cache full: request {request_id} needs {n} blocks on decode rank {r}, "
+                    f"{self.allocators[r].num_free} free; retry later or shorten the request"
+                )
+            tables = {r: self.allocators[r].allocate(n) for r, n in zip(ranks, needs)}
+            shares = balanced_shares(prompt_tokens, d)
+            starts = [sum(shares[:i]) for i in range(d)]
+            for r, start, share in zip(ranks, starts, shares):
+                msg = (request_id, tables[r], start, share)
+                self.group.rank0.reserve(*msg) if r == 0 else self.group.send(r, ("reserve", *msg))
+            self.requests[request_id] = Request(
+                request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, time.monotonic()
+            )
             self._update_gauges()
-        return [(0, self.kv_address, 0, prompt_tokens)]
+        return [(r, self.group.addresses[r], start, share) for r, start, share in zip(ranks, starts, shares)]
 
-    def write_kv(self, request_id: str, first_position: int, kv: torch.Tensor) -> None:
-        """Store prompt KV rows [layers, 2, n, Hkv, D] at cache positions first_position.. of a reservation."""
+    def _landed(self, request_id: str, rows: int) -> None:
+        """A rank stored ``rows`` prompt rows of a request (called by the KV receivers' sinks)."""
         with self.lock:
             req = self.requests.get(request_id)
-            if req is None:
-                raise NotFound(f"no reservation for request {request_id} (expired or released?)")
-            n = kv.shape[2]
-            if first_position < 0 or first_position + n > req.prompt_len:
-                raise InvalidArgument(
-                    f"KV rows [{first_position}, {first_position + n}) are outside the prompt of {req.prompt_len}"
-                )
-            expected = (self.model.config.num_hidden_layers, 2, n, *self.cache.k.shape[-2:])
-            if tuple(kv.shape) != expected:
-                raise InvalidArgument(f"KV shape {tuple(kv.shape)} does not match this model's {expected}")
-            slots = self.cache.slots(req.block_table, first_position, first_position + n)
-        kv = kv.to(self.device)
-        for layer in range(kv.shape[0]):
-            self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
-        with self.lock:
-            req.landed += n
+            if req is not None:
+                req.landed += rows
+                self.lock.notify_all()
 
     # --- decoding ---------------------------------------------------------------------------
 
@@ -147,6 +180,12 @@ class DecodeWorker:
                 raise FailedPrecondition(f"request {request_id} is already decoding")
             if len(prompt_ids) != req.prompt_len:
                 raise InvalidArgument(f"{len(prompt_ids)} prompt tokens given, {req.prompt_len} reserved")
+            # The last rank's "landed" message may trail the prefill tier's answer by a moment.
+            deadline = time.monotonic() + self.landing_timeout_s
+            while req.landed < req.prompt_len and self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                pass
+            if self.requests.get(request_id) is not req:
+                raise NotFound(f"request {request_id} ended while its KV was landing")
             if req.landed != req.prompt_len:
                 raise FailedPrecondition(
                     f"only {req.landed} of {req.prompt_len} prompt tokens' KV arrived for request {request_id}"
@@ -155,7 +194,6 @@ class DecodeWorker:
             req.max_tokens = min(req.max_tokens, params.max_tokens)
             req.output = TextOutput(self.tokenizer, params)
             req.token_ids = list(prompt_ids)
-            req.num_cached = req.prompt_len
             if not self._emit(req, first_token):
                 self.active.append(req)
                 self.lock.notify_all()
@@ -193,8 +231,10 @@ class DecodeWorker:
             return
         if req in self.active:
             self.active.remove(req)
-        self.cache.allocator.free(req.block_table)
-        req.block_table = []
+        for r, table in req.tables.items():
+            self.allocators[r].free(table)
+            self.group.rank0.free(req.request_id) if r == 0 else self.group.send(r, ("free", req.request_id))
+        req.tables = {}
         if error is not None:
             req.events.put(error)
         self._update_gauges()
@@ -211,7 +251,12 @@ class DecodeWorker:
                 batch = self.active[: self.max_batch]
             try:
                 logits = self._forward(batch)
-            except Exception as e:  # fail the batch, keep the worker alive
+            except Exception as e:
+                if self.group.world > 1:  # the ranks may be out of step now: the group is done
+                    log.exception("decode step failed")
+                    self._group_failed(f"a decode step failed: {type(e).__name__}: {e}")
+                    continue
+                # One rank: fail the batch, keep the worker alive.
                 log.exception("decode step failed")
                 with self.lock:
                     for req in batch:
@@ -219,7 +264,8 @@ class DecodeWorker:
                 continue
             with self.lock:
                 for i, req in enumerate(batch):
-                    req.num_cached += 1
+                    if req.request_id not in self.requests:  # ended during the step (group failure)
+                        continue
                     if req.cancelled:
                         self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
                         continue
@@ -230,12 +276,29 @@ class DecodeWorker:
                     r for r in self.active if id(r) in stepped
                 ]
 
-    @torch.inference_mode()
     def _forward(self, batch: list[Request]) -> torch.Tensor:
-        ids = torch.tensor([r.token_ids[-1] for r in batch], device=self.device)
-        positions = torch.tensor([len(r.token_ids) - 1 for r in batch], device=self.device)
-        spans = [SeqSpan(i, i + 1, r.block_table, r.num_cached) for i, r in enumerate(batch)]
-        return self.model(ids, positions, PagedAttention(self.cache, spans))
+        """One decode step over the group. Each token's K and V go to the request's rank with the
+        fewest rows (ties: the lowest), which keeps shards balanced as generation goes on."""
+        entries = []
+        for r in batch:
+            owner = min(r.rows, key=lambda rank: (r.rows[rank], rank))
+            r.rows[owner] += 1
+            entries.append(StepEntry(r.request_id, r.token_ids[-1], len(r.token_ids) - 1, owner))
+        # A step whose requests all live on rank 0 alone needs no other rank and no communication.
+        group_wide = any(set(r.rows) != {0} for r in batch)
+        if group_wide:
+            for rank in range(1, self.group.world):
+                self.group.send(rank, ("step", entries))
+        return self.group.rank0.step(entries, group_wide)
+
+    def _group_failed(self, what: str) -> None:
+        """A rank died or failed: end every request with UNAVAILABLE and refuse new ones."""
+        log.error("decode group failed: %s; every request on it ends", what)
+        with self.lock:
+            self.failure = self.failure or what
+            for req in list(self.requests.values()):
+                self._finish(req, Unavailable(f"decode group failed: {what}"))
+            self.lock.notify_all()
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
@@ -251,8 +314,8 @@ class DecodeWorker:
                 self._finish(req, DeadlineExceeded("reservation expired"))
 
     def _update_gauges(self) -> None:
-        KV_BLOCKS.labels("decode", "used").set(self.cache.allocator.num_used)
-        KV_BLOCKS.labels("decode", "free").set(self.cache.allocator.num_free)
+        KV_BLOCKS.labels("decode", "used").set(self.blocks_used)
+        KV_BLOCKS.labels("decode", "free").set(self.blocks_free)
         QUEUE_DEPTH.labels("decode").set(len(self.requests))
 
     def close(self) -> None:
@@ -262,3 +325,4 @@ class DecodeWorker:
                 self._finish(req, Cancelled("the decode worker is shutting down"))
             self.lock.notify_all()
         self._thread.join(timeout=10)
+        self.group.close()

@@ -1,0 +1,213 @@
+"""A KVP decode group: K processes, one per device; rank 0 (the gRPC process) leads.
+
+Every rank owns a KV cache and a KV receiver that the prefill tier pushes to. The leader starts
+ranks 1..K-1 as child processes and talks to them through queues: it sends reservations,
+releases and decode steps; they send back "landed" (prompt KV arrived) and failures. Queues, not
+collectives, carry these messages so an idle group holds no collective that could time out;
+only a step's attention partials travel over torch.distributed (gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from ringserve.config import DecodeConfig
+from ringserve.decode_service.kvp import KVPRank
+from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.model import Llama
+from ringserve.errors import RingserveError, Unavailable, error_from_code
+from ringserve.kv_transfer.tcp import KVReceiver
+from ringserve.metrics import KV_BYTES
+from ringserve.prefill_service.context_parallel import init_group
+
+log = logging.getLogger(__name__)
+
+OnLanded = Callable[[str, int], None]  # (request_id, rows)
+OnFailure = Callable[[str], None]  # (what happened)
+
+
+def _device_for(cfg: DecodeConfig, rank: int) -> torch.device:
+    dev = torch.device(cfg.device)
+    return torch.device("cuda", rank) if dev.type == "cuda" and cfg.kvp > 1 else dev
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: str | None) -> KVPRank:
+    """Load the model (unless given), join the group, and allocate this rank's KV cache."""
+    from ringserve.prefill_service.context_parallel import check_group
+    from ringserve.service import torch_dtype
+
+    device = _device_for(cfg, rank)
+    dtype = torch_dtype(cfg.dtype)
+    if model is None:
+        model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0)
+    if init_method is not None:
+        init_group(rank, cfg.kvp, init_method, device, cfg.group_timeout_s)
+        check_group(model, cfg.kvp, next(model.parameters()).dtype)
+    cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=next(model.parameters()).dtype, device=device)
+    return KVPRank(model, cache, rank, cfg.kvp)
+
+
+def _receiver(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded) -> KVReceiver:
+    def sink(request_id: str, first_position: int, kv: torch.Tensor) -> None:
+        n = rank.write_kv(request_id, first_position, kv)
+        KV_BYTES.labels("decode", "received").inc(kv.numel() * kv.element_size())
+        on_landed(request_id, n)
+
+    port = cfg.kv_port + rank.rank if cfg.kv_port else 0
+    return KVReceiver(sink, host=cfg.host, port=port, advertise_host=cfg.advertise_host)
+
+
+def _next_message(inbox: mp.Queue, parent: int):
+    """The next message, or None to stop: on request, or when the leader has died."""
+    while True:
+        try:
+            return inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, outbox: mp.Queue) -> None:
+    from ringserve.logs import setup_logging
+
+    setup_logging(f"decode-rank{rank}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the leader stops us
+    torch.set_num_threads(max(1, torch.get_num_threads() // cfg.kvp))
+    try:
+        kvp = build_rank(cfg, rank, None, init_method)
+        receiver = _receiver(cfg, kvp, lambda rid, n: outbox.put(("landed", rid, n)))
+    except RingserveError as e:
+        outbox.put(("failed", rank, e.code, str(e)))
+        return
+    outbox.put(("ready", rank, receiver.address))
+    parent = os.getppid()
+    try:
+        while (msg := _next_message(inbox, parent)) is not None:
+            kind, *args = msg
+            if kind == "reserve":
+                kvp.reserve(*args)
+            elif kind == "free":
+                kvp.free(*args)
+            elif kind == "step":
+                kvp.step(args[0], group_wide=True)
+    except RingserveError as e:
+        outbox.put(("failed", rank, e.code, str(e)))
+    except Exception as e:  # a bug: report it so the leader fails the group instead of hanging
+        log.exception("decode rank %d failed", rank)
+        outbox.put(("failed", rank, "INTERNAL", f"{type(e).__name__}: {e}"))
+    finally:
+        receiver.close()
+
+
+class DecodeGroup:
+    """The leader's handle on the group: rank 0's state, the other ranks' processes, messages."""
+
+    def __init__(self, cfg: DecodeConfig, model: Llama | None = None):
+        if cfg.kvp < 1:
+            raise RingserveError(f"--kvp must be at least 1, got {cfg.kvp}")
+        self.cfg, self.world = cfg, cfg.kvp
+        self._on_landed: OnLanded = lambda rid, n: None
+        self._on_failure: OnFailure = lambda what: None
+        ctx = mp.get_context("spawn")
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if cfg.kvp > 1 else None
+        self._joined = init_method is not None
+        self.outbox: mp.Queue = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(cfg.kvp - 1)]
+        self.procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(r, cfg, init_method, self.inboxes[r - 1], self.outbox),
+                name=f"decode-rank{r}",
+                daemon=True,
+            )
+            for r in range(1, cfg.kvp)
+        ]
+        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.kvp))
+        for p in self.procs:
+            p.start()
+        try:
+            self.rank0 = build_rank(cfg, 0, model, init_method)
+            self.receiver = _receiver(cfg, self.rank0, lambda rid, n: self._on_landed(rid, n))
+            self.addresses = [self.receiver.address] + self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self._monitor: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def model(self) -> Llama:
+        return self.rank0.model
+
+    def _wait_ready(self) -> list[str]:
+        addresses = [""] * (self.world - 1)
+        pending = set(range(1, self.world))
+        while pending:
+            try:
+                kind, rank, *rest = self.outbox.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    raise Unavailable(f"decode group: {', '.join(dead)} died during start-up; see its log") from None
+                continue
+            if kind == "failed":
+                raise error_from_code(rest[0], f"decode rank {rank}: {rest[1]}")
+            addresses[rank - 1] = rest[0]
+            pending.discard(rank)
+        return addresses
+
+    def start_monitor(self, on_landed: OnLanded, on_failure: OnFailure) -> None:
+        """Deliver the other ranks' messages, and report a rank that dies, to the worker."""
+        self._on_landed, self._on_failure = on_landed, on_failure
+        if self.procs:
+            self._monitor = threading.Thread(target=self._watch, name="decode-group-monitor", daemon=True)
+            self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            try:
+                kind, *args = self.outbox.get(timeout=0.2)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead and not self._stopping:
+                    self._on_failure(f"{dead[0].name} died (exit code {dead[0].exitcode})")
+                    return
+                continue
+            if kind == "landed":
+                self._on_landed(*args)
+            elif kind == "failed":
+                self._on_failure(f"decode rank {args[0]} failed: {args[2]}")
+                return
+
+    def send(self, rank: int, msg: tuple) -> None:
+        """Queue a message for rank >= 1 (rank 0's state is called directly)."""
+        self.inboxes[rank - 1].put(msg)
+
+    def close(self) -> None:
+        self._stopping = True
+        for q in self.inboxes:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        if getattr(self, "receiver", None) is not None:
+            self.receiver.close()
+        if self._joined and dist.is_initialized():
+            dist.destroy_process_group()

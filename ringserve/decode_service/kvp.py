@@ -1,0 +1,183 @@
+"""One rank of a KV-parallel (KVP) decode group: its shards of requests' KV and its part of a step.
+
+Medha's KV parallelism: a request's KV cache is a set of (key, value) rows (RoPE is applied
+before caching), so it can be split over K ranks in any way. Every rank holds the full weights
+and runs the whole model on the step's tokens; in attention each rank attends the new queries to
+the rows it holds (``decode_attention``), the group all-gathers the partial outputs and their
+log-sum-exps (a few KB per token per layer) and every rank merges them into the exact result.
+The new token's K and V are stored on one rank, the step's ``owner`` for that request.
+
+The leader (rank 0) decides everything (which blocks, which owner) and sends the same plan to
+every rank, so the ranks' states never diverge and never need to agree among themselves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ringserve.engine.attention import merge
+from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.model import Llama
+from ringserve.engine.paged_decode import decode_attention
+from ringserve.errors import InvalidArgument, NotFound, Unavailable
+
+# all_gather_into_tensor was renamed all_gather_single in torch 2.12; the GPU image has 2.11.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class Shard:
+    """This rank's part of one request: its blocks, how many rows they hold, and which prompt
+    positions [prompt_start, prompt_start + prompt_len) the prefill tier writes here."""
+
+    block_table: list[int]
+    prompt_start: int
+    prompt_len: int
+    length: int = 0  # rows stored: landed prompt rows, then generated tokens
+    landed: int = 0
+
+
+@dataclass(frozen=True)
+class StepEntry:
+    """One request's token in a decode step; ``owner`` is the rank that stores its K and V."""
+
+    request_id: str
+    token_id: int
+    position: int
+    owner: int
+
+
+class KVPRank:
+    """A rank's model, KV cache and shards; ``step`` runs its part of a decode step."""
+
+    def __init__(self, model: Llama, cache: KVCache, rank: int = 0, world: int = 1, landing_timeout_s: float = 10.0):
+        self.model, self.cache = model, cache
+        self.rank, self.world = rank, world
+        self.device = cache.k.device
+        self.landing_timeout_s = landing_timeout_s
+        self.shards: dict[str, Shard] = {}
+        self.lock = threading.Condition()
+        self._batch: tuple[tuple[str, ...], torch.Tensor] | None = None  # block tables of the last batch
+
+    def reserve(self, request_id: str, block_table: list[int], prompt_start: int, prompt_len: int) -> None:
+        with self.lock:
+            self.shards[request_id] = Shard(block_table, prompt_start, prompt_len)
+            self.lock.notify_all()
+
+    def free(self, request_id: str) -> None:
+        with self.lock:
+            self.shards.pop(request_id, None)
+
+    def write_kv(self, request_id: str, first_position: int, kv: torch.Tensor) -> int:
+        """Store prompt rows [layers, 2, n, Hkv, D] for positions first_position.. of a request;
+        returns n. Waits briefly for the reservation: the leader's message may still be on its way."""
+        deadline = time.monotonic() + self.landing_timeout_s
+        with self.lock:
+            while (shard := self.shards.get(request_id)) is None:
+                if not self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise NotFound(f"no reservation for request {request_id} on decode rank {self.rank}")
+            n = kv.shape[2]
+            local = first_position - shard.prompt_start
+            if local < 0 or local + n > shard.prompt_len:
+                raise InvalidArgument(
+                    f"KV rows [{first_position}, {first_position + n}) are outside decode rank {self.rank}'s "
+                    f"share [{shard.prompt_start}, {shard.prompt_start + shard.prompt_len}) of request {request_id}"
+                )
+            expected = (self.model.config.num_hidden_layers, 2, n, *self.cache.k.shape[-2:])
+            if tuple(kv.shape) != expected:
+                raise InvalidArgument(f"KV shape {tuple(kv.shape)} does not match this model's {expected}")
+            slots = self.cache.slots(shard.block_table, local, local + n)
+        kv = kv.to(self.device)
+        for layer in range(kv.shape[0]):
+            self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        with self.lock:
+            shard.landed += n
+            shard.length = max(shard.length, local + n)
+        return n
+
+    @torch.inference_mode()
+    def step(self, entries: list[StepEntry], group_wide: bool) -> torch.Tensor | None:
+        """Run one decode step; returns the logits [B, V] on rank 0. ``group_wide``: every rank
+        runs this step (False only when all of the step's requests live on this rank alone)."""
+        with self.lock:
+            shards = [self.shards.get(e.request_id) for e in entries]
+        owned = [i for i, (e, s) in enumerate(zip(entries, shards)) if e.owner == self.rank]
+        slots = [self._slot(shards[i]) for i in owned]
+        for i in owned:
+            shards[i].length += 1
+        attention = KVPAttention(
+            self.cache,
+            self._tables(entries, shards),
+            [s.length if s is not None else 0 for s in shards],
+            torch.tensor(owned, dtype=torch.long).to(self.device),
+            torch.tensor(slots, dtype=torch.long).to(self.device),
+            group_wide and self.world > 1,
+        )
+        ids = torch.tensor([e.token_id for e in entries]).to(self.device)
+        positions = torch.tensor([e.position for e in entries]).to(self.device)
+        # Every rank computes the same hidden states; only rank 0 needs the logits.
+        logits_at = None if self.rank == 0 else torch.empty(0, dtype=torch.long, device=self.device)
+        logits = self.model(ids, positions, attention, logits_at)
+        return logits if self.rank == 0 else None
+
+    def _slot(self, shard: Shard) -> int:
+        bs = self.cache.block_size
+        return shard.block_table[shard.length // bs] * bs + shard.length % bs
+
+    def _tables(self, entries: list[StepEntry], shards: list[Shard | None]) -> torch.Tensor:
+        """The batch's block tables as one padded tensor, rebuilt only when the batch changes
+        (a million-token request has thousands of blocks: no per-step host work on them)."""
+        key = tuple(e.request_id for e in entries)
+        if self._batch is None or self._batch[0] != key:
+            width = max([len(s.block_table) for s in shards if s is not None], default=1)
+            tables = [s.block_table if s is not None else [] for s in shards]
+            rows = [t + [0] * (width - len(t)) for t in tables]
+            self._batch = (key, torch.tensor(rows, dtype=torch.int32).to(self.device))
+        return self._batch[1]
+
+
+class KVPAttention:
+    """The ``AttentionFn`` of a KVP decode step on one rank."""
+
+    def __init__(
+        self,
+        cache: KVCache,
+        tables: torch.Tensor,
+        lengths: list[int],
+        owned_rows: torch.Tensor,
+        owned_slots: torch.Tensor,
+        gather: bool,
+    ):
+        self.cache, self.tables, self.lengths = cache, tables, lengths
+        self.owned_rows, self.owned_slots = owned_rows, owned_slots
+        self.gather = gather
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if len(self.owned_rows):
+            self.cache.write(layer, self.owned_slots, k[self.owned_rows], v[self.owned_rows])
+        out, lse = decode_attention(self.cache, layer, q, self.tables, self.lengths)
+        if self.gather:
+            out = gather_and_merge(out, lse)
+        return out
+
+
+def gather_and_merge(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """All-gather every rank's partial (out [B, H, D], lse [B, H]) and merge them by LSE. The merge
+    runs in rank order on every rank, so all ranks get bit-identical outputs."""
+    world = dist.get_world_size()
+    packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # one message: [B, H, D + 1]
+    gathered = torch.empty((world * packed.shape[0], *packed.shape[1:]), dtype=packed.dtype, device=packed.device)
+    try:
+        all_gather_single(gathered, packed)
+    except (dist.DistError, RuntimeError) as e:
+        raise Unavailable(f"KVP decode: a peer rank failed or timed out ({e})") from e
+    gathered = gathered.view(world, *packed.shape)
+    merged, merged_lse = gathered[0, ..., :-1], gathered[0, ..., -1]
+    for r in range(1, world):
+        merged, merged_lse = merge(merged, merged_lse, gathered[r, ..., :-1], gathered[r, ..., -1])
+    return merged.to(out.dtype)
