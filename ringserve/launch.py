@@ -55,7 +55,7 @@ def free_port() -> int:
 
 @dataclass
 class Cluster:
-    """Processes of a local deployment: one decode worker, one prefill group, one router."""
+    """Processes of a local deployment: one decode group, one prefill group, one router."""
 
     router: str
     prefill: str
@@ -79,6 +79,7 @@ class Cluster:
 
 def start_cluster(
     cp: int = 2,
+    kvp: int = 1,
     model: str | None = None,
     dtype: str = "float32",
     host: str = "127.0.0.1",
@@ -88,7 +89,8 @@ def start_cluster(
     log_dir: str | None = None,
     metrics: bool = False,
 ) -> Cluster:
-    """Start decode, prefill (CP = ``cp``) and router as child processes; return once all serve.
+    """Start decode (KVP = ``kvp``), prefill (CP = ``cp``) and router as child processes; return
+    once all serve.
 
     With ``metrics``, each service also serves Prometheus /metrics on a free port."""
     from ringserve.rpc import wait_ready
@@ -97,7 +99,7 @@ def start_cluster(
     metrics_ports = {name: free_port() for name in ports} if metrics else {}
     common = ["--host", host, "--dtype", dtype] + (["--model", model] if model else [])
     argv = {
-        "decode": ["decode", "--port", str(ports["decode"]), *common],
+        "decode": ["decode", "--port", str(ports["decode"]), "--kvp", str(kvp), *common],
         "prefill": ["prefill", "--port", str(ports["prefill"]), "--cp", str(cp), *common],
         "router": [
             "router",
@@ -146,9 +148,9 @@ def start_cluster(
     return cluster
 
 
-def up(cp: int, model: str | None, dtype: str, host: str, port: int) -> int:
+def up(cp: int, kvp: int, model: str | None, dtype: str, host: str, port: int) -> int:
     """`ringserve up`: start everything, print the router's address, stop all on Ctrl-C."""
-    cluster = start_cluster(cp=cp, model=model, dtype=dtype, host=host, router_port=port, metrics=True)
+    cluster = start_cluster(cp=cp, kvp=kvp, model=model, dtype=dtype, host=host, router_port=port, metrics=True)
     print(cluster.router, flush=True)
     log.info(
         "ringserve is up: router at %s (Ctrl-C stops everything); metrics at %s",
@@ -178,14 +180,15 @@ def add_service_commands(sub) -> None:
         add_config_args(p, cls)
         p.set_defaults(func=lambda args: run(config_from_args(cls, args)), role=name)
 
-    service("decode", DecodeConfig, run_decode, "run a decode worker (gRPC + KV receiver)")
+    service("decode", DecodeConfig, run_decode, "run a decode group: this process leads, ranks 1..K-1 are children")
     service("prefill", PrefillConfig, run_prefill, "run a prefill group: this process leads, ranks 1..N-1 are children")
     service("router", RouterConfig, run_router, "run the client-facing router")
 
     p = sub.add_parser("up", help="start a router, a prefill group and a decode worker on this machine")
     p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
+    p.add_argument("--kvp", type=int, default=1, help="KV-parallel ranks in the decode group")
     p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=50050, help="the router's port")
-    p.set_defaults(func=lambda a: up(a.cp, a.model, a.dtype, a.host, a.port), role="up")
+    p.set_defaults(func=lambda a: up(a.cp, a.kvp, a.model, a.dtype, a.host, a.port), role="up")

@@ -1,4 +1,4 @@
-"""Start-up pieces every service process shares: loading the model, waiting for SIGTERM."""
+"""Start-up pieces every service process shares: dtype and device checks, waiting for SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import threading
 
 import torch
 
-from ringserve.config import ModelArgs
 from ringserve.errors import FailedPrecondition, InvalidArgument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,15 +32,6 @@ def check_device(device: str) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise FailedPrecondition(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
     return dev
-
-
-def load_model_and_tokenizer(cfg: ModelArgs, device: torch.device | None = None):
-    """The model (on ``device`` or cfg.device) and its tokenizer."""
-    from ringserve.engine.model import Llama
-    from ringserve.engine.tokenizer import Tokenizer
-
-    model = Llama.load(cfg.model, dtype=torch_dtype(cfg.dtype), device=device or check_device(cfg.device))
-    return model, Tokenizer.from_checkpoint(cfg.model)
 
 
 def wait_for_termination(server, on_stop=None) -> None:

@@ -27,13 +27,20 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def clusters(tmp_path_factory):
-    """Clusters by CP size, started on first use and stopped at the end of the module."""
+    """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module. With
+    KVP, requests spread over the decode ranks from 32 tokens on, so the test prompts do."""
     started = {}
 
-    def get(cp: int):
-        if cp not in started:
-            started[cp] = start_cluster(cp=cp, log_dir=str(tmp_path_factory.mktemp(f"cp{cp}")), metrics=True)
-        return started[cp]
+    def get(cp: int, kvp: int = 1):
+        if (cp, kvp) not in started:
+            started[cp, kvp] = start_cluster(
+                cp=cp,
+                kvp=kvp,
+                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}")),
+                metrics=True,
+                extra={"decode": ["--shard-tokens", "32"]},
+            )
+        return started[cp, kvp]
 
     yield get
     for c in started.values():
@@ -72,9 +79,9 @@ def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("cp", [1, 2, 3])
-def test_greedy_tokens_match_single_process_engine(clusters, engine, cp):
-    cluster = clusters(cp)
+@pytest.mark.parametrize("cp,kvp", [(1, 1), (2, 1), (3, 2)])
+def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp):
+    cluster = clusters(cp, kvp)
     with Client(cluster.router, timeout=120) as client:
         for prompt in PROMPTS:
             chunks = list(client.generate(prompt, max_tokens=24))
