@@ -42,8 +42,15 @@ def sharded_attention(rank, world, lengths, heads, kv_heads, seed):
     values_ = [torch.randn(n, kv_heads, d, generator=g) for n in lengths]
     owner = [torch.randint(0, world, (n,), generator=g) for n in lengths]  # rank of each row
     cfg = ModelConfig.from_hf(
-        dict(vocab_size=8, hidden_size=heads * d, intermediate_size=8, num_hidden_layers=1,
-             num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512)
+        dict(
+            vocab_size=8,
+            hidden_size=heads * d,
+            intermediate_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=512,
+        )
     )
     cache = KVCache(cfg, num_blocks=64, block_size=block)
     tables, mine = [], []
@@ -53,7 +60,8 @@ def sharded_attention(rank, world, lengths, heads, kv_heads, seed):
         cache.write(0, cache.slots(table, 0, len(rows)), keys[b][rows], values_[b][rows])
         tables.append(table + [0] * (32 - len(table)))
         mine.append(len(rows))
-    out, lse = paged_decode.decode_attention(cache, 0, q, torch.tensor(tables, dtype=torch.int32), mine)
+    batch = paged_decode.DecodeBatch.build(torch.tensor(tables, dtype=torch.int32), mine)
+    out, lse = paged_decode.decode_attention(cache, 0, q, batch)
     merged = gather_and_merge(out, lse) if world > 1 else out
     return merged, q, keys, values_
 
@@ -100,8 +108,14 @@ def test_triton_paged_decode_kernel_matches_attend():
     pytest.importorskip("triton")
     code = "import test_kvp_decode as t; t.check_paged_decode_kernel(); print('kernel ok')"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=os.path.dirname(__file__),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=os.path.dirname(__file__),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ringserve.engine.attention import merge
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
-from ringserve.engine.paged_decode import decode_attention
+from ringserve.engine.paged_decode import DecodeBatch, decode_attention
 from ringserve.errors import InvalidArgument, NotFound, Unavailable
 
 # all_gather_into_tensor was renamed all_gather_single in torch 2.12; the GPU image has 2.11.
@@ -112,8 +112,7 @@ class KVPRank:
             shards[i].length += 1
         attention = KVPAttention(
             self.cache,
-            self._tables(entries, shards),
-            [s.length if s is not None else 0 for s in shards],
+            DecodeBatch.build(self._tables(entries, shards), [s.length if s is not None else 0 for s in shards]),
             torch.tensor(owned, dtype=torch.long).to(self.device),
             torch.tensor(slots, dtype=torch.long).to(self.device),
             group_wide and self.world > 1,
@@ -145,22 +144,16 @@ class KVPAttention:
     """The ``AttentionFn`` of a KVP decode step on one rank."""
 
     def __init__(
-        self,
-        cache: KVCache,
-        tables: torch.Tensor,
-        lengths: list[int],
-        owned_rows: torch.Tensor,
-        owned_slots: torch.Tensor,
-        gather: bool,
+        self, cache: KVCache, batch: DecodeBatch, owned_rows: torch.Tensor, owned_slots: torch.Tensor, gather: bool
     ):
-        self.cache, self.tables, self.lengths = cache, tables, lengths
+        self.cache, self.batch = cache, batch
         self.owned_rows, self.owned_slots = owned_rows, owned_slots
         self.gather = gather
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if len(self.owned_rows):
             self.cache.write(layer, self.owned_slots, k[self.owned_rows], v[self.owned_rows])
-        out, lse = decode_attention(self.cache, layer, q, self.tables, self.lengths)
+        out, lse = decode_attention(self.cache, layer, q, self.batch)
         if self.gather:
             out = gather_and_merge(out, lse)
         return out

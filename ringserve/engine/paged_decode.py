@@ -13,6 +13,8 @@ The kernel also runs on CPU under ``TRITON_INTERPRET=1``, which is how the tests
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ringserve.engine.attention import attend
@@ -25,15 +27,30 @@ except ImportError:  # CPU installs without triton take the gather path
     triton = None
 
 
+@dataclass
+class DecodeBatch:
+    """Where a step's sequences' KV lies: block tables [B, max_blocks] int32 and token counts, as
+    a list and as a tensor on the cache's device (built once per step, used by every layer)."""
+
+    tables: torch.Tensor
+    lengths: list[int]
+    lengths_t: torch.Tensor
+
+    @classmethod
+    def build(cls, tables: torch.Tensor, lengths: list[int]) -> DecodeBatch:
+        return cls(tables, lengths, torch.tensor(lengths, dtype=torch.int32).to(tables.device))
+
+
 def decode_attention(
-    cache: KVCache, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: list[int]
+    cache: KVCache, layer: int, q: torch.Tensor, batch: DecodeBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, D] (sequence b's one query) over the first lengths[b] cached tokens of block table
-    row tables[b] ([B, max_blocks] int32 on the cache's device). Returns out [B, H, D] and lse [B, H]
-    float32; a sequence with no tokens here gets out 0 and lse -inf."""
+    row b. Returns out [B, H, D] and lse [B, H] float32; a sequence with no tokens here gets out 0
+    and lse -inf."""
     if use_kernel(q):
-        lens = torch.tensor(lengths, dtype=torch.int32).to(q.device, non_blocking=True)
-        return paged_decode_kernel(q, cache.k[layer], cache.v[layer], tables, lens, max(lengths, default=0))
+        k, v = cache.k[layer], cache.v[layer]
+        return paged_decode_kernel(q, k, v, batch.tables, batch.lengths_t, max(batch.lengths, default=0))
+    tables, lengths = batch.tables, batch.lengths
     outs, lses = [], []
     for b, n in enumerate(lengths):
         keys, values = cache.read(layer, tables[b], n)
