@@ -304,7 +304,7 @@ def main() -> None:
     if "decode" in sections:
         rows = []
         for k in sorted({1, world}):
-            kvp = KVPRank(model, cache, rank_id, k)
+            kvp = KVPRank(model, cache, rank_id if k > 1 else 0, k)
             for ctx in contexts:
                 for b in batches:
                     need = max(balanced_shares(ctx + 64, k)) * b
