@@ -90,6 +90,9 @@ class PrefillConfig(ModelArgs):
     kv_blocks: int = _opt(256, "KV cache blocks per rank")
     block_size: int = _opt(64, "tokens per KV block")
     strategy: str = _opt("auto", "ring attention variant: auto, pass_kv or pass_q")
+    prefix_cache: float = _opt(
+        1.0, "share of each rank's KV blocks the prefix cache may keep between requests, 0 to 1 (0: off)"
+    )
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
 
 

@@ -65,11 +65,18 @@ def reference(engine, prompt: str, max_tokens: int) -> tuple[list[int], str]:
     return _references[key]
 
 
+def prefill_info(cluster):
+    with grpc.insecure_channel(cluster.prefill) as channel:
+        return prefill_pb2_grpc.PrefillStub(channel).GetInfo(prefill_pb2.GetPrefillInfoRequest(), timeout=10)
+
+
 def blocks_used(cluster) -> tuple[int, int]:
-    with grpc.insecure_channel(cluster.prefill) as pc, grpc.insecure_channel(cluster.decode) as dc:
-        p = prefill_pb2_grpc.PrefillStub(pc).GetInfo(prefill_pb2.GetPrefillInfoRequest(), timeout=10)
+    """KV blocks held for requests: on the prefill leader (beyond what its prefix cache keeps) and
+    on the decode worker."""
+    p = prefill_info(cluster)
+    with grpc.insecure_channel(cluster.decode) as dc:
         d = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
-    return p.kv_blocks_used, d.kv_blocks_used
+    return p.kv_blocks_used - p.prefix_cache.blocks[0], d.kv_blocks_used
 
 
 def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
@@ -92,6 +99,28 @@ def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp):
             assert last.finish_reason in (1, 2) and last.usage.completion_tokens == len(ids)
             assert last.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
     wait_blocks_free(cluster)
+
+
+def test_repeated_prompt_reuses_the_prefix_cache(clusters, engine):
+    """The same prompt twice: the second prefill reads the prompt's whole blocks from the prefix
+    cache and gives the same greedy tokens. Afterwards the leader's blocks are exactly the cache's
+    (the leader checks every other rank's count after each request, or fails the request)."""
+    cluster = clusters(2)
+    prompt = "A long document about ring attention and prefix caches. " * 16
+    n = len(engine.tokenizer.encode(prompt))
+    expected, _ = reference(engine, prompt, 16)
+    usage = []
+    with Client(cluster.router, timeout=120) as client:
+        for _ in range(2):
+            chunks = list(client.generate(prompt, max_tokens=16))
+            assert [t for c in chunks for t in c.token_ids] == expected
+            usage.append(chunks[-1].usage)
+    assert usage[0].cached_prompt_tokens == 0, "nothing else sent this prompt"
+    assert usage[1].cached_prompt_tokens == (n - 1) // 64 * 64 > 0
+    wait_blocks_free(cluster)
+    cache = prefill_info(cluster).prefix_cache
+    assert cache.hits >= 1 and cache.cached_prompt_tokens >= usage[1].cached_prompt_tokens
+    assert sum(cache.blocks) >= n // 64 and cache.capacity_blocks == 256
 
 
 def test_seeded_sampling_matches_the_engine(clusters, engine):

@@ -4,6 +4,9 @@ The leader (the process serving gRPC) starts ranks 1..N-1 as child processes. Jo
 through a queue, not a collective, so an idle group holds no collective that could time out;
 once every rank has a job they run the CP forward over their process group, each pushes its KV
 shard to the decode targets, and each reports back to the leader, which samples the first token.
+
+The leader also decides, for each job, how the group's prefix cache serves it (``prefix_cache``):
+the decision travels in the job, so every rank carries out the same one.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ import os
 import queue
 import signal
 import socket
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ringserve.config import PrefillConfig
-from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.kv_cache import KVCache, block_hashes
 from ringserve.engine.model import Llama
-from ringserve.errors import FailedPrecondition, RingserveError, Unavailable, error_from_code
+from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, Unavailable, error_from_code
 from ringserve.kv_transfer.plan import plan_moves
 from ringserve.kv_transfer.tcp import send_kv
-from ringserve.prefill_service.context_parallel import CPRunner, CPSequence, check_group, init_group
+from ringserve.prefill_service.context_parallel import CPRunner, check_group, init_group
+from ringserve.prefill_service.prefix_cache import CachePlan, CacheStats, PrefixIndex, RankBlocks
 from ringserve.prefill_service.strategy import measure_rates
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class Job:
     token_ids: list[int]
     strategy: str
     targets: list[Target]
+    cache: CachePlan = CachePlan()  # set by the leader (PrefillGroup.run)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class RankResult:
     bytes_sent: int = 0
     transfer_s: float = 0.0
     error: tuple[str, str] | None = None  # (status code name, message)
+    blocks_used: int = 0  # the rank's allocated KV blocks after the job: its cached blocks only
 
 
 def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
@@ -63,7 +70,7 @@ def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank) if dev.type == "cuda" else dev
 
 
-def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> CPRunner:
+def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRunner, RankBlocks]:
     from ringserve.service import torch_dtype
 
     device = _device_for(cfg, rank)
@@ -74,21 +81,25 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> CPRunner:
     cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
     c = model.config
     rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates)
+    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp)
 
 
-def run_job(runner: CPRunner, job: Job) -> tuple[torch.Tensor | None, RankResult]:
-    """This rank's part of a job: CP forward, push the KV shard, free the blocks.
+def run_job(runner: CPRunner, blocks: RankBlocks, job: Job) -> tuple[torch.Tensor | None, RankResult]:
+    """This rank's part of a job: CP forward over the cached prefix, push the KV shard (cached
+    part and new part: the whole prompt), then keep the blocks the cache plan keeps, free the rest.
 
     Returns the last token's logits on rank 0. Transfer failures are reported, not raised, so
     every rank still reports; failures of the ring itself (a dead peer) raise.
     """
     import torch.distributed as dist
 
-    seq = CPSequence()
+    hashes = block_hashes(job.token_ids, runner.cache.block_size)
+    seq = blocks.begin(hashes, job.cache)
     result = RankResult(runner.rank)
+    prefilled = False
     try:
-        logits = runner.prefill(seq, job.token_ids, job.strategy)
+        logits = runner.prefill(seq, job.token_ids[seq.num_done :], job.strategy)
+        prefilled = True
         counts: list = [None] * runner.world
         with runner.comm.peer_errors():
             dist.all_gather_object(counts, seq.num_cached_local)
@@ -113,7 +124,8 @@ def run_job(runner: CPRunner, job: Job) -> tuple[torch.Tensor | None, RankResult
         result.transfer_s = time.perf_counter() - t0
         return logits, result
     finally:
-        runner.release(seq)
+        blocks.finish(seq, hashes, job.cache, len(job.token_ids), keep=prefilled)
+        result.blocks_used = runner.cache.allocator.num_used
 
 
 def _next_job(jobs: mp.Queue, parent: int) -> Job | None:
@@ -133,7 +145,7 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the leader stops us
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
     try:
-        runner = _build_runner(cfg, rank, init_method)
+        runner, blocks = _build_runner(cfg, rank, init_method)
     except RingserveError as e:
         results.put(RankResult(rank, error=(e.code, str(e))))
         return
@@ -141,9 +153,9 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
     parent = os.getppid()
     while (job := _next_job(jobs, parent)) is not None:
         try:
-            _, result = run_job(runner, job)
+            _, result = run_job(runner, blocks, job)
         except RingserveError as e:
-            result = RankResult(rank, error=(e.code, str(e)))
+            result = RankResult(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
         results.put(result)
         if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
             return  # the group is broken; the leader restarts or fails over
@@ -155,12 +167,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Prefilled:
+    """A finished job, as the leader sees it."""
+
+    logits: torch.Tensor  # the prompt's last token's [V]
+    results: list[RankResult]  # one per rank, leader first
+    cached_tokens: int  # prompt tokens read from the prefix cache instead of computed
+
+
 class PrefillGroup:
     """The leader's handle on its group: start the ranks, run jobs one at a time, stop."""
 
     def __init__(self, cfg: PrefillConfig):
         if cfg.cp < 1:
             raise FailedPrecondition(f"--cp must be at least 1, got {cfg.cp}")
+        if not 0.0 <= cfg.prefix_cache <= 1.0:
+            raise InvalidArgument(
+                f"--prefix-cache is the share of KV blocks the prefix cache may keep, from 0 (off) to 1; "
+                f"got {cfg.prefix_cache}"
+            )
         self.cfg = cfg
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -178,11 +204,13 @@ class PrefillGroup:
         torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
         for p in self.procs:
             p.start()
-        self.runner = _build_runner(cfg, 0, init_method)
+        self.runner, self.blocks = _build_runner(cfg, 0, init_method)
         for result in self._collect():
             if result.error:
                 raise error_from_code(*result.error)
+        self.index = PrefixIndex(cfg.cp, cfg.kv_blocks, int(cfg.prefix_cache * cfg.kv_blocks), cfg.block_size)
         self.broken = False
+        self._lock = threading.Lock()  # one job at a time; close() must not free blocks a job reads
 
     @property
     def model(self) -> Llama:
@@ -205,26 +233,64 @@ class PrefillGroup:
                     ) from None
         return got
 
-    def run(self, job: Job) -> tuple[torch.Tensor, list[RankResult]]:
-        """Run a job on every rank; returns the last token's logits and each rank's result."""
+    def run(self, job: Job) -> Prefilled:
+        """Run a job on every rank, reusing what the prefix cache holds of its prompt.
+
+        Raises ResourceExhausted, before any rank starts, if the prompt does not fit the group.
+        """
+        with self._lock:
+            return self._run(job)
+
+    def _run(self, job: Job) -> Prefilled:
         if self.broken:
             raise Unavailable("prefill group is broken (a rank died); restart it")
+        hashes = block_hashes(job.token_ids, self.cfg.block_size)
+        job = replace(job, cache=self.index.plan(hashes, len(job.token_ids)))
         for q in self.jobs:
             q.put(job)
         try:
-            logits, mine = run_job(self.runner, job)
-        except Unavailable:
+            logits, mine = run_job(self.runner, self.blocks, job)
+        except Exception:  # the other ranks are stuck in (or past) this job's ring
             self.broken = True
             raise
         results = [mine, *self._collect()]
+        self.index.commit(hashes, job.cache)
+        # Between jobs a rank's cache is the only holder of its blocks; any other count means
+        # the rank did not carry out the plan, and its cache no longer matches the index.
+        out_of_step = [r for r in results if r.blocks_used != self.index.held[r.rank]]
+        if out_of_step:
+            self.broken = True
         for r in results:
             if r.error:
                 if "peer rank" in r.error[1]:
                     self.broken = True
                 raise error_from_code(*r.error)
-        return logits, results
+        if out_of_step:
+            r = out_of_step[0]
+            raise FailedPrecondition(
+                f"prefix cache out of step: prefill rank {r.rank} holds {r.blocks_used} KV blocks after a "
+                f"request, the leader's index says {self.index.held[r.rank]}; restart the prefill group"
+            )
+        return Prefilled(logits, results, job.cache.hit_blocks * self.cfg.block_size)
+
+    def cache_changes(self) -> tuple[list[bytes], list[bytes]]:
+        """Block hashes the prefix cache stored and evicted since the last call (for residency
+        publishing); each call returns only what changed after the previous one."""
+        return self.index.take_changes()
+
+    def cache_stats(self) -> CacheStats:
+        """Cached blocks per rank, capacity, and lookups / hits / hit tokens since start."""
+        return self.index.stats()
 
     def close(self) -> None:
+        """Stop the ranks. An idle group first drops its prefix cache (``cache_changes`` then
+        reports every block evicted); a group stopped mid-job does not wait for the job."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self.index.clear()
+                self.blocks.clear()
+            finally:
+                self._lock.release()
         for q in self.jobs:
             q.put(None)
         for p in self.procs:

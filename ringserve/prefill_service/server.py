@@ -47,7 +47,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         try:
             with self.lock:
                 t0 = time.perf_counter()
-                logits, results = self.group.run(job)
+                done = self.group.run(job)
                 elapsed = time.perf_counter() - t0
         finally:
             self.waiting -= 1
@@ -55,14 +55,15 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             self._update_gauges()
         if self.group.broken and self.health is not None:
             self.health.enter_graceful_shutdown()
-        first = sample(logits, params, params.generator(0))
-        sent = sum(r.bytes_sent for r in results)
-        transfer = max(r.transfer_s for r in results)
+        first = sample(done.logits, params, params.generator(0))
+        sent = sum(r.bytes_sent for r in done.results)
+        transfer = max(r.transfer_s for r in done.results)
         KV_BYTES.labels("prefill", "sent").inc(sent)
         log.info(
-            "request_id=%s prefilled tokens=%d strategy=%s seconds=%.3f kv_bytes=%d",
+            "request_id=%s prefilled tokens=%d cached_tokens=%d strategy=%s seconds=%.3f kv_bytes=%d",
             job.request_id,
             len(ids),
+            done.cached_tokens,
             self.group.runner.last_strategy,
             elapsed,
             sent,
@@ -73,16 +74,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             compute_seconds=elapsed - transfer,
             transfer_seconds=transfer,
             bytes_transferred=sent,
+            cached_prompt_tokens=done.cached_tokens,
         )
 
     def _update_gauges(self) -> None:
         alloc = self.group.runner.cache.allocator
         KV_BLOCKS.labels("prefill", "used").set(alloc.num_used)
         KV_BLOCKS.labels("prefill", "free").set(alloc.num_free)
+        KV_BLOCKS.labels("prefill", "cached").set(self.group.cache_stats().blocks[0])
 
     @rpc_errors("prefill")
     def GetInfo(self, request, context):
         alloc = self.group.runner.cache.allocator
+        stats = self.group.cache_stats()
         return prefill_pb2.GetPrefillInfoResponse(
             model=self.model_desc,
             cp_size=self.cfg.cp,
@@ -90,6 +94,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             active_requests=self.waiting,
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
+            prefix_cache=prefill_pb2.PrefixCacheInfo(
+                blocks=stats.blocks,
+                capacity_blocks=stats.capacity,
+                lookups=stats.lookups,
+                hits=stats.hits,
+                cached_prompt_tokens=stats.hit_tokens,
+            ),
         )
 
 

@@ -37,6 +37,17 @@ class PassPlan:
         a, b = self.rank_pieces(rank)
         return sum(e - s for s, e in (self.pieces[a], self.pieces[b]))
 
+    def rank_blocks(self, rank: int, block_size: int) -> list[int]:
+        """Indices (within the pass) of the KV blocks rank ``rank`` holds, in its local order.
+
+        Pieces start on block boundaries, so each of the rank's local blocks holds exactly one
+        block of the pass (only the pass's last block, on rank 0, may be partial)."""
+        return [
+            b
+            for p in self.rank_pieces(rank)
+            for b in range(self.pieces[p][0] // block_size, blocks_needed(self.pieces[p][1], block_size))
+        ]
+
 
 def plan_pass(num_new: int, world: int, block_size: int) -> PassPlan:
     """Cut ``num_new`` tokens into 2N block-aligned pieces for a CP group of ``world`` ranks.

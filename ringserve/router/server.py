@@ -137,7 +137,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     TTFT.observe(t_first - t_start)
                 usage = None
                 if msg.finish_reason:
-                    usage = common_pb2.Usage(prompt_tokens=len(ids), completion_tokens=msg.completion_tokens)
+                    usage = common_pb2.Usage(
+                        prompt_tokens=len(ids),
+                        completion_tokens=msg.completion_tokens,
+                        cached_prompt_tokens=first.cached_prompt_tokens,
+                    )
                     if msg.completion_tokens > 1:
                         TPOT.observe((time.perf_counter() - t_first) / (msg.completion_tokens - 1))
                 yield router_pb2.GenerateResponse(

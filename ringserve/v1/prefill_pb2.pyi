@@ -22,35 +22,53 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.KVTarget, _Mapping]]] = ..., strategy: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "strategy", "compute_seconds", "transfer_seconds", "bytes_transferred")
+    __slots__ = ("first_token", "strategy", "compute_seconds", "transfer_seconds", "bytes_transferred", "cached_prompt_tokens")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     strategy: str
     compute_seconds: float
     transfer_seconds: float
     bytes_transferred: int
-    def __init__(self, first_token: _Optional[int] = ..., strategy: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., bytes_transferred: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, first_token: _Optional[int] = ..., strategy: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., bytes_transferred: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GetPrefillInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetPrefillInfoResponse(_message.Message):
-    __slots__ = ("model", "cp_size", "transport", "active_requests", "kv_blocks_used", "kv_blocks_free")
+    __slots__ = ("model", "cp_size", "transport", "active_requests", "kv_blocks_used", "kv_blocks_free", "prefix_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelDescription
     cp_size: int
     transport: str
     active_requests: int
     kv_blocks_used: int
     kv_blocks_free: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., cp_size: _Optional[int] = ..., transport: _Optional[str] = ..., active_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ...) -> None: ...
+    prefix_cache: PrefixCacheInfo
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., cp_size: _Optional[int] = ..., transport: _Optional[str] = ..., active_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheInfo(_message.Message):
+    __slots__ = ("blocks", "capacity_blocks", "lookups", "hits", "cached_prompt_tokens")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    capacity_blocks: int
+    lookups: int
+    hits: int
+    cached_prompt_tokens: int
+    def __init__(self, blocks: _Optional[_Iterable[int]] = ..., capacity_blocks: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
