@@ -85,12 +85,13 @@ def random_model(device: torch.device, seed: int = 0) -> Llama:
     return Llama.from_state_dict(config, state, device=device)
 
 
-def timed(fn, iters: int, warmup: int = 2) -> float:
-    """Seconds per call: warm-up, then ``iters`` calls between CUDA events (same count on every rank)."""
+def timed(fn, iters: int, warmup: int = 2, barrier: bool = True) -> float:
+    """Seconds per call: warm-up, then ``iters`` calls between CUDA events (same count on every
+    rank; ``barrier=False`` for what one rank times alone)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    if dist.get_world_size() > 1:
+    if barrier and dist.get_world_size() > 1:
         dist.barrier()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -124,7 +125,7 @@ def check_kernel(device: torch.device) -> dict:
     q = torch.randn(4, 32, 128, dtype=torch.bfloat16, device=device)
     lengths = [1, 0, 70 * BLOCK + 5, 4000]
     tables = torch.stack([torch.randperm(300, device=device)[:80] for _ in lengths]).int()
-    out, lse = paged_decode_kernel(q, k, v, tables, torch.tensor(lengths, dtype=torch.int32, device=device), 4485)
+    out, lse = paged_decode_kernel(q, k, v, tables, torch.tensor(lengths, dtype=torch.int32, device=device))
     worst_out = worst_lse = 0.0
     for b, n in enumerate(lengths):
         rows = tables[b].long()
@@ -266,12 +267,13 @@ def main() -> None:
                 tables = torch.arange(b * per_seq, device=device, dtype=torch.int32).view(b, per_seq)
                 batch = DecodeBatch.build(tables, [ctx] * b)
                 q = q1[:b]
-                paged = timed(lambda q=q, batch=batch: decode_attention(cache, 0, q, batch), args.iters)
+                paged = timed(lambda q=q, batch=batch: decode_attention(cache, 0, q, batch), args.iters, barrier=False)
                 gather = timed(
                     lambda q=q, t=tables, n=ctx: [
                         attend(q[i : i + 1], *cache.read(0, t[i], n), causal=False) for i in range(len(q))
                     ],
                     max(2, args.iters // 4),
+                    barrier=False,
                 )
                 # The same KV, contiguous in SDPA's [B, Hkv, T, D] layout.
                 kc = cache.k[0].view(-1, 8, 128)[: ctx * b].view(b, ctx, 8, 128).transpose(1, 2).contiguous()
@@ -282,6 +284,7 @@ def main() -> None:
                         qs, kc, vc, enable_gqa=True
                     ),
                     args.iters,
+                    barrier=False,
                 )
                 del kc, vc
                 kv = ctx * b * 2 * 8 * 128 * 2
@@ -303,12 +306,13 @@ def main() -> None:
 
     if "decode" in sections:
         rows = []
-        for k in sorted({1, world}):
-            kvp = KVPRank(model, cache, rank_id if k > 1 else 0, k)
-            for ctx in contexts:
+        modes = [(k, True) for k in sorted({1, world})] + [(world, False)]  # last: eager, no CUDA graphs
+        for k, graphs in modes:
+            kvp = KVPRank(model, cache, rank_id if k > 1 else 0, k, use_graphs=graphs)
+            for ctx in contexts if graphs else contexts[:3]:
                 for b in batches:
                     need = max(balanced_shares(ctx + 64, k)) * b
-                    row = dict(kvp=k, context=ctx, batch=b)
+                    row = dict(kvp=k, graphs=graphs, context=ctx, batch=b)
                     if need > capacity:
                         row["fits"] = False
                         rows.append(row)
@@ -325,15 +329,14 @@ def main() -> None:
         results["decode"] = rows
         save()
         if rank_id == 0:
-            print(f"{'K':>2} {'context':>8} {'batch':>5} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
+            print(f"{'K':>2} {'mode':>6} {'context':>8} {'batch':>5} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
             for r in rows:
+                mode = "graph" if r["graphs"] else "eager"
+                head = f"{r['kvp']:>2} {mode:>6} {r['context'] // K_TOKEN:>7}K {r['batch']:>5}"
                 if r["fits"]:
-                    print(
-                        f"{r['kvp']:>2} {r['context'] // K_TOKEN:>7}K {r['batch']:>5} {r['step_ms']:>9.2f} "
-                        f"{r['floor_ms']:>9.2f} {r['vs_floor']:>8.2f}"
-                    )
+                    print(f"{head} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['vs_floor']:>8.2f}")
                 else:
-                    print(f"{r['kvp']:>2} {r['context'] // K_TOKEN:>7}K {r['batch']:>5}  does not fit")
+                    print(f"{head}  does not fit")
     dist.destroy_process_group()
 
 

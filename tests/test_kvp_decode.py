@@ -92,7 +92,7 @@ def check_paged_decode_kernel() -> None:
         lengths = [1, 0, 5 * block + 3, 3 * block]
         tables = torch.stack([torch.randperm(40)[:8] for _ in lengths]).int()
         out, lse = paged_decode.paged_decode_kernel(
-            q, k, v, tables, torch.tensor(lengths, dtype=torch.int32), max(lengths), splits
+            q, k, v, tables, torch.tensor(lengths, dtype=torch.int32), splits
         )
         for b, n in enumerate(lengths):
             rows = tables[b].long()

@@ -55,14 +55,25 @@ class StepEntry:
 class KVPRank:
     """A rank's model, KV cache and shards; ``step`` runs its part of a decode step."""
 
-    def __init__(self, model: Llama, cache: KVCache, rank: int = 0, world: int = 1, landing_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        model: Llama,
+        cache: KVCache,
+        rank: int = 0,
+        world: int = 1,
+        landing_timeout_s: float = 10.0,
+        use_graphs: bool = True,
+    ):
         self.model, self.cache = model, cache
         self.rank, self.world = rank, world
         self.device = cache.k.device
         self.landing_timeout_s = landing_timeout_s
         self.shards: dict[str, Shard] = {}
         self.lock = threading.Condition()
-        self._batch: tuple[tuple[str, ...], torch.Tensor] | None = None  # block tables of the last batch
+        self._batch: tuple | None = None  # (key, block tables, shards) of the last batch
+        # CUDA graphs where the step runs the Triton kernel (half precision on a GPU).
+        half = cache.k.dtype in (torch.float16, torch.bfloat16)
+        self.graphs = StepGraphs(self) if self.device.type == "cuda" and half and use_graphs else None
 
     def reserve(self, request_id: str, block_table: list[int], prompt_start: int, prompt_len: int) -> None:
         with self.lock:
@@ -103,22 +114,32 @@ class KVPRank:
     @torch.inference_mode()
     def step(self, entries: list[StepEntry], group_wide: bool) -> torch.Tensor | None:
         """Run one decode step; returns the logits [B, V] on rank 0. ``group_wide``: every rank
-        runs this step (False only when all of the step's requests live on this rank alone)."""
+        runs this step (False only when all of the step's requests live on this rank alone).
+
+        The step has fixed shapes: every row's K and V are written, the rows this rank does not
+        store (and padding) to the cache's scratch slot. So on a GPU it is captured once per
+        batch size into a CUDA graph and replayed: a decode step launches ~1,500 kernels, whose
+        launch cost alone would exceed the step's memory time."""
         with self.lock:
             shards = [self.shards.get(e.request_id) for e in entries]
-        owned = [i for i, (e, s) in enumerate(zip(entries, shards)) if e.owner == self.rank]
-        slots = [self._slot(shards[i]) for i in owned]
-        for i in owned:
-            shards[i].length += 1
-        attention = KVPAttention(
-            self.cache,
-            DecodeBatch.build(self._tables(entries, shards), [s.length if s is not None else 0 for s in shards]),
-            torch.tensor(owned, dtype=torch.long).to(self.device),
-            torch.tensor(slots, dtype=torch.long).to(self.device),
-            group_wide and self.world > 1,
-        )
-        ids = torch.tensor([e.token_id for e in entries]).to(self.device)
-        positions = torch.tensor([e.position for e in entries]).to(self.device)
+        slots = []
+        for e, shard in zip(entries, shards):
+            if e.owner == self.rank:
+                slots.append(self._slot(shard))
+                shard.length += 1
+            else:
+                slots.append(self.cache.scratch_slot)
+        lengths = [s.length if s is not None else 0 for s in shards]
+        rows = [[e.token_id for e in entries], [e.position for e in entries], slots, lengths]
+        gather = group_wide and self.world > 1
+        if self.graphs is not None:
+            return self.graphs.replay(rows, self._tables(entries, shards), gather)
+        ids, positions, write_slots = (torch.tensor(r).to(self.device) for r in rows[:3])
+        batch = DecodeBatch.build(self._tables(entries, shards), lengths)
+        return self.forward(ids, positions, KVPAttention(self.cache, batch, write_slots, gather))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention: KVPAttention) -> torch.Tensor | None:
+        """The model over one token per row with KVP attention; logits on rank 0 only."""
         # Every rank computes the same hidden states; only rank 0 needs the logits.
         logits_at = None if self.rank == 0 else torch.empty(0, dtype=torch.long, device=self.device)
         logits = self.model(ids, positions, attention, logits_at)
@@ -131,28 +152,70 @@ class KVPRank:
     def _tables(self, entries: list[StepEntry], shards: list[Shard | None]) -> torch.Tensor:
         """The batch's block tables as one padded tensor, rebuilt only when the batch changes
         (a million-token request has thousands of blocks: no per-step host work on them)."""
-        key = tuple(e.request_id for e in entries)
+        key = tuple(id(s) for s in shards)
         if self._batch is None or self._batch[0] != key:
             width = max([len(s.block_table) for s in shards if s is not None], default=1)
             tables = [s.block_table if s is not None else [] for s in shards]
             rows = [t + [0] * (width - len(t)) for t in tables]
-            self._batch = (key, torch.tensor(rows, dtype=torch.int32).to(self.device))
+            # Keep the shards alive with the key, so their ids cannot be reused by new ones.
+            self._batch = (key, torch.tensor(rows, dtype=torch.int32).to(self.device), shards)
         return self._batch[1]
+
+
+class StepGraphs:
+    """CUDA graphs of a rank's decode step, one per (padded batch size, group-wide), with the
+    static input buffers they read: token ids, positions, write slots, lengths and block tables."""
+
+    def __init__(self, rank: KVPRank):
+        self.rank = rank
+        self.width = rank.cache.allocator.num_blocks  # the most blocks a request can have here
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, object]] = {}
+
+    def replay(self, rows: list[list[int]], tables: torch.Tensor, gather: bool) -> torch.Tensor | None:
+        n = len(rows[0])
+        size = 1 << (n - 1).bit_length()  # batch sizes padded to powers of two: few graphs
+        key = (size, gather)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(size, gather)
+        graph, io, static_tables, out = self.graphs[key]
+        host = torch.zeros(4, size, dtype=torch.long)
+        host[2] = self.rank.cache.scratch_slot  # padding rows write to scratch, see nothing
+        host[:, :n] = torch.tensor(rows)
+        io.copy_(host, non_blocking=True)
+        static_tables[:n, : tables.shape[1]].copy_(tables)
+        graph.replay()
+        return None if out is None else out[:n]
+
+    def _capture(self, size: int, gather: bool):
+        rank = self.rank
+        io = torch.zeros(4, size, dtype=torch.long, device=rank.device)
+        io[2] = rank.cache.scratch_slot
+        tables = torch.zeros(size, self.width, dtype=torch.int32, device=rank.device)
+
+        def run():
+            batch = DecodeBatch(tables, io[3].to(torch.int32))
+            return rank.forward(io[0], io[1], KVPAttention(rank.cache, batch, io[2], gather))
+
+        side = torch.cuda.Stream(rank.device)
+        side.wait_stream(torch.cuda.current_stream(rank.device))
+        with torch.cuda.stream(side):  # warm up (kernel selection, NCCL buffers) off the graph
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(rank.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return graph, io, tables, out
 
 
 class KVPAttention:
     """The ``AttentionFn`` of a KVP decode step on one rank."""
 
-    def __init__(
-        self, cache: KVCache, batch: DecodeBatch, owned_rows: torch.Tensor, owned_slots: torch.Tensor, gather: bool
-    ):
-        self.cache, self.batch = cache, batch
-        self.owned_rows, self.owned_slots = owned_rows, owned_slots
-        self.gather = gather
+    def __init__(self, cache: KVCache, batch: DecodeBatch, write_slots: torch.Tensor, gather: bool):
+        self.cache, self.batch, self.write_slots, self.gather = cache, batch, write_slots, gather
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if len(self.owned_rows):
-            self.cache.write(layer, self.owned_slots, k[self.owned_rows], v[self.owned_rows])
+        self.cache.write(layer, self.write_slots, k, v)
         out, lse = decode_attention(self.cache, layer, q, self.batch)
         if self.gather:
             out = gather_and_merge(out, lse)

@@ -81,7 +81,10 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class KVCache:
-    """The KV store of one worker: per layer, K and V as [num_blocks, block_size, Hkv, D]."""
+    """The KV store of one worker: per layer, K and V as [num_blocks + 1, block_size, Hkv, D].
+
+    The extra block is scratch that no allocator hands out: writes that must go nowhere (the rows
+    of a fixed-shape batch that another rank stores, or padding) land in ``scratch_slot``."""
 
     def __init__(
         self,
@@ -93,9 +96,10 @@ class KVCache:
     ):
         self.block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
+        self.scratch_slot = num_blocks * block_size
         shape = (
             config.num_hidden_layers,
-            num_blocks,
+            num_blocks + 1,
             block_size,
             config.num_key_value_heads,
             config.head_dim,

@@ -29,16 +29,17 @@ except ImportError:  # CPU installs without triton take the gather path
 
 @dataclass
 class DecodeBatch:
-    """Where a step's sequences' KV lies: block tables [B, max_blocks] int32 and token counts, as
-    a list and as a tensor on the cache's device (built once per step, used by every layer)."""
+    """Where a step's sequences' KV lies: block tables [B, max_blocks] int32 and token counts as a
+    tensor on the cache's device (built once per step, used by every layer). ``lengths`` also as a
+    list where the host knows them (the gather path needs them; a CUDA graph replay does not)."""
 
     tables: torch.Tensor
-    lengths: list[int]
     lengths_t: torch.Tensor
+    lengths: list[int] | None = None
 
     @classmethod
     def build(cls, tables: torch.Tensor, lengths: list[int]) -> DecodeBatch:
-        return cls(tables, lengths, torch.tensor(lengths, dtype=torch.int32).to(tables.device))
+        return cls(tables, torch.tensor(lengths, dtype=torch.int32).to(tables.device), lengths)
 
 
 def decode_attention(
@@ -48,8 +49,7 @@ def decode_attention(
     row b. Returns out [B, H, D] and lse [B, H] float32; a sequence with no tokens here gets out 0
     and lse -inf."""
     if use_kernel(q):
-        k, v = cache.k[layer], cache.v[layer]
-        return paged_decode_kernel(q, k, v, batch.tables, batch.lengths_t, max(batch.lengths, default=0))
+        return paged_decode_kernel(q, cache.k[layer], cache.v[layer], batch.tables, batch.lengths_t)
     tables, lengths = batch.tables, batch.lengths
     outs, lses = [], []
     for b, n in enumerate(lengths):
@@ -75,23 +75,21 @@ def paged_decode_kernel(
     v_cache: torch.Tensor,
     tables: torch.Tensor,
     lengths: torch.Tensor,
-    max_len: int,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Triton path of ``decode_attention`` for one layer's cache [num_blocks, block_size, Hkv, D].
 
-    Each program handles one (sequence, KV head, split of the tokens) and keeps the whole query
-    group of that KV head (GQA: H / Hkv heads) in one tile, so K and V are read once for all of
-    them. Splits give long sequences enough parallel programs; their partials merge by LSE.
+    Each program handles one (sequence, KV head, split of that sequence's tokens) and keeps the
+    whole query group of that KV head (GQA: H / Hkv heads) in one tile, so K and V are read once
+    for all of them. Splits give long sequences enough parallel programs; their partials merge by
+    LSE. The launch depends only on the batch size (never on lengths, which stay on the device),
+    so a CUDA graph can replay it as sequences grow.
     """
     bsz, heads, dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     if num_splits is None:
-        # Enough programs to fill a GPU (~1,000), never less than one block per split.
-        num_splits = max(1, min(-(-max_len // block_size), 1024 // (bsz * kv_heads)))
-    per_split = -(-max(max_len, 1) // num_splits)
-    per_split = -(-per_split // block_size) * block_size  # whole blocks per split
+        num_splits = max(1, 1024 // (bsz * kv_heads))  # enough programs to fill a GPU (~1,000)
     out = torch.empty(bsz, heads, num_splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz, heads, num_splits, dtype=torch.float32, device=q.device)
     _paged_decode[(bsz, kv_heads, num_splits)](
@@ -109,7 +107,6 @@ def paged_decode_kernel(
         k_cache.stride(2),
         tables.stride(0),
         dim**-0.5,
-        per_split,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs 16 rows
         BLOCK=block_size,
@@ -139,7 +136,6 @@ if triton is not None:
         stride_kh,
         stride_tb,
         scale,
-        per_split,
         GROUP: tl.constexpr,
         GROUP_PAD: tl.constexpr,
         BLOCK: tl.constexpr,
@@ -150,6 +146,7 @@ if triton is not None:
         split = tl.program_id(2)
         num_splits = tl.num_programs(2)
         length = tl.load(Lengths + b)
+        per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK) * BLOCK  # whole blocks per split
         start = split * per_split
         end = tl.minimum(start + per_split, length)
 
