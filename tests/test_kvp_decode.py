@@ -18,7 +18,7 @@ from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.kvp import gather_and_merge
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine import paged_decode
-from ringserve.engine.attention import attend
+from ringserve.engine.attention import attend, merge
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.engine import Engine
 from ringserve.engine.kv_cache import KVCache
@@ -102,11 +102,28 @@ def check_paged_decode_kernel() -> None:
             torch.testing.assert_close(lse[b], ref_lse[0], atol=1e-3, rtol=1e-3)
 
 
+def check_merge_partials_kernel() -> None:
+    """The Triton merge of R partials against folding ``merge``, empty partials and rows included."""
+    torch.manual_seed(1)
+    out = torch.randn(5, 7, 32)
+    lse = torch.randn(5, 7)
+    lse[1, 3] = lse[4] = float("-inf")  # one empty partial; a row with no keys at all
+    got_out, got_lse = paged_decode.merge_partials(out, lse)
+    ref_out, ref_lse = out[:, 0], lse[:, 0]
+    for r in range(1, 7):
+        ref_out, ref_lse = merge(ref_out, ref_lse, out[:, r], lse[:, r])
+    torch.testing.assert_close(got_out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse, ref_lse)
+
+
 def test_triton_paged_decode_kernel_matches_attend():
     """The GPU kernel's logic, run on this CPU by Triton's interpreter in float16 (it has no
     bfloat16). The interpreter must be on before triton is first imported: a fresh process."""
     pytest.importorskip("triton")
-    code = "import test_kvp_decode as t; t.check_paged_decode_kernel(); print('kernel ok')"
+    code = (
+        "import test_kvp_decode as t; t.check_paged_decode_kernel(); t.check_merge_partials_kernel(); "
+        "print('kernel ok')"
+    )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.run(
         [sys.executable, "-c", code],

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ringserve.engine.attention import merge
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
-from ringserve.engine.paged_decode import DecodeBatch, decode_attention
+from ringserve.engine.paged_decode import DecodeBatch, decode_attention, merge_partials
 from ringserve.errors import InvalidArgument, NotFound, Unavailable
 
 # all_gather_into_tensor was renamed all_gather_single in torch 2.12; the GPU image has 2.11.
@@ -232,8 +231,6 @@ def gather_and_merge(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         all_gather_single(gathered, packed)
     except (dist.DistError, RuntimeError) as e:
         raise Unavailable(f"KVP decode: a peer rank failed or timed out ({e})") from e
-    gathered = gathered.view(world, *packed.shape)
-    merged, merged_lse = gathered[0, ..., :-1], gathered[0, ..., -1]
-    for r in range(1, world):
-        merged, merged_lse = merge(merged, merged_lse, gathered[r, ..., :-1], gathered[r, ..., -1])
-    return merged.to(out.dtype)
+    rows = gathered.view(world, -1, packed.shape[-1]).transpose(0, 1)  # [B * H, world, D + 1]
+    merged, _ = merge_partials(rows[..., :-1], rows[..., -1])
+    return merged.view(out.shape).to(out.dtype)
