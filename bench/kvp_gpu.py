@@ -31,9 +31,11 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast must stay off
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -217,8 +219,10 @@ def main() -> None:
     p.add_argument("--contexts", default="8K,32K,128K,512K,1024K")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sections", default="hbm,check,kernel,decode")
+    p.add_argument("--hang-s", type=float, default=300, help="dump stacks and fail a collective stuck this long")
     args = p.parse_args()
-    dist.init_process_group("nccl")
+    faulthandler.dump_traceback_later(args.hang_s, exit=True)  # a hung rank says where, then exits
+    dist.init_process_group("nccl", timeout=timedelta(seconds=args.hang_s))
     rank_id, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", rank_id)
     torch.cuda.set_device(device)
