@@ -79,10 +79,11 @@ from ringserve.engine import attention  # noqa: E402
 from ringserve.engine.config import ModelConfig  # noqa: E402
 from ringserve.engine.kv_cache import KVCache, blocks_needed  # noqa: E402
 from ringserve.engine.model import Llama  # noqa: E402
-from ringserve.prefill_service.context_parallel import CPRunner, CPSequence, init_group  # noqa: E402
+from ringserve.prefill_service.context_parallel import CPRunner, CPSequence  # noqa: E402
 from ringserve.prefill_service.ring import RingComm, RingLayout, ring_pass_kv, ring_pass_q  # noqa: E402
 from ringserve.prefill_service.sharding import PassPlan, plan_pass  # noqa: E402
 from ringserve.prefill_service.strategy import choose_strategy, measure_rates  # noqa: E402
+from ringserve.process_group import init_group  # noqa: E402
 
 K = 1024
 BLOCK = 64

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,12 +44,6 @@ def run_router(cfg: RouterConfig) -> int:
     server, _ = serve(cfg)
     wait_for_termination(server)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -93,6 +86,7 @@ def start_cluster(
     once all serve.
 
     With ``metrics``, each service also serves Prometheus /metrics on a free port."""
+    from ringserve.process_group import free_port
     from ringserve.rpc import wait_ready
 
     ports = {"decode": free_port(), "prefill": free_port(), "router": router_port or free_port()}

@@ -6,23 +6,18 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
-import socket
 import time
 import traceback
 
 import torch
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ringserve.process_group import free_port
 
 
 def _child(fn, rank, world, port, timeout_s, args, queue):
     torch.set_num_threads(1)  # N ranks share two cores
     try:
-        from ringserve.prefill_service.context_parallel import init_group
+        from ringserve.process_group import init_group
 
         init_group(rank, world, f"tcp://127.0.0.1:{port}", torch.device("cpu"), timeout_s)
         # Plain pickle: tensors travel by value, not as shared memory that dies with this process.

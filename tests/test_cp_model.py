@@ -12,8 +12,9 @@ from ringserve.engine.config import ModelConfig
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.errors import FailedPrecondition
-from ringserve.prefill_service.context_parallel import CPRunner, CPSequence, check_group
+from ringserve.prefill_service.context_parallel import CPRunner, CPSequence
 from ringserve.prefill_service.sharding import plan_pass
+from ringserve.process_group import check_group
 
 BLOCK = 8
 

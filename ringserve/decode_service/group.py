@@ -14,7 +14,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import threading
 from collections.abc import Callable
 
@@ -28,7 +27,7 @@ from ringserve.engine.model import Llama
 from ringserve.errors import RingserveError, Unavailable, error_from_code
 from ringserve.kv_transfer.tcp import KVReceiver
 from ringserve.metrics import KV_BYTES
-from ringserve.prefill_service.context_parallel import init_group
+from ringserve.process_group import check_group, free_port, init_group, next_message
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +40,8 @@ def _device_for(cfg: DecodeConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank) if dev.type == "cuda" and cfg.kvp > 1 else dev
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: str | None) -> KVPRank:
     """Load the model (unless given), join the group, and allocate this rank's KV cache."""
-    from ringserve.prefill_service.context_parallel import check_group
     from ringserve.service import torch_dtype
 
     device = _device_for(cfg, rank)
@@ -73,16 +65,6 @@ def _receiver(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded) -> KVReceiv
     return KVReceiver(sink, host=cfg.host, port=port, advertise_host=cfg.advertise_host)
 
 
-def _next_message(inbox: mp.Queue, parent: int):
-    """The next message, or None to stop: on request, or when the leader has died."""
-    while True:
-        try:
-            return inbox.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return None
-
-
 def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, outbox: mp.Queue) -> None:
     from ringserve.logs import setup_logging
 
@@ -98,7 +80,7 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
     outbox.put(("ready", rank, receiver.address))
     parent = os.getppid()
     try:
-        while (msg := _next_message(inbox, parent)) is not None:
+        while (msg := next_message(inbox, parent)) is not None:
             kind, *args = msg
             if kind == "reserve":
                 kvp.reserve(*args)
@@ -125,7 +107,7 @@ class DecodeGroup:
         self._on_landed: OnLanded = lambda rid, n: None
         self._on_failure: OnFailure = lambda what: None
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}" if cfg.kvp > 1 else None
+        init_method = f"tcp://127.0.0.1:{free_port()}" if cfg.kvp > 1 else None
         self._joined = init_method is not None
         self.outbox: mp.Queue = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(cfg.kvp - 1)]

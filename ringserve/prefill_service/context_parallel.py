@@ -10,64 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from ringserve.engine.kv_cache import KVCache, blocks_needed
 from ringserve.engine.model import Llama
-from ringserve.errors import FailedPrecondition, Unavailable
 from ringserve.prefill_service.ring import RingComm, RingLayout, ring_pass_kv, ring_pass_q
 from ringserve.prefill_service.sharding import plan_pass
 from ringserve.prefill_service.strategy import Rates, choose_strategy
 
 log = logging.getLogger(__name__)
-
-
-def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0) -> None:
-    """Join the CP group's process group (NCCL on GPU, gloo on CPU); a rank that never joins
-    makes every other rank fail after ``timeout_s`` instead of hanging."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
-        dist.init_process_group(
-            backend,
-            init_method=init_method,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-            **({"device_id": device} if device.type == "cuda" else {}),
-        )
-    except (RuntimeError, dist.DistStoreError) as e:
-        raise Unavailable(
-            f"CP rank {rank} could not form a group of {world} at {init_method} within {timeout_s:.0f} s: "
-            f"is every rank started with the same world size and address? ({e})"
-        ) from e
-
-
-def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> None:
-    """Every rank must run the same model shape and dtype in a group of the expected size."""
-    actual = dist.get_world_size(group)
-    if actual != world:
-        raise FailedPrecondition(f"CP group has {actual} ranks but {world} were configured")
-    c = model.config
-    mine = (
-        c.num_hidden_layers,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
-        c.vocab_size,
-        str(dtype),
-    )
-    everyone: list = [None] * actual
-    dist.all_gather_object(everyone, mine, group=group)
-    for r, theirs in enumerate(everyone):
-        if theirs != mine:
-            raise FailedPrecondition(
-                "CP ranks disagree on (layers, heads, kv heads, head dim, vocab, dtype): "
-                f"rank {dist.get_rank(group)} has {mine}, rank {r} has {theirs}; "
-                "load the same model and dtype everywhere"
-            )
 
 
 @dataclass

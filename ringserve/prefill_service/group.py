@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -29,9 +28,10 @@ from ringserve.engine.model import Llama
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, Unavailable, error_from_code
 from ringserve.kv_transfer.plan import plan_moves
 from ringserve.kv_transfer.tcp import send_kv
-from ringserve.prefill_service.context_parallel import CPRunner, check_group, init_group
+from ringserve.prefill_service.context_parallel import CPRunner
 from ringserve.prefill_service.prefix_cache import CachePlan, CacheStats, PrefixIndex, RankBlocks
 from ringserve.prefill_service.strategy import measure_rates
+from ringserve.process_group import check_group, free_port, init_group, next_message
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +128,6 @@ def run_job(runner: CPRunner, blocks: RankBlocks, job: Job) -> tuple[torch.Tenso
         result.blocks_used = runner.cache.allocator.num_used
 
 
-def _next_job(jobs: mp.Queue, parent: int) -> Job | None:
-    """The next job, or None to stop: on request, or when the leader has died (we are orphaned)."""
-    while True:
-        try:
-            return jobs.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return None
-
-
 def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
     from ringserve.logs import setup_logging
 
@@ -151,7 +141,7 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
         return
     results.put(RankResult(rank))  # ready
     parent = os.getppid()
-    while (job := _next_job(jobs, parent)) is not None:
+    while (job := next_message(jobs, parent)) is not None:
         try:
             _, result = run_job(runner, blocks, job)
         except RingserveError as e:
@@ -159,12 +149,6 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
         results.put(result)
         if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
             return  # the group is broken; the leader restarts or fails over
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -189,7 +173,7 @@ class PrefillGroup:
             )
         self.cfg = cfg
         ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         self.results: mp.Queue = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(cfg.cp - 1)]
         self.procs = [

@@ -1,0 +1,79 @@
+"""What both kinds of groups (CP prefill, KVP decode) share: forming the torch.distributed group,
+checking that every rank runs the same model, and the leader/child process plumbing."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ringserve.engine.model import Llama
+from ringserve.errors import FailedPrecondition, Unavailable
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for the group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def next_message(inbox: mp.Queue, parent: int):
+    """A child rank's next message from its leader, or None to stop: on request (the leader sends
+    None), or when the leader has died and this process is orphaned."""
+    while True:
+        try:
+            return inbox.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0) -> None:
+    """Join the group's process group (NCCL on GPU, gloo on CPU); a rank that never joins makes
+    every other rank fail after ``timeout_s`` instead of hanging."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
+    except (RuntimeError, dist.DistStoreError) as e:
+        raise Unavailable(
+            f"rank {rank} could not form a group of {world} at {init_method} within {timeout_s:.0f} s: "
+            f"is every rank started with the same world size and address? ({e})"
+        ) from e
+
+
+def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank must run the same model shape and dtype in a group of the expected size."""
+    actual = dist.get_world_size(group)
+    if actual != world:
+        raise FailedPrecondition(f"the group has {actual} ranks but {world} were configured")
+    c = model.config
+    mine = (
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+        str(dtype),
+    )
+    everyone: list = [None] * actual
+    dist.all_gather_object(everyone, mine, group=group)
+    for r, theirs in enumerate(everyone):
+        if theirs != mine:
+            raise FailedPrecondition(
+                "ranks disagree on (layers, heads, kv heads, head dim, vocab, dtype): "
+                f"rank {dist.get_rank(group)} has {mine}, rank {r} has {theirs}; "
+                "load the same model and dtype everywhere"
+            )
