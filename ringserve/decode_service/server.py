@@ -6,9 +6,11 @@ import logging
 
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.worker import DecodeWorker
+from ringserve.drain import Drain, DrainGate
 from ringserve.errors import RingserveError
 from ringserve.kv_transfer.tcp import KVReceiver
 from ringserve.metrics import KV_BYTES, serve_metrics
+from ringserve.registry import Load, Registration, advertised_address
 from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -69,8 +71,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             )
 
 
-def serve(cfg: DecodeConfig, ready=None):
-    """Load the model, start the KV receiver and the gRPC server; returns (server, port, worker, receiver)."""
+def serve(cfg: DecodeConfig):
+    """Load the model, start the KV receiver and the gRPC server, register in Redis; returns
+    (server, port, worker, receiver, drain)."""
     from ringserve.service import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg)
@@ -83,17 +86,22 @@ def serve(cfg: DecodeConfig, ready=None):
     receiver = KVReceiver(sink, host=cfg.host, port=cfg.kv_port, advertise_host=cfg.advertise_host)
     worker.kv_address = receiver.address
     servicer = DecodeServicer(worker, model_description(model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct"))
-    server, port, _ = start_server(
+    gate = DrainGate("decode group", ["/ringserve.v1.Decode/Reserve"])
+    server, port, health = start_server(
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)],
         ["ringserve.v1.Decode"],
         cfg.host,
         cfg.port,
+        interceptors=[gate],
     )
     serve_metrics(cfg.metrics_port)
-    log.info(
-        "decode worker serving on %s:%d, KV receiver on %s",
-        cfg.advertise_host or cfg.host,
-        port,
-        receiver.address,
-    )
-    return server, port, worker, receiver
+
+    def load() -> Load:
+        with worker.lock:  # a reserved request counts: its Decode call is still to come
+            alloc = worker.cache.allocator
+            return Load(active_requests=len(worker.requests), free_blocks=alloc.num_free, total_blocks=alloc.num_blocks)
+
+    address = advertised_address(cfg.host, cfg.advertise_host, port)
+    registration = Registration(cfg, "decode", 1, cfg.block_size, load).start(address)
+    log.info("decode worker serving on %s, KV receiver on %s", address, receiver.address)
+    return server, port, worker, receiver, Drain(registration, gate, health, cfg.drain_timeout_s)
