@@ -106,9 +106,9 @@ class Cluster:
                     raise Unavailable(f"the {name} service did not become ready within {timeout_s:.0f} s") from None
         log.info("%s ready at %s", name, self.addresses[name])
 
-    def add(self, name: str, argv: list[str], ready_timeout_s: float = 300.0) -> str:
+    def add(self, name: str, argv: list[str], metrics: bool = False, ready_timeout_s: float = 300.0) -> str:
         """Start one more service (e.g. a second prefill group) and wait until it serves."""
-        address = self.spawn(name, argv)
+        address = self.spawn(name, argv, metrics)
         self.wait_ready(name, ready_timeout_s)
         return address
 

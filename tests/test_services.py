@@ -26,13 +26,15 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory):
-    """Clusters by CP size, started on first use and stopped at the end of the module."""
+def clusters(tmp_path_factory, redis_server):
+    """Clusters by CP size, started on first use and stopped at the end of the module; they share
+    the session's Redis, each under its own cluster name."""
     started = {}
 
     def get(cp: int):
         if cp not in started:
-            started[cp] = start_cluster(cp=cp, log_dir=str(tmp_path_factory.mktemp(f"cp{cp}")), metrics=True)
+            log_dir = str(tmp_path_factory.mktemp(f"cp{cp}"))
+            started[cp] = start_cluster(cp=cp, log_dir=log_dir, metrics=True, redis_url=redis_server.url)
         return started[cp]
 
     yield get

@@ -2,7 +2,8 @@
 
 Groups come only from the registry in Redis, re-read in the background every ``refresh_s``: a
 group that registers gets traffic after the next read, one that drains or dies drops out (dead
-ones after their TTL; a group that fails a call is avoided for that long at once). Each decision
+ones after their TTL; a group that fails a call is avoided for that long at once), except the
+last of its role, which stays until another registers. Each decision
 probes Redis once for every prefill group's cached prefix of the prompt and every group's load
 (``registry.Registry.probe``), then scores (``router.policy``). Load also counts what this router
 sent since the groups last reported, so a burst of one hot prefix does not pile onto one group.
@@ -116,9 +117,15 @@ class Balancer:
             self._redis_state(False, e)
             return
         with self.lock:
-            self.groups = {r.id: self.groups.get(r.id) or Group(r) for r in records}
+            fresh = {r.id: self.groups.get(r.id) or Group(r) for r in records}
             for r in records:
-                self.groups[r.id].record = r
+                fresh[r.id].record = r
+            for role in ROLES:
+                # None listed (say Redis restarted and no group has re-registered yet): keep the last
+                # known ones. Nothing else could serve the request, and a dead one fails over fast.
+                if not any(r.role == role for r in records):
+                    fresh.update({g.id: g for g in self.groups.values() if g.record.role == role})
+            self.groups = fresh
         for role in ROLES:
             ROUTER_GROUPS.labels(role).set(sum(r.role == role for r in records))
         self._redis_state(True)
