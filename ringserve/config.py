@@ -118,7 +118,7 @@ class RouterConfig(RedisArgs):
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50050, "gRPC port (0: pick a free one)")
     policy: str = _opt("cache_aware", "prefill group choice: cache_aware, least_loaded or round_robin")
-    refresh_s: float = _opt(1.0, "seconds between reads of the registry (new and departed groups)")
+    refresh_s: float = _opt(0.5, "seconds between reads of the registry: groups and their load")
     model: str | None = _opt(None, "checkpoint for the tokenizer (must match the workers' model)", str)
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
     ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")

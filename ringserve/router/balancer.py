@@ -1,16 +1,17 @@
 """The router's view of the groups, and the choice of a prefill and a decode group per request.
 
-Groups come only from the registry in Redis, re-read in the background every ``refresh_s``: a
-group that registers gets traffic after the next read, one that drains or dies drops out (dead
-ones after their TTL; a group that fails a call is avoided for that long at once), except the
-last of its role, which stays until another registers. Each decision
-probes Redis once for every prefill group's cached prefix of the prompt and every group's load
-(``registry.Registry.probe``), then scores (``router.policy``). Load also counts what this router
-sent since the groups last reported, so a burst of one hot prefix does not pile onto one group.
+Groups come only from the registry in Redis, re-read with their load in the background every
+``refresh_s``: a group that registers gets traffic after the next read, one that drains or dies
+drops out (dead ones after their TTL; a group that fails a call is avoided for that long at once),
+except the last of its role, which stays until another registers. Under cache_aware each decision
+asks Redis once for every prefill group's cached prefix of the prompt (``registry.Registry.probe``),
+then scores (``router.policy``). Load is what the groups last reported plus what this router sent
+them since, so a burst of one hot prefix does not pile onto one group.
 
-Redis is advisory. When it cannot be reached the router keeps serving: the last known groups,
-policy least_loaded on their last reported load and this router's own requests, a warning in the
-log and ``ringserve_redis_up{service="router"} 0``; it returns to normal after the next good read.
+Redis is advisory. When it cannot be reached the router keeps serving: the last known groups and
+loads, cache_aware falls back to least_loaded (``ringserve_router_decisions_total{policy=
+"least_loaded_fallback"}``), a warning in the log and ``ringserve_redis_up{service="router"} 0``;
+it returns to normal after the next good read.
 Router replicas share everything through Redis; a restarted router rebuilds its view in one read.
 """
 
@@ -29,7 +30,7 @@ from ringserve.config import RouterConfig
 from ringserve.engine.kv_cache import block_hashes, blocks_needed
 from ringserve.errors import InvalidArgument, Unavailable
 from ringserve.metrics import REDIS_UP, ROUTER_DECISION_SECONDS, ROUTER_DECISIONS, ROUTER_GROUPS
-from ringserve.registry import ROLES, GroupRecord, Probe, Registry, connect
+from ringserve.registry import ROLES, GroupRecord, Registry, connect
 from ringserve.router.policy import POLICIES, DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill
 from ringserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
@@ -165,10 +166,10 @@ class Balancer:
             self.refresh()
 
     def _candidates(self, role: str, exclude: set[str]) -> list[Group]:
-        """Groups of ``role`` in a stable order; ones that failed a call lately only if nothing else is left."""
+        """Groups of ``role`` in a stable order (the registry's, by id); ones that failed a call lately
+        only if nothing else is left."""
         now = time.monotonic()
-        groups = sorted((g for g in self.groups.values() if g.record.role == role and g.id not in exclude),
-                        key=lambda g: g.id)  # fmt: skip
+        groups = [g for g in self.groups.values() if g.record.role == role and g.id not in exclude]
         healthy = [g for g in groups if g.avoid_until <= now]
         if not (healthy or groups):
             raise Unavailable(
@@ -189,10 +190,10 @@ class Balancer:
         t0 = time.perf_counter()
         with self.lock:
             prefill, decode = self._candidates("prefill", set()), self._candidates("decode", set())
-        probes, policy = self._probe(prefill, decode, chains)
+        hits, policy = self._cached_blocks(prefill, chains)
         with self.lock:
-            p, cached = self._choose_prefill(policy, prefill, probes and probes[: len(prefill)], prompt_tokens, chains)
-            d = self._choose_decode(decode, probes and probes[len(prefill) :], prompt_tokens + max_tokens)
+            p, cached = self._choose_prefill(policy, prefill, hits, prompt_tokens)
+            d = self._choose_decode(decode, prompt_tokens + max_tokens)
             self.turn += 1
             decision = Decision(p, d, policy, prompt_tokens, max_tokens, cached, chains)
             p.pending_tokens += decision.uncached_tokens
@@ -211,18 +212,17 @@ class Balancer:
                 others = self._candidates(role, {failed.id})
             except Unavailable:
                 return False
-        prefill = others if role == "prefill" else []
-        probes, policy = self._probe(prefill, others if role == "decode" else [], decision.chains)
+        hits, policy = self._cached_blocks(others, decision.chains) if role == "prefill" else (None, "")
         with self.lock:
             if role == "prefill":
                 failed.pending_tokens -= decision.uncached_tokens
                 decision.prefill, decision.cached_tokens = self._choose_prefill(
-                    policy, others, probes, decision.prompt_tokens, decision.chains
+                    policy, others, hits, decision.prompt_tokens
                 )
                 decision.prefill.pending_tokens += decision.uncached_tokens
             else:
                 failed.inflight -= 1
-                decision.decode = self._choose_decode(others, probes, decision.prompt_tokens + decision.max_tokens)
+                decision.decode = self._choose_decode(others, decision.prompt_tokens + decision.max_tokens)
                 decision.decode.inflight += 1
         return True
 
@@ -234,55 +234,47 @@ class Balancer:
             else:
                 decision.decode.inflight -= 1
 
-    def _probe(
-        self, prefill: list[Group], decode: list[Group], chains: dict[int, list[bytes]]
-    ) -> tuple[list[Probe | None] | None, str]:
-        """Fresh load (and cached prefixes under cache_aware) from Redis: one probe per group (None for
-        an expired one), or None where the policy needs no probe or Redis is down. Also the policy to apply."""
+    def _cached_blocks(self, prefill: list[Group], chains: dict[int, list[bytes]]) -> tuple[list[int] | None, str]:
+        """Each group's cached prefix of the prompt in blocks (one round trip), or None where the
+        policy needs none or Redis is down; and the policy to apply."""
+        if self.policy != "cache_aware":
+            return None, self.policy
         if not self.redis_ok:
             return None, "least_loaded_fallback"
-        if self.policy == "round_robin":
-            return None, "round_robin"
         sizes = sorted(chains)
         no_chain = len(sizes)  # an empty chain, last: for groups whose block size was not hashed
         chain_of = [(g.id, sizes.index(g.record.block_size) if g.record.block_size in chains else no_chain)
                     for g in prefill]  # fmt: skip
         try:
-            probes = self.registry.probe(chain_of, [*(chains[s] for s in sizes), []], [g.id for g in decode])
+            return self.registry.probe(chain_of, [*(chains[s] for s in sizes), []]), self.policy
         except redis.RedisError as e:
             self._redis_state(False, e)
             return None, "least_loaded_fallback"
-        return probes, self.policy
-
-    @staticmethod
-    def _live(groups: list[Group], probes: list[Probe | None] | None) -> list[tuple[Group, Probe | None]]:
-        """Groups with their probes, less those the probe found expired (unless that leaves none)."""
-        if probes is None:
-            return [(g, None) for g in groups]
-        return [(g, p) for g, p in zip(groups, probes) if p is not None] or list(zip(groups, probes))
 
     def _choose_prefill(
-        self, policy: str, groups: list[Group], probes: list[Probe | None] | None, prompt_tokens: int, chains
+        self, policy: str, groups: list[Group], hits: list[int] | None, prompt_tokens: int
     ) -> tuple[Group, int]:
-        """(group, expected cached tokens) by the policy."""
-        live = self._live(groups, probes)
-        speeds = [g.record.load.tokens_per_s for g, _ in live if g.record.load.tokens_per_s > 0]
+        """(group, expected cached tokens) by the policy, on the groups' last reported load and this
+        router's own requests since."""
+        speeds = [g.record.load.tokens_per_s for g in groups if g.record.load.tokens_per_s > 0]
         default_speed = statistics.median(speeds) if speeds else 1.0  # unmeasured: as fast as the others
         candidates = []
-        for g, p in live:
-            cached = p.cached_blocks * g.record.block_size if p and g.record.block_size in chains else 0
-            reported = p.queued_tokens if p else g.record.load.queued_tokens
-            speed = g.record.load.tokens_per_s or default_speed
-            candidates.append(PrefillCandidate(min(cached, prompt_tokens), max(reported, g.pending_tokens), speed))
+        for i, g in enumerate(groups):
+            load = g.record.load
+            cached = min(hits[i] * g.record.block_size, prompt_tokens) if hits else 0
+            queued = max(load.queued_tokens, g.pending_tokens)
+            candidates.append(PrefillCandidate(cached, queued, load.tokens_per_s or default_speed))
         scoring = "least_loaded" if policy == "least_loaded_fallback" else policy
         i = pick_prefill(scoring, candidates, prompt_tokens, self.turn)
-        return live[i][0], candidates[i].cached_tokens
+        return groups[i], candidates[i].cached_tokens
 
-    def _choose_decode(self, groups: list[Group], probes: list[Probe | None] | None, tokens: int) -> Group:
-        live = self._live(groups, probes)
-        candidates = []
-        for g, p in live:
-            load = p or g.record.load  # both carry active_requests and free_blocks
-            needed = blocks_needed(tokens, g.record.block_size)
-            candidates.append(DecodeCandidate(max(load.active_requests, g.inflight), load.free_blocks, needed))
-        return live[pick_decode(candidates, self.turn)][0]
+    def _choose_decode(self, groups: list[Group], tokens: int) -> Group:
+        candidates = [
+            DecodeCandidate(
+                max(g.record.load.active_requests, g.inflight),
+                g.record.load.free_blocks,
+                blocks_needed(tokens, g.record.block_size),
+            )
+            for g in groups
+        ]
+        return groups[pick_decode(candidates, self.turn)]

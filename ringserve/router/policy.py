@@ -13,20 +13,18 @@ among those with room for the request's blocks (when none has room, the one with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 POLICIES = ("cache_aware", "least_loaded", "round_robin")
 
 
-@dataclass(frozen=True)
-class PrefillCandidate:
+class PrefillCandidate(NamedTuple):  # tuples: a decision makes one per group
     cached_tokens: int  # prompt tokens the group is expected to hold already
     queued_tokens: int  # prompt tokens already waiting or running there
     tokens_per_s: float  # the group's prefill speed (> 0)
 
 
-@dataclass(frozen=True)
-class DecodeCandidate:
+class DecodeCandidate(NamedTuple):
     active_requests: int
     free_blocks: int
     blocks_needed: int  # the request's KV blocks at this group's block size
