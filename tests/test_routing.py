@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 
 from ringserve.config import RouterConfig, WorkerArgs
 from ringserve.engine.kv_cache import block_hashes
-from ringserve.errors import InvalidArgument
+from ringserve.errors import InvalidArgument, Unavailable
 from ringserve.redis_server import EmbeddedRedis
 from ringserve.registry import Load, Registration
 from ringserve.router.balancer import Balancer
@@ -137,6 +137,19 @@ def test_other_policies_ignore_residency(redis_server, policy):
             assert picks[:3] in (["p0", "p1", "p2"], ["p1", "p2", "p0"], ["p2", "p0", "p1"])
     finally:
         d.close()
+
+
+def test_router_start_says_what_is_missing(redis_server):
+    from ringserve.launch import free_port
+
+    nowhere = Balancer(RouterConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", refresh_s=0.05)).start()
+    with pytest.raises(Unavailable, match="unreachable .* start Redis or fix --redis-url"):
+        nowhere.wait_for_groups(0.2)
+    nowhere.close()
+    empty = Balancer(RouterConfig(redis_url=redis_server.url, cluster="nobody-here", refresh_s=0.05)).start()
+    with pytest.raises(Unavailable, match="no prefill and decode group registered .* cluster 'nobody-here'"):
+        empty.wait_for_groups(0.2)
+    empty.close()
 
 
 def test_unknown_policy_is_refused(redis_server):

@@ -158,9 +158,16 @@ class Balancer:
         deadline = time.monotonic() + timeout_s
         while not (self.known("prefill") and self.known("decode")):
             if time.monotonic() > deadline:
+                if not self.redis_ok:
+                    raise Unavailable(
+                        f"Redis at {self.redis_url} unreachable for {timeout_s:.0f} s: the router finds its groups "
+                        "there; start Redis or fix --redis-url (and --redis-password / TLS options)"
+                    )
+                missing = " and ".join(r for r in ROLES if not self.known(r))
                 raise Unavailable(
-                    f"no prefill and decode groups registered within {timeout_s:.0f} s in Redis at {self.redis_url} "
-                    f"(cluster {self.registry.keys.ns}): start them with the same --redis-url and --cluster"
+                    f"no {missing} group registered within {timeout_s:.0f} s in Redis at {self.redis_url} under "
+                    f"cluster {self.registry.keys.ns.split(':', 1)[1]!r}: start one with the same --redis-url "
+                    "and --cluster"
                 )
             time.sleep(min(self.refresh_s, 0.2))
             self.refresh()
