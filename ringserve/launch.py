@@ -183,8 +183,13 @@ def up(
         redis_url=redis_url, redis_port=redis_port, name="ringserve",
     )  # fmt: skip
     print(cluster.router, flush=True)
+
+    def terminate(*_):  # SIGTERM stops everything as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     log.info(
-        "ringserve is up: router at %s, Redis at %s (Ctrl-C stops everything); metrics at %s",
+        "ringserve is up: router at %s, Redis at %s (Ctrl-C or SIGTERM stops everything); metrics at %s",
         cluster.router,
         cluster.redis_url,
         ", ".join(f"{k} http://{v}/metrics" for k, v in cluster.metrics.items()),
@@ -200,6 +205,7 @@ def up(
         log.info("stopping")
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the shutdown short
         cluster.stop()
 
 
