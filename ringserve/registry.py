@@ -19,7 +19,7 @@ cache holds a block only with its parents), so ~log2(n) SISMEMBERs per group ins
 2048 blocks), and one for a group that does not hold the first block. Groups often hold the same
 prefix (a system prompt every group has seen): the search first tries the answers of the groups
 before it, so a repeated answer costs a few checks. (A 16-ary search, 15 blocks per SMISMEMBER,
-makes fewer calls but checks more blocks: it measured 3x slower.) Residency that
+makes fewer calls but checks more blocks: about 3x slower in one measurement.) Residency that
 is not prefix-closed (a middle block evicted first) gives an answer between the first hole and the
 last cached block: Redis is advisory, so such staleness costs a cache miss, never a wrong answer.
 
