@@ -108,7 +108,10 @@ class Balancer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.refresh_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # say a malformed record: keep refreshing, or the view silently freezes
+                log.exception("reading the registry failed")
 
     def refresh(self) -> None:
         """Re-read the registry; on failure keep the groups known so far."""
