@@ -152,3 +152,30 @@ def test_longest_prefix_probe_matches_brute_force(cfg):
     finally:
         for reg in regs.values():
             reg.stop()
+
+
+def test_password_protected_redis():
+    import redis
+
+    from ringserve.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(password="s3cret").start()
+    try:
+        cfg = WorkerArgs(redis_url=server.url, redis_password="s3cret", heartbeat_s=0.05, registry_ttl_s=0.5)
+        reg = Registration(cfg, "decode", 1, 16, Load).start("127.0.0.1:1")
+        try:
+            assert [r.id for r in Registry(connect(cfg), cfg.cluster).groups()] == [reg.id]
+            cfg.redis_password = "wrong"
+            with pytest.raises(redis.AuthenticationError):
+                Registry(connect(cfg), cfg.cluster).groups()
+        finally:
+            reg.stop()
+    finally:
+        server.stop()
+
+
+def test_tls_options_need_a_rediss_url():
+    with pytest.raises(InvalidArgument, match="rediss://"):
+        connect(WorkerArgs(redis_url="redis://127.0.0.1:6379/0", redis_ca_cert="/etc/ca.pem"))
+    with pytest.raises(InvalidArgument, match="must start with redis://"):
+        connect(WorkerArgs(redis_url="127.0.0.1:6379"))
