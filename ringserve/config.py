@@ -71,7 +71,30 @@ class ModelArgs:
 
 
 @dataclass
-class DecodeConfig(ModelArgs):
+class RedisArgs:
+    """Where the registry and residency live: every service of one deployment uses the same Redis and cluster."""
+
+    redis_url: str = _opt(
+        "redis://127.0.0.1:6379/0", "Redis for the registry and residency (rediss:// for TLS); `up` embeds one"
+    )
+    redis_password: str | None = _opt(None, "Redis password (prefer the env variable: flags show in ps)", str)
+    redis_ca_cert: str | None = _opt(None, "CA bundle that signed the Redis server's TLS certificate", str)
+    redis_client_cert: str | None = _opt(None, "client certificate for Redis TLS (mutual TLS)", str)
+    redis_client_key: str | None = _opt(None, "key of --redis-client-cert", str)
+    cluster: str = _opt("ringserve", "deployment name: the key namespace in Redis, shared by its router and groups")
+
+
+@dataclass
+class WorkerArgs(ModelArgs, RedisArgs):
+    """What prefill and decode groups share: loading a model, and their entry in the registry."""
+
+    heartbeat_s: float = _opt(1.0, "seconds between registry heartbeats (load, residency, TTL renewal)")
+    registry_ttl_s: float = _opt(10.0, "a group that misses heartbeats for this long drops out of the registry")
+    drain_timeout_s: float = _opt(120.0, "on SIGTERM, wait this long at most for running requests to finish")
+
+
+@dataclass
+class DecodeConfig(WorkerArgs):
     port: int = _opt(50061, "gRPC port (0: pick a free one)")
     kv_port: int = _opt(0, "TCP port of the KV receiver (0: pick a free one)")
     kv_blocks: int = _opt(512, "KV cache blocks per rank")
@@ -84,7 +107,7 @@ class DecodeConfig(ModelArgs):
 
 
 @dataclass
-class PrefillConfig(ModelArgs):
+class PrefillConfig(WorkerArgs):
     port: int = _opt(50051, "gRPC port of the group leader (0: pick a free one)")
     cp: int = _opt(2, "context-parallel ranks in this group (one process each)")
     kv_blocks: int = _opt(256, "KV cache blocks per rank")
@@ -97,11 +120,11 @@ class PrefillConfig(ModelArgs):
 
 
 @dataclass
-class RouterConfig:
+class RouterConfig(RedisArgs):
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50050, "gRPC port (0: pick a free one)")
-    prefill: list = _opt((), "prefill group leader addresses (host:port)", list)
-    decode: list = _opt((), "decode worker addresses (host:port)", list)
+    policy: str = _opt("cache_aware", "prefill group choice: cache_aware, least_loaded or round_robin")
+    refresh_s: float = _opt(0.5, "seconds between reads of the registry: groups and their load")
     model: str | None = _opt(None, "checkpoint for the tokenizer (must match the workers' model)", str)
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
-    ready_timeout_s: float = _opt(300.0, "how long to wait for the workers at start")
+    ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")

@@ -26,3 +26,15 @@ def serve_metrics(port: int | None) -> None:
     """Expose /metrics over HTTP when a port is given (0 picks a free one)."""
     if port is not None:
         start_http_server(port)
+REDIS_UP = Gauge("ringserve_redis_up", "1 while this process reaches Redis, 0 while it does not", ["service"])
+ROUTER_GROUPS = Gauge("ringserve_router_groups", "Groups the router knows from the registry", ["role"])
+ROUTER_DECISIONS = Counter(
+    "ringserve_router_decisions_total",
+    "Routing decisions by the policy that made them (least_loaded_fallback: Redis unreachable)",
+    ["policy"],
+)
+ROUTER_DECISION_SECONDS = Histogram(
+    "ringserve_router_decision_seconds",
+    "Router: picking a prefill and a decode group (the Redis round trip included)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)

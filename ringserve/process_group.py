@@ -8,12 +8,15 @@ import os
 import queue
 import socket
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from ringserve.engine.model import Llama
 from ringserve.errors import FailedPrecondition, Unavailable
+
+if TYPE_CHECKING:  # torch loads inside the functions: `ringserve --help` and launch.py stay light
+    import torch
+    import torch.distributed as dist
+
+    from ringserve.engine.model import Llama
 
 
 def free_port() -> int:
@@ -37,6 +40,8 @@ def next_message(inbox: mp.Queue, parent: int):
 def init_group(rank: int, world: int, init_method: str, device: torch.device, timeout_s: float = 60.0) -> None:
     """Join the group's process group (NCCL on GPU, gloo on CPU); a rank that never joins makes
     every other rank fail after ``timeout_s`` instead of hanging."""
+    import torch.distributed as dist
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         dist.init_process_group(
@@ -56,6 +61,8 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device, ti
 
 def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.ProcessGroup | None = None) -> None:
     """Every rank must run the same model shape and dtype in a group of the expected size."""
+    import torch.distributed as dist
+
     actual = dist.get_world_size(group)
     if actual != world:
         raise FailedPrecondition(f"the group has {actual} ranks but {world} were configured")

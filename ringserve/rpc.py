@@ -78,12 +78,13 @@ def start_server(
     host: str,
     port: int,
     max_workers: int = 64,
+    interceptors: list[grpc.ServerInterceptor] | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server with the given servicers, standard health checking and reflection.
 
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     for add, servicer in add_servicers:
         add(servicer, server)
     health_servicer = health.HealthServicer()

@@ -34,12 +34,14 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def wait_for_termination(server, on_stop=None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop the server gracefully."""
+def wait_for_termination(server, on_stop=None, drain=None) -> None:
+    """Serve until SIGTERM or SIGINT; then drain (a worker's ``drain.Drain``), stop the server, on_stop."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if drain:
+        drain()
     server.stop(grace=2).wait()
     if on_stop:
         on_stop()

@@ -37,3 +37,14 @@ def default_model(default_gguf):
     from ringserve.engine.tokenizer import Tokenizer
 
     return Llama.load(default_gguf, progress=False), Tokenizer.from_checkpoint(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server (the embedded one `ringserve up` starts), shared by the session's tests;
+    each test keeps to its own cluster name (key namespace)."""
+    from ringserve.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()

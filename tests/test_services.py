@@ -26,9 +26,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory):
-    """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module. With
-    KVP, requests spread over the decode ranks from 32 tokens on, so the test prompts do."""
+def clusters(tmp_path_factory, redis_server):
+    """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module; they
+    share the session's Redis, each under its own cluster name. With KVP, requests spread over the
+    decode ranks from 32 tokens on, so the test prompts do."""
     started = {}
 
     def get(cp: int, kvp: int = 1):
@@ -38,6 +39,7 @@ def clusters(tmp_path_factory):
                 kvp=kvp,
                 log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}")),
                 metrics=True,
+                redis_url=redis_server.url,
                 extra={"decode": ["--shard-tokens", "32"]},
             )
         return started[cp, kvp]

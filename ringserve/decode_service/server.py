@@ -7,8 +7,10 @@ import logging
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
+from ringserve.drain import Drain, DrainGate
 from ringserve.errors import RingserveError
 from ringserve.metrics import serve_metrics
+from ringserve.registry import Load, Registration, advertised_address
 from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
@@ -70,8 +72,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 def serve(cfg: DecodeConfig):
-    """Start the decode group (ranks 1..K-1 as child processes), its worker and the gRPC server;
-    returns (server, port, worker)."""
+    """Start the decode group (ranks 1..K-1 as child processes), its worker and the gRPC server,
+    register in Redis; returns (server, port, worker, drain)."""
     from ringserve.engine.tokenizer import Tokenizer
     from ringserve.service import check_device
 
@@ -82,18 +84,25 @@ def serve(cfg: DecodeConfig):
     )
     name = cfg.model or "SmolLM2-135M-Instruct"
     servicer = DecodeServicer(worker, model_description(group.model, cfg.block_size, name))
-    server, port, _ = start_server(
+    gate = DrainGate("decode group", ["/ringserve.v1.Decode/Reserve"])
+    server, port, health = start_server(
         [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)],
         ["ringserve.v1.Decode"],
         cfg.host,
         cfg.port,
+        interceptors=[gate],
     )
     serve_metrics(cfg.metrics_port)
-    log.info(
-        "decode group (kvp=%d) serving on %s:%d, KV receivers at %s",
-        cfg.kvp,
-        cfg.advertise_host or cfg.host,
-        port,
-        ", ".join(group.addresses),
-    )
-    return server, port, worker
+
+    def load() -> Load:
+        with worker.lock:  # a reserved request counts: its Decode call is still to come
+            return Load(
+                active_requests=len(worker.requests),
+                free_blocks=worker.blocks_free,
+                total_blocks=worker.blocks_free + worker.blocks_used,
+            )
+
+    address = advertised_address(cfg.host, cfg.advertise_host, port)
+    registration = Registration(cfg, "decode", cfg.kvp, cfg.block_size, load).start(address)
+    log.info("decode group (kvp=%d) serving on %s, KV receivers at %s", cfg.kvp, address, ", ".join(group.addresses))
+    return server, port, worker, Drain(registration, gate, health, cfg.drain_timeout_s)

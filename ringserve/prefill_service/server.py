@@ -7,12 +7,14 @@ import threading
 import time
 
 from ringserve.config import PrefillConfig
+from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import sample
 from ringserve.errors import InvalidArgument
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
 from ringserve.prefill_service.group import Job, PrefillGroup, Target
 from ringserve.prefill_service.strategy import STRATEGIES
+from ringserve.registry import Load, Registration, WorkCounter, advertised_address
 from ringserve.rpc import model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -24,7 +26,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.group, self.cfg, self.health = group, cfg, health
         self.model_desc = model_description(group.model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct")
         self.lock = threading.Lock()  # one request at a time per group (the scheduler issue lifts this)
-        self.waiting = 0
+        self.work = WorkCounter()  # admitted requests and tokens, measured speed: the registry's load
 
     @rpc_errors("prefill")
     def Prefill(self, request, context):
@@ -42,17 +44,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             request.strategy or self.cfg.strategy,
             [Target(t.address, t.first_position, t.num_tokens) for t in request.targets],
         )
-        self.waiting += 1
-        QUEUE_DEPTH.labels("prefill").set(self.waiting)
         try:
-            with self.lock:
-                t0 = time.perf_counter()
-                done = self.group.run(job)
-                elapsed = time.perf_counter() - t0
+            with self.work.admitted(len(ids)):
+                QUEUE_DEPTH.labels("prefill").set(self.work.requests)
+                with self.lock:
+                    t0 = time.perf_counter()
+                    done = self.group.run(job)
+                    elapsed = time.perf_counter() - t0
         finally:
-            self.waiting -= 1
-            QUEUE_DEPTH.labels("prefill").set(self.waiting)
+            QUEUE_DEPTH.labels("prefill").set(self.work.requests)
             self._update_gauges()
+        self.work.observe(len(ids) - done.cached_tokens, elapsed)  # the speed of computing tokens
         if self.group.broken and self.health is not None:
             self.health.enter_graceful_shutdown()
         first = sample(done.logits, params, params.generator(0))
@@ -83,6 +85,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         KV_BLOCKS.labels("prefill", "free").set(alloc.num_free)
         KV_BLOCKS.labels("prefill", "cached").set(self.group.cache_stats().blocks[0])
 
+    def load(self) -> Load:
+        """This group's load for the registry."""
+        alloc = self.group.runner.cache.allocator
+        return Load(
+            queued_tokens=self.work.tokens,
+            active_requests=self.work.requests,
+            free_blocks=alloc.num_free,
+            total_blocks=alloc.num_blocks,
+            tokens_per_s=self.work.tokens_per_s,
+        )
+
     @rpc_errors("prefill")
     def GetInfo(self, request, context):
         alloc = self.group.runner.cache.allocator
@@ -91,7 +104,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             model=self.model_desc,
             cp_size=self.cfg.cp,
             transport="tcp",
-            active_requests=self.waiting,
+            active_requests=self.work.requests,
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,
             prefix_cache=prefill_pb2.PrefixCacheInfo(
@@ -105,16 +118,22 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 def serve(cfg: PrefillConfig):
-    """Start the group and the gRPC server; returns (server, port, group)."""
+    """Start the group and the gRPC server, register in Redis; returns (server, port, group, drain)."""
     group = PrefillGroup(cfg)
     servicer = PrefillServicer(group, cfg)
+    gate = DrainGate("prefill group", ["/ringserve.v1.Prefill/Prefill"])
     server, port, health = start_server(
         [(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer)],
         ["ringserve.v1.Prefill"],
         cfg.host,
         cfg.port,
+        interceptors=[gate],
     )
     servicer.health = health
     serve_metrics(cfg.metrics_port)
-    log.info("prefill group (cp=%d) serving on %s:%d", cfg.cp, cfg.advertise_host or cfg.host, port)
-    return server, port, group
+    address = advertised_address(cfg.host, cfg.advertise_host, port)
+    registration = Registration(cfg, "prefill", cfg.cp, cfg.block_size, servicer.load, group.cache_changes).start(
+        address
+    )
+    log.info("prefill group (cp=%d) serving on %s", cfg.cp, address)
+    return server, port, group, Drain(registration, gate, health, cfg.drain_timeout_s)

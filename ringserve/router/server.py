@@ -1,8 +1,10 @@
 """The router: the client-facing gRPC service that runs a request through the tiers.
 
-Generate: tokenize -> pick a prefill group and a decode worker -> Decode.Reserve (blocks and
-where to write the KV) -> Prefill.Prefill (CP forward, KV pushed to the reserved blocks, first
-token) -> Decode.Decode (streamed back to the client). The client's deadline bounds every
+Generate: tokenize -> pick a prefill group and a decode group (``router.balancer``: groups from
+the registry in Redis, scored by the policy) -> Decode.Reserve (blocks and where to write the KV)
+-> Prefill.Prefill (CP forward, KV pushed to the reserved blocks, first token) -> Decode.Decode
+(streamed back to the client). A group that answers UNAVAILABLE to Reserve or Prefill (dead, or
+draining) is replaced by another of its role, twice at most. The client's deadline bounds every
 downstream call, and a client that goes away cancels the decode stream, which frees its blocks;
 a request that fails before decoding starts releases its reservation.
 """
@@ -10,9 +12,9 @@ a request that fails before decoding starts releases its reservation.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import grpc
 
@@ -21,49 +23,44 @@ from ringserve.engine.engine import check_prompt
 from ringserve.engine.tokenizer import Tokenizer
 from ringserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ringserve.metrics import QUEUE_DEPTH, TPOT, TTFT, serve_metrics
-from ringserve.rpc import rpc_errors, sampling_from_proto, start_server, wait_ready
+from ringserve.router.balancer import Balancer, Decision
+from ringserve.rpc import rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import (
     common_pb2,
     decode_pb2,
-    decode_pb2_grpc,
     prefill_pb2,
-    prefill_pb2_grpc,
     router_pb2,
     router_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
 
-
-class Backend:
-    """A downstream service and how many of our requests it is working on."""
-
-    def __init__(self, address: str, stub_cls):
-        self.address = address
-        self.channel = grpc.insecure_channel(address)
-        self.stub = stub_cls(self.channel)
-        self.inflight = 0
+_ATTEMPTS = 3  # per role: the picked group and two others
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, cfg: RouterConfig, tokenizer: Tokenizer, model: common_pb2.ModelDescription):
-        if not cfg.prefill or not cfg.decode:
-            raise InvalidArgument("the router needs at least one --prefill and one --decode address")
-        self.tokenizer, self.model = tokenizer, model
-        self.prefill = [Backend(a, prefill_pb2_grpc.PrefillStub) for a in cfg.prefill]
-        self.decode = [Backend(a, decode_pb2_grpc.DecodeStub) for a in cfg.decode]
-        self.lock = threading.Lock()
+    def __init__(self, balancer: Balancer, tokenizer: Tokenizer, model: common_pb2.ModelDescription):
+        self.balancer, self.tokenizer, self.model = balancer, tokenizer, model
 
-    def _pick(self, backends: list[Backend]) -> Backend:
-        """Least in-flight requests first (the cache-aware policy comes with Redis residency)."""
-        with self.lock:
-            b = min(backends, key=lambda b: b.inflight)
-            b.inflight += 1
-            return b
-
-    def _done(self, backend: Backend) -> None:
-        with self.lock:
-            backend.inflight -= 1
+    def _with_failover(self, rid: str, decision: Decision, role: str, call: Callable):
+        """``call(group)`` on the decision's ``role`` group; on UNAVAILABLE move to another group."""
+        for attempt in range(_ATTEMPTS):
+            group = getattr(decision, role)
+            try:
+                return call(group)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == _ATTEMPTS - 1:
+                    raise
+                if not self.balancer.repick(decision, role):
+                    raise
+                log.warning(
+                    "request_id=%s %s group %s unavailable (%s): retrying on %s",
+                    rid,
+                    role,
+                    group.address,
+                    e.details(),
+                    getattr(decision, role).address,
+                )
 
     def _prompt_ids(self, request) -> list[int]:
         kind = request.WhichOneof("input")
@@ -97,21 +94,33 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         ids = self._prompt_ids(request)
         params = sampling_from_proto(request.sampling)  # validates
         params.validate_for(self.model.vocab_size)
-        prefill, decode = self._pick(self.prefill), self._pick(self.decode)
+        decision = self.balancer.pick(ids, params.max_tokens)
         QUEUE_DEPTH.labels("router").inc()
-        decoding = False
+        prefilling, decoding = True, False  # the pick counted the prompt as pending at its prefill group
         try:
-            reserve = decode.stub.Reserve(
-                decode_pb2.ReserveRequest(request_id=rid, prompt_tokens=len(ids), max_tokens=params.max_tokens),
-                timeout=self._timeout(context),
-            )
-            first = prefill.stub.Prefill(
-                prefill_pb2.PrefillRequest(
-                    request_id=rid, token_ids=ids, sampling=request.sampling, targets=reserve.targets
+            reserve = self._with_failover(
+                rid,
+                decision,
+                "decode",
+                lambda g: g.stub.Reserve(
+                    decode_pb2.ReserveRequest(request_id=rid, prompt_tokens=len(ids), max_tokens=params.max_tokens),
+                    timeout=self._timeout(context),
                 ),
-                timeout=self._timeout(context),
             )
-            stream = decode.stub.Decode(
+            first = self._with_failover(
+                rid,
+                decision,
+                "prefill",
+                lambda g: g.stub.Prefill(
+                    prefill_pb2.PrefillRequest(
+                        request_id=rid, token_ids=ids, sampling=request.sampling, targets=reserve.targets
+                    ),
+                    timeout=self._timeout(context),
+                ),
+            )
+            self.balancer.release(decision, "prefill")
+            prefilling = False
+            stream = decision.decode.stub.Decode(
                 decode_pb2.DecodeRequest(
                     request_id=rid,
                     prompt_token_ids=ids,
@@ -123,11 +132,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             decoding = True
             context.add_callback(stream.cancel)  # client gone: cancel downstream, which frees the blocks
             log.info(
-                "request_id=%s prompt_tokens=%d prefill=%s decode=%s strategy=%s",
+                "request_id=%s prompt_tokens=%d prefill=%s decode=%s policy=%s expected_cached_tokens=%d strategy=%s",
                 rid,
                 len(ids),
-                prefill.address,
-                decode.address,
+                decision.prefill.address,
+                decision.decode.address,
+                decision.policy,
+                decision.cached_tokens,
                 first.strategy,
             )
             t_first = None
@@ -157,11 +168,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise
         finally:
             QUEUE_DEPTH.labels("router").dec()
-            self._done(prefill)
-            self._done(decode)
+            if prefilling:
+                self.balancer.release(decision, "prefill")
+            self.balancer.release(decision, "decode")
             if not decoding:
                 try:  # nothing will decode it: free the reservation now rather than at its TTL
-                    decode.stub.Release(decode_pb2.ReleaseRequest(request_id=rid), timeout=5)
+                    decision.decode.stub.Release(decode_pb2.ReleaseRequest(request_id=rid), timeout=5)
                 except grpc.RpcError as e:
                     log.warning("request_id=%s could not release its reservation: %s", rid, e.details())
 
@@ -172,23 +184,47 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     @rpc_errors("router")
     def GetModelInfo(self, request, context):
         return router_pb2.GetModelInfoResponse(
-            model=self.model, prefill_groups=len(self.prefill), decode_groups=len(self.decode)
+            model=self.model,
+            prefill_groups=len(self.balancer.known("prefill")),
+            decode_groups=len(self.balancer.known("decode")),
         )
 
 
+def _model_description(balancer: Balancer) -> common_pb2.ModelDescription:
+    """The model the workers serve, from the first decode group that answers."""
+    errors = []
+    for group in balancer.known("decode"):
+        try:
+            return group.stub.GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=30).model
+        except grpc.RpcError as e:
+            errors.append(f"{group.address}: {e.details()}")
+    raise Unavailable(f"no registered decode group answered GetInfo: {'; '.join(errors)}")
+
+
 def serve(cfg: RouterConfig):
-    """Wait for the workers, then start the router; returns (server, port)."""
-    for address in [*cfg.prefill, *cfg.decode]:
-        wait_ready(address, cfg.ready_timeout_s)
-    with grpc.insecure_channel(cfg.decode[0]) as channel:
-        model = decode_pb2_grpc.DecodeStub(channel).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=30).model
-    servicer = RouterServicer(cfg, Tokenizer.from_checkpoint(cfg.model), model)
-    server, port, _ = start_server(
-        [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
-        ["ringserve.v1.Router"],
-        cfg.host,
-        cfg.port,
-    )
+    """Wait for a prefill and a decode group to register, then start the router; returns (server, port, balancer)."""
+    balancer = Balancer(cfg).start()
+    try:
+        balancer.wait_for_groups(cfg.ready_timeout_s)
+        servicer = RouterServicer(balancer, Tokenizer.from_checkpoint(cfg.model), _model_description(balancer))
+        server, port, _ = start_server(
+            [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
+            ["ringserve.v1.Router"],
+            cfg.host,
+            cfg.port,
+        )
+    except BaseException:
+        balancer.close()
+        raise
     serve_metrics(cfg.metrics_port)
-    log.info("router serving on %s:%d (prefill %s, decode %s)", cfg.host, port, cfg.prefill, cfg.decode)
-    return server, port
+    log.info(
+        "router serving on %s:%d (policy %s; groups from Redis at %s, cluster %s: %d prefill, %d decode)",
+        cfg.host,
+        port,
+        cfg.policy,
+        cfg.redis_url,
+        cfg.cluster,
+        len(balancer.known("prefill")),
+        len(balancer.known("decode")),
+    )
+    return server, port, balancer

@@ -1,0 +1,94 @@
+"""Draining a worker on SIGTERM: leave the registry, refuse new work, let running requests finish.
+
+New work is the RPCs that start a request on the worker (Prefill.Prefill, Decode.Reserve); they
+answer UNAVAILABLE with a message saying so, and the router retries them on another group. Calls
+that continue a request already admitted (the Decode stream of a reservation, Release, GetInfo,
+health checks) keep working until the request is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1.health import HealthServicer
+
+from ringserve.metrics import REQUESTS
+from ringserve.registry import Registration
+
+log = logging.getLogger(__name__)
+
+
+class DrainGate(grpc.ServerInterceptor):
+    """Server interceptor around the unary RPCs that admit new work: counts the ones running and,
+    once closed, refuses new ones with UNAVAILABLE."""
+
+    def __init__(self, what: str, methods: list[str]):
+        self.what = what  # e.g. "prefill group": names the worker in the refusal
+        self.methods = frozenset(methods)  # full names, e.g. "/ringserve.v1.Prefill/Prefill"
+        self.lock = threading.Lock()
+        self.closed = False
+        self.running = 0
+
+    def close(self) -> None:
+        """From now on, refuse new work."""
+        with self.lock:
+            self.closed = True
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self.methods:
+            return handler
+        behavior = handler.unary_unary
+
+        def gated(request, context):
+            with self.lock:  # the check and the count are one step, so close() then running == 0 is final
+                refused = self.closed
+                if not refused:
+                    self.running += 1
+            if refused:
+                service, name = method.rsplit("/", 1)
+                REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, "UNAVAILABLE").inc()
+                context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"this {self.what} is draining (shutting down) and takes no new requests: "
+                    "send the request to another group",
+                )
+            try:
+                return behavior(request, context)
+            finally:
+                with self.lock:
+                    self.running -= 1
+
+        return handler._replace(unary_unary=gated)
+
+
+@dataclass
+class Drain:
+    """What a worker does on SIGTERM before its gRPC server stops (``service.wait_for_termination``)."""
+
+    registration: Registration
+    gate: DrainGate
+    health: HealthServicer
+    timeout_s: float
+
+    def __call__(self) -> None:
+        t0 = time.monotonic()
+        self.registration.deregister()  # routers stop picking us at their next registry read
+        self.gate.close()
+        self.health.enter_graceful_shutdown()
+        log.info("draining: no new requests; waiting up to %.0f s for running ones", self.timeout_s)
+        while self.gate.running or self.registration.load().active_requests:
+            if time.monotonic() - t0 > self.timeout_s:
+                log.warning(
+                    "drain timed out after %.0f s with %d requests still running: stopping anyway",
+                    self.timeout_s,
+                    self.registration.load().active_requests,
+                )
+                return
+            time.sleep(0.05)
+        log.info("drained in %.1f s", time.monotonic() - t0)
