@@ -78,6 +78,7 @@ class DecodeConfig(ModelArgs):
     block_size: int = _opt(64, "tokens per KV block")
     max_batch: int = _opt(64, "most requests decoded in one step")
     reservation_ttl_s: float = _opt(120.0, "free reserved blocks never claimed after this many seconds")
+    kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
 
 
 @dataclass
@@ -88,6 +89,7 @@ class PrefillConfig(ModelArgs):
     block_size: int = _opt(64, "tokens per KV block")
     strategy: str = _opt("auto", "ring attention variant: auto, pass_kv or pass_q")
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
+    kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
 
 
 @dataclass
