@@ -227,10 +227,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---|---:|---:|---:|---|")
     tcp = {(r["shape"], r["tokens"], r["block_size"]): r["seconds"] for r in rows if r["method"] == "tcp"}
     for r in rows:
-        ratio = tcp.get((r["shape"], r["tokens"], r["block_size"]))
+        tcp_s = tcp.get((r["shape"], r["tokens"], r["block_size"]))
+        speedup = f"{tcp_s / r['seconds']:.1f}" if tcp_s else "-"
         print(
             f"| {r['shape']} | {r['tokens']} | {r['block_size']} | {r['gib']:.2f} | {r['method']} | "
-            f"{r['seconds']:.3f} | {r['gb_per_s']:.2f} | {ratio / r['seconds'] if ratio else float('nan'):.1f} | "
+            f"{r['seconds']:.3f} | {r['gb_per_s']:.2f} | {speedup} | "
             f"{r['bit_identical']} |"
         )
     if args.out:
