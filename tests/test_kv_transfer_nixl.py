@@ -24,9 +24,10 @@ pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl
 from ringserve.config import DecodeConfig, PrefillConfig, add_config_args, config_from_args  # noqa: E402
 from ringserve.engine.config import ModelConfig  # noqa: E402
 from ringserve.engine.kv_cache import KVCache, blocks_needed  # noqa: E402
-from ringserve.errors import InvalidArgument  # noqa: E402
+from ringserve.errors import DeadlineExceeded, InvalidArgument  # noqa: E402
 from ringserve.kv_transfer.nixl import (  # noqa: E402
     LANDING_VERSION,
+    Landed,
     Landing,
     LandingTally,
     NixlEndpoint,
@@ -111,6 +112,19 @@ def test_layouts_that_differ_are_refused():
     for peer in (bf16, other):
         with pytest.raises(InvalidArgument, match="same model and --dtype"):
             plan_descriptors(f32, [0], 0, peer, [0], 0, 2)
+
+
+def test_landing_tally_counts_each_transfer_once_and_times_out():
+    tally = LandingTally()
+    tally(Landed("r", "t0", 0, 5, "peer"))
+    tally(Landed("r", "t0", 0, 5, "peer"))  # a repeated notification
+    tally(Landed("r", "t1", 5, 3, "peer"))
+    assert tally.rows("r") == 8
+    tally.wait("r", 8, timeout_s=0.01)
+    with pytest.raises(DeadlineExceeded, match="only 8 of 9 KV rows of request r"):
+        tally.wait("r", 9, timeout_s=0.01)
+    tally.discard("r")
+    assert tally.rows("r") == 0
 
 
 def test_select_transport_and_config():
