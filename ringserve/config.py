@@ -91,6 +91,7 @@ class WorkerArgs(ModelArgs, RedisArgs):
     heartbeat_s: float = _opt(1.0, "seconds between registry heartbeats (load, residency, TTL renewal)")
     registry_ttl_s: float = _opt(10.0, "a group that misses heartbeats for this long drops out of the registry")
     drain_timeout_s: float = _opt(120.0, "on SIGTERM, wait this long at most for running requests to finish")
+    kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
 
 
 @dataclass
