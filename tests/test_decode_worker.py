@@ -17,15 +17,44 @@ from ringserve.kv_transfer.tcp import send_kv
 
 
 def make_worker(model, tokenizer, kv_blocks=64, reservation_ttl_s=60.0, **kw) -> DecodeWorker:
-    group = DecodeGroup(DecodeConfig(kv_blocks=kv_blocks, block_size=16), model=model)
+    group = DecodeGroup(DecodeConfig(kv_blocks=kv_blocks, block_size=16, kv_transfer="tcp"), model=model)
     return DecodeWorker(group, tokenizer, reservation_ttl_s=reservation_ttl_s, **kw)
 
 
-def push(targets, request_id, kv):
-    """Send each rank its share, as the prefill tier would (through the real TCP path)."""
-    for _, address, first, count in targets:
-        if count:
+def push(targets, request_id, kv, nixl=None):
+    """Send each rank its share, as the prefill tier would: through the real TCP path, or with
+    ``nixl`` (a NixlSender) a NIXL WRITE into the landing the reservation answered."""
+    for _, address, first, count, landing in targets:
+        if count and nixl is not None:
+            assert landing, "the decode group offers no NIXL landing"
+            nixl.push(request_id, kv[:, :, first : first + count], landing)
+        elif count:
             send_kv(address, request_id, first, kv[:, :, first : first + count])
+
+
+class NixlSender:
+    """A prefill rank's side of NIXL in a test: a paged cache the rows are copied into, and the
+    endpoint that WRITEs them into a decode rank's blocks."""
+
+    def __init__(self, config, num_blocks=64, block_size=16):
+        from ringserve.kv_transfer.nixl import NixlEndpoint
+
+        self.cache = KVCache(config, num_blocks, block_size)
+        self.endpoint = NixlEndpoint(self.cache)
+
+    def push(self, request_id, kv, landing):
+        n = kv.shape[2]
+        table = self.cache.allocator.allocate(-(-n // self.cache.block_size))
+        try:
+            slots = self.cache.slots(table, 0, n)
+            for layer in range(kv.shape[0]):
+                self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+            self.endpoint.push(table, 0, n, landing, 0, transfer_id=request_id)
+        finally:
+            self.cache.allocator.free(table)
+
+    def close(self):
+        self.endpoint.close()
 
 
 @pytest.fixture
@@ -70,7 +99,7 @@ def test_requests_joining_a_running_batch_match_the_engine(worker, default_model
     for i, p in enumerate(prompts):
         ids = tokenizer.encode(p)
         kv, first = prompt_kv_and_first_token(model, ids)
-        [(rank, address, start, count)] = worker.reserve(f"r{i}", len(ids), 20)
+        [(rank, address, start, count, _)] = worker.reserve(f"r{i}", len(ids), 20)
         assert (rank, start, count) == (0, 0, len(ids))
         # Two transfers, as two prefill ranks would send them (any split works: KV is a set).
         half = len(ids) // 2
@@ -93,7 +122,7 @@ def test_bad_reservations_and_transfers(worker, default_model):
     with pytest.raises(ResourceExhausted, match="KV cache full"):
         worker.reserve("huge", 2000, 10)
     assert worker.blocks_used == used
-    [(_, address, _, _)] = worker.reserve("a", 10, 5)
+    [(_, address, _, _, _)] = worker.reserve("a", 10, 5)
     with pytest.raises(InvalidArgument, match="already reserved"):
         worker.reserve("a", 10, 5)
     worker.group.rank0.landing_timeout_s = 0.2

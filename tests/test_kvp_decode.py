@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from multiproc import run_ranks, values
-from test_decode_worker import drain, prompt_kv_and_first_token, push
+from test_decode_worker import NixlSender, drain, prompt_kv_and_first_token, push
 from test_model import ours_from, tiny_hf
 
 from ringserve.config import DecodeConfig
@@ -148,12 +148,16 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path), ours_from(hf)
 
 
-def start_group(model, model_path, kvp, kv_blocks=64, shard_tokens=16, tokenizer=None, **kw) -> DecodeWorker:
-    cfg = DecodeConfig(model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=20)
+def start_group(
+    model, model_path, kvp, kv_blocks=64, shard_tokens=16, tokenizer=None, kv_transfer="tcp", **kw
+) -> DecodeWorker:
+    cfg = DecodeConfig(
+        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=20, kv_transfer=kv_transfer
+    )
     return DecodeWorker(DecodeGroup(cfg, model=model), tokenizer, shard_tokens=shard_tokens, **kw)
 
 
-def run_mixed_batch(worker, model, lengths, max_tokens, seed):
+def run_mixed_batch(worker, model, lengths, max_tokens, seed, nixl=None):
     """Requests of very different lengths join a running batch one by one (and leave as they
     finish); returns each one's tokens and the engine's for the same prompt."""
     rnd = random.Random(seed)
@@ -164,7 +168,7 @@ def run_mixed_batch(worker, model, lengths, max_tokens, seed):
         ids = [rnd.randrange(model.config.vocab_size) for _ in range(n)]
         kv, first = prompt_kv_and_first_token(model, ids)
         targets = worker.reserve(f"r{i}", n, max_tokens)
-        push(targets, f"r{i}", kv)
+        push(targets, f"r{i}", kv, nixl)
         reqs.append((ids, targets, worker.start(f"r{i}", ids, first, params)))
         time.sleep(0.05 * rnd.random())
     out = []
@@ -175,19 +179,23 @@ def run_mixed_batch(worker, model, lengths, max_tokens, seed):
     return out
 
 
-@pytest.mark.parametrize("kvp", [1, 2, 3, 4])
-def test_kvp_group_generates_what_one_worker_does(kvp, tiny_checkpoint, default_model):
+@pytest.mark.parametrize("kvp,transport", [(1, "tcp"), (2, "nixl"), (3, "tcp"), (4, "nixl")])
+def test_kvp_group_generates_what_one_worker_does(kvp, transport, tiny_checkpoint, default_model):
+    """Prompt KV arrives over TCP, or by NIXL WRITEs straight into each rank's blocks."""
     path, model = tiny_checkpoint
-    worker = start_group(model, path, kvp, tokenizer=default_model[1])
+    worker = start_group(model, path, kvp, tokenizer=default_model[1], kv_transfer=transport)
+    nixl = NixlSender(model.config, block_size=8) if transport == "nixl" else None
     try:
         # 3 and 5 tokens stay on one rank; 40, 90 and 150 spread over up to kvp ranks (16 per rank).
-        results = run_mixed_batch(worker, model, [40, 3, 150, 5, 90], max_tokens=30, seed=kvp)
+        results = run_mixed_batch(worker, model, [40, 3, 150, 5, 90], max_tokens=30, seed=kvp, nixl=nixl)
         for _, got, expected in results:
             assert got == expected
         assert max(r[0] for r in results) == min(kvp, 4)
         assert worker.blocks_used == 0
     finally:
         worker.close()
+        if nixl is not None:
+            nixl.close()
 
 
 def test_kvp_default_model_long_generation(default_model, default_gguf):

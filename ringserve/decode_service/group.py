@@ -9,6 +9,7 @@ only a step's attention partials travel over torch.distributed (gloo on CPU, NCC
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -55,14 +56,34 @@ def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: s
     return KVPRank(model, cache, rank, cfg.kvp)
 
 
-def _receiver(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded) -> KVReceiver:
+def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded):
+    """A rank's ways in for prompt KV: a TCP receiver always, a NIXL endpoint when the group's
+    transport is NIXL (senders WRITE into the cache; the notification says which rows landed).
+    Returns (receiver, endpoint or None)."""
+
     def sink(request_id: str, first_position: int, kv: torch.Tensor) -> None:
         n = rank.write_kv(request_id, first_position, kv)
         KV_BYTES.labels("decode", "received").inc(kv.numel() * kv.element_size())
         on_landed(request_id, n)
 
     port = cfg.kv_port + rank.rank if cfg.kv_port else 0
-    return KVReceiver(sink, host=cfg.host, port=port, advertise_host=cfg.advertise_host)
+    receiver = KVReceiver(sink, host=cfg.host, port=port, advertise_host=cfg.advertise_host)
+    endpoint = None
+    if cfg.kv_transfer == "nixl":
+        from ringserve.kv_transfer.nixl import NixlEndpoint
+
+        def landed(note) -> None:
+            n = rank.note_landed(note.request_id, note.first_position, note.count)
+            if n:
+                KV_BYTES.labels("decode", "received").inc(n * rank.cache.bytes_per_token)
+                on_landed(note.request_id, n)
+
+        try:
+            endpoint = NixlEndpoint(rank.cache, on_landed=landed)
+        except BaseException:
+            receiver.close()
+            raise
+    return receiver, endpoint
 
 
 def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, outbox: mp.Queue) -> None:
@@ -73,17 +94,18 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.kvp))
     try:
         kvp = build_rank(cfg, rank, None, init_method)
-        receiver = _receiver(cfg, kvp, lambda rid, n: outbox.put(("landed", rid, n)))
+        receiver, endpoint = _receivers(cfg, kvp, lambda rid, n: outbox.put(("landed", rid, n)))
     except RingserveError as e:
         outbox.put(("failed", rank, e.code, str(e)))
         return
-    outbox.put(("ready", rank, receiver.address))
+    outbox.put(("ready", rank, receiver.address, endpoint.template() if endpoint else None))
     parent = os.getppid()
     try:
         while (msg := next_message(inbox, parent)) is not None:
             kind, *args = msg
             if kind == "reserve":
-                kvp.reserve(*args)
+                if early := kvp.reserve(*args):
+                    outbox.put(("landed", args[0], early))
             elif kind == "free":
                 kvp.free(*args)
             elif kind == "step":
@@ -95,6 +117,8 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
         outbox.put(("failed", rank, "INTERNAL", f"{type(e).__name__}: {e}"))
     finally:
         receiver.close()
+        if endpoint is not None:
+            endpoint.close()
 
 
 class DecodeGroup:
@@ -103,7 +127,11 @@ class DecodeGroup:
     def __init__(self, cfg: DecodeConfig, model: Llama | None = None):
         if cfg.kvp < 1:
             raise RingserveError(f"--kvp must be at least 1, got {cfg.kvp}")
-        self.cfg, self.world = cfg, cfg.kvp
+        from ringserve.kv_transfer.nixl import select_transport
+
+        # Decided once, by the leader, for every rank: the senders need one answer.
+        cfg = dataclasses.replace(cfg, kv_transfer=select_transport(cfg.kv_transfer))
+        self.cfg, self.world, self.transport = cfg, cfg.kvp, cfg.kv_transfer
         self._on_landed: OnLanded = lambda rid, n: None
         self._on_failure: OnFailure = lambda what: None
         ctx = mp.get_context("spawn")
@@ -125,8 +153,11 @@ class DecodeGroup:
             p.start()
         try:
             self.rank0 = build_rank(cfg, 0, model, init_method)
-            self.receiver = _receiver(cfg, self.rank0, lambda rid, n: self._on_landed(rid, n))
-            self.addresses = [self.receiver.address] + self._wait_ready()
+            self.receiver, self.endpoint = _receivers(cfg, self.rank0, lambda rid, n: self._on_landed(rid, n))
+            others = self._wait_ready()
+            self.addresses = [self.receiver.address] + [address for address, _ in others]
+            # Per rank, what a NIXL landing needs besides the request (None: TCP only).
+            self.templates = [self.endpoint.template() if self.endpoint else None] + [t for _, t in others]
         except BaseException:
             self.close()
             raise
@@ -137,8 +168,9 @@ class DecodeGroup:
     def model(self) -> Llama:
         return self.rank0.model
 
-    def _wait_ready(self) -> list[str]:
-        addresses = [""] * (self.world - 1)
+    def _wait_ready(self) -> list[tuple[str, object]]:
+        """Each other rank's (KV receiver address, NIXL landing template or None), in rank order."""
+        ready: list = [None] * (self.world - 1)
         pending = set(range(1, self.world))
         while pending:
             try:
@@ -150,9 +182,9 @@ class DecodeGroup:
                 continue
             if kind == "failed":
                 raise error_from_code(rest[0], f"decode rank {rank}: {rest[1]}")
-            addresses[rank - 1] = rest[0]
+            ready[rank - 1] = (rest[0], rest[1])
             pending.discard(rank)
-        return addresses
+        return ready
 
     def start_monitor(self, on_landed: OnLanded, on_failure: OnFailure) -> None:
         """Deliver the other ranks' messages, and report a rank that dies, to the worker."""
@@ -191,5 +223,7 @@ class DecodeGroup:
                 p.kill()
         if getattr(self, "receiver", None) is not None:
             self.receiver.close()
+        if getattr(self, "endpoint", None) is not None:
+            self.endpoint.close()
         if self._joined and dist.is_initialized():
             dist.destroy_process_group()

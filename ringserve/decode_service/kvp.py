@@ -68,20 +68,31 @@ class KVPRank:
         self.device = cache.k.device
         self.landing_timeout_s = landing_timeout_s
         self.shards: dict[str, Shard] = {}
+        self._early: dict[str, list[tuple[float, int, int]]] = {}  # rows that landed before their reservation
         self.lock = threading.Condition()
         self._batch: tuple | None = None  # (key, block tables, shards) of the last batch
         # CUDA graphs where the step runs the Triton kernel (half precision on a GPU).
         half = cache.k.dtype in (torch.float16, torch.bfloat16)
         self.graphs = StepGraphs(self) if self.device.type == "cuda" and half and use_graphs else None
 
-    def reserve(self, request_id: str, block_table: list[int], prompt_start: int, prompt_len: int) -> None:
+    def reserve(self, request_id: str, block_table: list[int], prompt_start: int, prompt_len: int) -> int:
+        """Take a request's share; returns the rows that had landed already (a NIXL sender can
+        finish before the leader's message reaches this rank: see ``note_landed``)."""
         with self.lock:
-            self.shards[request_id] = Shard(block_table, prompt_start, prompt_len)
+            shard = self.shards[request_id] = Shard(block_table, prompt_start, prompt_len)
             self.lock.notify_all()
+            early = self._early.pop(request_id, [])
+            stale = time.monotonic() - 10 * self.landing_timeout_s
+            self._early = {rid: notes for rid, notes in self._early.items() if notes[-1][0] > stale}
+            for _, start, count in early:
+                shard.landed += count
+                shard.length = max(shard.length, start + count)
+            return sum(count for _, _, count in early)
 
     def free(self, request_id: str) -> None:
         with self.lock:
             self.shards.pop(request_id, None)
+            self._early.pop(request_id, None)
 
     def write_kv(self, request_id: str, first_position: int, kv: torch.Tensor) -> int:
         """Store prompt rows [layers, 2, n, Hkv, D] for positions first_position.. of a request;
@@ -105,10 +116,20 @@ class KVPRank:
         kv = kv.to(self.device)
         for layer in range(kv.shape[0]):
             self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        return self.note_landed(request_id, local, n)
+
+    def note_landed(self, request_id: str, local_start: int, count: int) -> int:
+        """Rows [local_start, local_start + count) of this rank's share are in the cache (written
+        by ``write_kv``, or by a NIXL sender straight into the blocks); returns the rows counted now,
+        0 for a request not reserved here (yet: ``reserve`` counts them when it comes)."""
         with self.lock:
-            shard.landed += n
-            shard.length = max(shard.length, local + n)
-        return n
+            shard = self.shards.get(request_id)
+            if shard is None:  # counted when the reservation arrives (or dropped as stale)
+                self._early.setdefault(request_id, []).append((time.monotonic(), local_start, count))
+                return 0
+            shard.landed += count
+            shard.length = max(shard.length, local_start + count)
+            return count
 
     @torch.inference_mode()
     def step(self, entries: list[StepEntry], group_wide: bool) -> torch.Tensor | None:

@@ -26,7 +26,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def Reserve(self, request, context):
         targets = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens)
         return decode_pb2.ReserveResponse(
-            targets=[common_pb2.KVTarget(rank=r, address=a, first_position=f, num_tokens=n) for r, a, f, n in targets]
+            targets=[
+                common_pb2.KVTarget(rank=r, address=a, first_position=f, num_tokens=n, nixl_landing=landing)
+                for r, a, f, n, landing in targets
+            ]
         )
 
     @rpc_errors("decode")
@@ -68,6 +71,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 reserved_requests=len(w.requests) - len(w.active),
                 kv_blocks_used=w.blocks_used,
                 kv_blocks_free=w.blocks_free,
+                transport=w.group.transport,
             )
 
 

@@ -116,9 +116,10 @@ class DecodeWorker:
         """Ranks a request of ``rows`` KV rows spreads over: one per ``shard_tokens``, at most K."""
         return max(1, min(self.group.world, -(-rows // self.shard_tokens)))
 
-    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> list[tuple[int, str, int, int]]:
+    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> list[tuple[int, str, int, int, bytes]]:
         """Take blocks for the prompt and its generation on the ranks that will hold the request;
-        returns [(rank, KV receiver address, first prompt position, prompt tokens)] per rank."""
+        returns [(rank, KV receiver address, first prompt position, prompt tokens, NIXL landing)]
+        per rank (the landing is empty when the group receives by TCP only)."""
         if prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens must be at least 1")
         if prompt_tokens >= self.max_context:
@@ -150,14 +151,27 @@ class DecodeWorker:
             tables = {r: self.allocators[r].allocate(n) for r, n in zip(ranks, needs)}
             shares = balanced_shares(prompt_tokens, d)
             starts = [sum(shares[:i]) for i in range(d)]
+            req = Request(request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, time.monotonic())
+            self.requests[request_id] = req
             for r, start, share in zip(ranks, starts, shares):
                 msg = (request_id, tables[r], start, share)
-                self.group.rank0.reserve(*msg) if r == 0 else self.group.send(r, ("reserve", *msg))
-            self.requests[request_id] = Request(
-                request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, time.monotonic()
-            )
+                if r == 0:
+                    req.landed += self.group.rank0.reserve(*msg)
+                else:
+                    self.group.send(r, ("reserve", *msg))
             self._update_gauges()
-        return [(r, self.group.addresses[r], start, share) for r, start, share in zip(ranks, starts, shares)]
+        return [
+            (r, self.group.addresses[r], start, share, self._landing(r, request_id, tables[r], share))
+            for r, start, share in zip(ranks, starts, shares)
+        ]
+
+    def _landing(self, rank: int, request_id: str, table: list[int], share: int) -> bytes:
+        template = self.group.templates[rank]
+        if template is None:
+            return b""
+        from ringserve.kv_transfer.nixl import landing_bytes
+
+        return landing_bytes(template, request_id, table, share)
 
     def _landed(self, request_id: str, rows: int) -> None:
         """A rank stored ``rows`` prompt rows of a request (called by the KV receivers' sinks)."""

@@ -109,6 +109,12 @@ class KVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of one token over all layers."""
+        layers, _, _, heads, dim = self.k.shape
+        return 2 * layers * heads * dim * self.k.element_size()
+
     def table(self, block_table: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """A block table as a tensor on the cache's device. Build it once per forward: each
         host-to-device copy stalls the GPU stream."""

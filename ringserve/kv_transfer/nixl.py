@@ -315,6 +315,14 @@ class LandingTally:
             self._seen.pop(request_id, None)
 
 
+def landing_bytes(template: Landing, request_id: str, block_table: Sequence[int], num_tokens: int) -> bytes:
+    """A reservation's landing: an endpoint's ``template`` with the request's blocks filled in."""
+    _check_rows("landing", len(block_table), template.layout.block_size, 0, num_tokens)
+    return dataclasses.replace(
+        template, request_id=request_id, block_table=tuple(block_table), num_tokens=num_tokens
+    ).to_bytes()
+
+
 @dataclass
 class _Peer:
     fingerprint: bytes
@@ -377,10 +385,12 @@ class NixlEndpoint:
     def landing(self, request_id: str, block_table: Sequence[int], num_tokens: int) -> bytes:
         """The bytes a Reserve answer carries so that a sender can write rows [0, num_tokens) of a
         reservation whose cache positions live in ``block_table``."""
-        _check_rows("landing", len(block_table), self.layout.block_size, 0, num_tokens)
-        return Landing(
-            self.name, self.incarnation, self.metadata, self.layout, request_id, tuple(block_table), num_tokens
-        ).to_bytes()
+        return landing_bytes(self.template(), request_id, block_table, num_tokens)
+
+    def template(self) -> Landing:
+        """This endpoint's part of every landing (picklable): a group leader builds its other
+        ranks' landings from their templates with ``landing_bytes``."""
+        return Landing(self.name, self.incarnation, self.metadata, self.layout, "", (), 0)
 
     def _progress(self) -> None:
         while not self._stop.is_set():

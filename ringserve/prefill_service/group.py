@@ -11,6 +11,7 @@ the decision travels in the job, so every rank carries out the same one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -26,6 +27,7 @@ from ringserve.config import PrefillConfig
 from ringserve.engine.kv_cache import KVCache, block_hashes
 from ringserve.engine.model import Llama
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, Unavailable, error_from_code
+from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport
 from ringserve.kv_transfer.plan import plan_moves
 from ringserve.kv_transfer.tcp import send_kv
 from ringserve.prefill_service.context_parallel import CPRunner
@@ -43,6 +45,7 @@ class Target:
     address: str
     first_position: int
     num_tokens: int
+    nixl_landing: bytes = b""  # empty: the decode rank takes this share over TCP only
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank) if dev.type == "cuda" else dev
 
 
-def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRunner, RankBlocks]:
+def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None]:
     from ringserve.service import torch_dtype
 
     device = _device_for(cfg, rank)
@@ -81,10 +84,13 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRu
     cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
     c = model.config
     rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp)
+    endpoint = NixlEndpoint(cache) if cfg.kv_transfer == "nixl" else None  # KV pool registered once
+    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp), endpoint
 
 
-def run_job(runner: CPRunner, blocks: RankBlocks, job: Job) -> tuple[torch.Tensor | None, RankResult]:
+def run_job(
+    runner: CPRunner, blocks: RankBlocks, job: Job, endpoint: NixlEndpoint | None = None
+) -> tuple[torch.Tensor | None, RankResult]:
     """This rank's part of a job: CP forward over the cached prefix, push the KV shard (cached
     part and new part: the whole prompt), then keep the blocks the cache plan keeps, free the rest.
 
@@ -103,22 +109,9 @@ def run_job(runner: CPRunner, blocks: RankBlocks, job: Job) -> tuple[torch.Tenso
         counts: list = [None] * runner.world
         with runner.comm.peer_errors():
             dist.all_gather_object(counts, seq.num_cached_local)
-        table = runner.cache.table(seq.block_table)
-        kv = torch.stack(
-            [
-                torch.stack(runner.cache.read(layer, table, seq.num_cached_local))
-                for layer in range(runner.model.config.num_hidden_layers)
-            ]
-        )  # [layers, 2, n, Hkv, D]
         t0 = time.perf_counter()
         try:
-            for m in plan_moves(counts, [t.num_tokens for t in job.targets]):
-                if m.src_rank == runner.rank:
-                    target = job.targets[m.dst_rank]
-                    rows = kv[:, :, m.src_start : m.src_start + m.count]
-                    result.bytes_sent += send_kv(
-                        target.address, job.request_id, target.first_position + m.dst_start, rows
-                    )
+            result.bytes_sent = _push_kv(runner, seq, job, counts, endpoint)
         except RingserveError as e:
             result.error = (e.code, str(e))
         result.transfer_s = time.perf_counter() - t0
@@ -128,6 +121,31 @@ def run_job(runner: CPRunner, blocks: RankBlocks, job: Job) -> tuple[torch.Tenso
         result.blocks_used = runner.cache.allocator.num_used
 
 
+def _push_kv(runner: CPRunner, seq, job: Job, counts: list[int], endpoint: NixlEndpoint | None) -> int:
+    """Send this rank's KV rows to the decode ranks the plan gives them; returns bytes sent. With
+    NIXL and a landing, rows go as WRITEs straight from this rank's blocks into the decode rank's;
+    otherwise they are gathered and sent over TCP. Either way, returns once they have landed."""
+    kv = None
+    sent = 0
+    moves = [m for m in plan_moves(counts, [t.num_tokens for t in job.targets]) if m.src_rank == runner.rank]
+    for i, m in enumerate(moves):
+        target = job.targets[m.dst_rank]
+        if endpoint is not None and target.nixl_landing:
+            sent += endpoint.push(
+                seq.block_table, m.src_start, m.count, target.nixl_landing, m.dst_start, f"{runner.rank}.{i}"
+            )
+            continue
+        if kv is None:
+            table = runner.cache.table(seq.block_table)
+            layers = runner.model.config.num_hidden_layers
+            kv = torch.stack(
+                [torch.stack(runner.cache.read(layer, table, seq.num_cached_local)) for layer in range(layers)]
+            )
+        rows = kv[:, :, m.src_start : m.src_start + m.count]  # [layers, 2, n, Hkv, D]
+        sent += send_kv(target.address, job.request_id, target.first_position + m.dst_start, rows)
+    return sent
+
+
 def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
     from ringserve.logs import setup_logging
 
@@ -135,20 +153,24 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the leader stops us
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
     try:
-        runner, blocks = _build_runner(cfg, rank, init_method)
+        runner, blocks, endpoint = _build_runner(cfg, rank, init_method)
     except RingserveError as e:
         results.put(RankResult(rank, error=(e.code, str(e))))
         return
     results.put(RankResult(rank))  # ready
     parent = os.getppid()
-    while (job := next_message(jobs, parent)) is not None:
-        try:
-            _, result = run_job(runner, blocks, job)
-        except RingserveError as e:
-            result = RankResult(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
-        results.put(result)
-        if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
-            return  # the group is broken; the leader restarts or fails over
+    try:
+        while (job := next_message(jobs, parent)) is not None:
+            try:
+                _, result = run_job(runner, blocks, job, endpoint)
+            except RingserveError as e:
+                result = RankResult(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
+            results.put(result)
+            if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
+                return  # the group is broken; the leader restarts or fails over
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 @dataclass
@@ -171,7 +193,9 @@ class PrefillGroup:
                 f"--prefix-cache is the share of KV blocks the prefix cache may keep, from 0 (off) to 1; "
                 f"got {cfg.prefix_cache}"
             )
-        self.cfg = cfg
+        # Decided once, by the leader, for every rank.
+        cfg = dataclasses.replace(cfg, kv_transfer=select_transport(cfg.kv_transfer))
+        self.cfg, self.transport = cfg, cfg.kv_transfer
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self.results: mp.Queue = ctx.Queue()
@@ -188,7 +212,7 @@ class PrefillGroup:
         torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
         for p in self.procs:
             p.start()
-        self.runner, self.blocks = _build_runner(cfg, 0, init_method)
+        self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
         for result in self._collect():
             if result.error:
                 raise error_from_code(*result.error)
@@ -233,7 +257,7 @@ class PrefillGroup:
         for q in self.jobs:
             q.put(job)
         try:
-            logits, mine = run_job(self.runner, self.blocks, job)
+            logits, mine = run_job(self.runner, self.blocks, job, self.endpoint)
         except Exception:  # the other ranks are stuck in (or past) this job's ring
             self.broken = True
             raise
@@ -281,3 +305,5 @@ class PrefillGroup:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        if self.endpoint is not None:
+            self.endpoint.close()

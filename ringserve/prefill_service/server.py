@@ -42,7 +42,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             request.request_id,
             ids,
             request.strategy or self.cfg.strategy,
-            [Target(t.address, t.first_position, t.num_tokens) for t in request.targets],
+            [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing) for t in request.targets],
         )
         try:
             with self.work.admitted(len(ids)):
@@ -103,7 +103,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.GetPrefillInfoResponse(
             model=self.model_desc,
             cp_size=self.cfg.cp,
-            transport="tcp",
+            transport=self.group.transport,
             active_requests=self.work.requests,
             kv_blocks_used=alloc.num_used,
             kv_blocks_free=alloc.num_free,

@@ -64,17 +64,19 @@ class GetDecodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetDecodeInfoResponse(_message.Message):
-    __slots__ = ("model", "kvp_size", "active_requests", "reserved_requests", "kv_blocks_used", "kv_blocks_free")
+    __slots__ = ("model", "kvp_size", "active_requests", "reserved_requests", "kv_blocks_used", "kv_blocks_free", "transport")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KVP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelDescription
     kvp_size: int
     active_requests: int
     reserved_requests: int
     kv_blocks_used: int
     kv_blocks_free: int
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., kvp_size: _Optional[int] = ..., active_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ...) -> None: ...
+    transport: str
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., kvp_size: _Optional[int] = ..., active_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
