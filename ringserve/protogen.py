@@ -33,5 +33,6 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    files = generate(ROOT)
-    print("\n".join(str(f.relative_to(ROOT)) for f in files), file=sys.stderr)
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT  # another directory: to compare, not to commit
+    files = generate(out)
+    print("\n".join(str(f.relative_to(out)) for f in files), file=sys.stderr)
