@@ -32,17 +32,19 @@ def clusters(tmp_path_factory, redis_server):
     decode ranks from 32 tokens on, so the test prompts do."""
     started = {}
 
-    def get(cp: int, kvp: int = 1):
-        if (cp, kvp) not in started:
-            started[cp, kvp] = start_cluster(
+    def get(cp: int, kvp: int = 1, transport: str = "auto"):
+        key = (cp, kvp, transport)
+        if key not in started:
+            flags = ["--kv-transfer", transport]
+            started[key] = start_cluster(
                 cp=cp,
                 kvp=kvp,
-                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}")),
+                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}")),
                 metrics=True,
                 redis_url=redis_server.url,
-                extra={"decode": ["--shard-tokens", "32"]},
+                extra={"decode": ["--shard-tokens", "32", *flags], "prefill": flags},
             )
-        return started[cp, kvp]
+        return started[key]
 
     yield get
     for c in started.values():
@@ -88,9 +90,16 @@ def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("cp,kvp", [(1, 1), (2, 1), (3, 2)])
-def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp):
-    cluster = clusters(cp, kvp)
+@pytest.mark.parametrize("cp,kvp,transport", [(1, 1, "tcp"), (2, 1, "auto"), (3, 2, "auto")])
+def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, transport):
+    """Every layout (N prefill ranks to K decode ranks) and both KV transports: auto is NIXL
+    here (it runs on CPU over UCX loopback), so NIXL and TCP give the same greedy tokens."""
+    cluster = clusters(cp, kvp, transport)
+    expected = "tcp" if transport == "tcp" else "nixl"
+    assert prefill_info(cluster).transport == expected
+    with grpc.insecure_channel(cluster.decode) as dc:
+        info = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
+    assert (info.transport, info.kvp_size) == (expected, kvp)
     with Client(cluster.router, timeout=120) as client:
         for prompt in PROMPTS:
             chunks = list(client.generate(prompt, max_tokens=24))
