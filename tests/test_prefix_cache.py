@@ -57,6 +57,10 @@ def test_full_hit_recomputes_the_last_block_and_stores_nothing_twice():
     stored, evicted = index.take_changes()
     assert stored == hashes and evicted == []
     assert index.take_changes() == ([], [])
+    # The lookup the servicer queues work by: what a job would reuse, with no side effect.
+    assert index.cached_tokens(hashes, 12) == 8 and index.cached_tokens(hashes, 13) == 12
+    assert index.cached_tokens(block_hashes(tokens(12, 9), 4), 12) == 0
+    assert index.stats().lookups == 2
 
 
 def test_lru_evicts_leaves_first_and_never_what_the_job_reads():

@@ -281,6 +281,10 @@ class PrefillGroup:
             )
         return Prefilled(logits, results, job.cache.hit_blocks * self.cfg.block_size)
 
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """How many of a prompt's tokens the prefix cache holds right now (they cost no compute)."""
+        return self.index.cached_tokens(block_hashes(token_ids, self.cfg.block_size), len(token_ids))
+
     def cache_changes(self) -> tuple[list[bytes], list[bytes]]:
         """Block hashes the prefix cache stored and evicted since the last call (for residency
         publishing); each call returns only what changed after the previous one."""

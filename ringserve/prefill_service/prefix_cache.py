@@ -71,6 +71,19 @@ class PrefixIndex:
         self._changes: dict[bytes, bool] = {}  # hash -> stored (True) or evicted, since last taken
         self._lock = threading.Lock()  # the residency publisher reads changes from its own thread
 
+    def _matched(self, hashes: Sequence[bytes]) -> int:
+        """Leading blocks of the chain that are cached."""
+        matched = 0
+        if self.capacity:
+            while matched < len(hashes) and hashes[matched] in self.owner:
+                matched += 1
+        return matched
+
+    def cached_tokens(self, hashes: Sequence[bytes], num_tokens: int) -> int:
+        """Prompt tokens a job would take from the cache now (a lookup: nothing changes)."""
+        with self._lock:
+            return min(self._matched(hashes), (num_tokens - 1) // self.block_size) * self.block_size
+
     def plan(self, hashes: Sequence[bytes], num_tokens: int) -> CachePlan:
         """Decide how a prompt of ``num_tokens`` tokens with block hashes ``hashes`` runs.
 
@@ -80,10 +93,7 @@ class PrefixIndex:
         without its cached prefix (the prefix's blocks may sit unevenly on the ranks), it runs
         cold and keeps nothing. Raises ResourceExhausted if it does not fit even then.
         """
-        matched = 0
-        if self.capacity:
-            while matched < len(hashes) and hashes[matched] in self.owner:
-                matched += 1
+        matched = self._matched(hashes)
         hit = min(matched, (num_tokens - 1) // self.block_size)
         plan = self._fit(hashes, num_tokens, hit, matched, keep_new=True)
         if plan is None and matched:

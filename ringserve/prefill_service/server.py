@@ -44,8 +44,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             request.strategy or self.cfg.strategy,
             [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing) for t in request.targets],
         )
+        # Queue what this group must compute: a prompt it mostly holds is cheap here, and the
+        # router must see that (counting cached tokens as work steered hits away from their cache).
+        uncached = len(ids) - self.group.cached_prefix_tokens(ids)
         try:
-            with self.work.admitted(len(ids)):
+            with self.work.admitted(uncached):
                 QUEUE_DEPTH.labels("prefill").set(self.work.requests)
                 with self.lock:
                     t0 = time.perf_counter()
