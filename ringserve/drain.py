@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import HealthServicer
 
 from ringserve.metrics import REQUESTS
 from ringserve.registry import Registration
+from ringserve.rpc import READY
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,22 @@ class DrainGate(grpc.ServerInterceptor):
 
 @dataclass
 class Drain:
-    """What a worker does on SIGTERM before its gRPC server stops (``service.wait_for_termination``)."""
+    """What a worker does on SIGTERM before its gRPC server stops (``service.wait_for_termination``).
+
+    It also owns the worker's readiness (health name ``rpc.READY``, the Kubernetes readiness probe): a
+    worker builds its Drain once it is warm (model loaded, ranks up, server started) and has started its
+    registration; READY turns SERVING at the first heartbeat Redis accepts, and NOT_SERVING when the
+    drain starts."""
 
     registration: Registration
     gate: DrainGate
     health: HealthServicer
     timeout_s: float
+
+    def __post_init__(self) -> None:
+        self.registration.when_registered(
+            lambda: self.health.set(READY, health_pb2.HealthCheckResponse.SERVING)  # ignored once draining
+        )
 
     def __call__(self) -> None:
         t0 = time.monotonic()

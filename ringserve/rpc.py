@@ -25,6 +25,20 @@ from ringserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
+# Health service names for Kubernetes probes (gRPC health checking, besides "" and the API services):
+LIVE = "ringserve.live"  # SERVING while the process answers, draining included (liveness)
+READY = "ringserve.ready"  # workers: SERVING once warm and registered in Redis, until they drain (readiness)
+
+
+class HealthServicer(health.HealthServicer):
+    """Standard gRPC health, plus ``LIVE``, which answers SERVING as long as the server answers at all
+    (``enter_graceful_shutdown`` turns every other name NOT_SERVING while a worker drains)."""
+
+    def Check(self, request, context):
+        if request.service == LIVE:
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+        return super().Check(request, context)
+
 
 def _abort_for(context: grpc.ServicerContext, e: BaseException, service: str, method: str):
     if isinstance(e, RingserveError):
@@ -82,12 +96,13 @@ def start_server(
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server with the given servicers, standard health checking and reflection.
 
-    Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING).
+    Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
+    is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     for add, servicer in add_servicers:
         add(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
