@@ -83,8 +83,11 @@ def env_of(c: dict) -> dict:
 # Value sets CI renders: the defaults and several non-default installs.
 VALUE_SETS = {
     "default": {},
-    "external-redis": {
-        "redis": {"enabled": False, "external": {"url": "rediss://redis.example:6380/0", "existingSecret": "rs-redis"}}
+    "external-redis": {  # TLS with a private CA: its certificate from a Secret, mounted in every pod
+        "redis": {"enabled": False, "external": {"url": "rediss://redis.example:6380/0", "existingSecret": "rs-redis"}},
+        "extraVolumes": [{"name": "redis-ca", "secret": {"secretName": "redis-ca"}}],
+        "extraVolumeMounts": [{"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}],
+        "config": {"extraEnv": {"RINGSERVE_REDIS_CA_CERT": "/etc/redis-ca/ca.crt"}},
     },
     "gpu-counts": {"prefill": {"cpSize": 8}, "decode": {"kvpSize": 4}},
     "scaled": {
@@ -151,9 +154,12 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
         assert config["RINGSERVE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
     else:
         assert config["RINGSERVE_REDIS_URL"] == "rediss://redis.example:6380/0"
+        assert config["RINGSERVE_REDIS_CA_CERT"] == "/etc/redis-ca/ca.crt"
         for workload in (router, prefill, decode):
             ref = env_of(container(workload))["RINGSERVE_REDIS_PASSWORD"]["secretKeyRef"]
             assert ref == {"name": "rs-redis", "key": "password"}
+            mounts = {m["name"]: m["mountPath"] for m in container(workload)["volumeMounts"]}
+            assert mounts["redis-ca"] == "/etc/redis-ca"
     source = values.get("model", {}).get("source", "embedded")
     if source == "embedded":
         assert "RINGSERVE_MODEL" not in config

@@ -77,6 +77,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* The model volume (pvc or hostPath), mounted read-only. */}}
 {{- define "ringserve.modelVolume" -}}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- if eq .Values.model.source "pvc" }}
 - name: model
   persistentVolumeClaim:
@@ -91,6 +94,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 
 {{- define "ringserve.modelMount" -}}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- if has .Values.model.source (list "pvc" "hostPath") }}
 - name: model
   mountPath: {{ .Values.model.mountPath }}
