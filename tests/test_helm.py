@@ -7,6 +7,7 @@ a second prefill group joining as `kubectl scale` would start it, and that group
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,18 @@ def render(helm: Path, values: dict, tmp_path: Path, name: str = "values") -> tu
     run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file))
     text = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file)).stdout
     return text, [d for d in yaml.safe_load_all(text) if d]
+
+
+def render_notes(helm: Path, values: dict, tmp_path: Path) -> str:
+    """NOTES.txt as `helm install` prints it (helm renders NOTES only against a cluster: render a copy of
+    it as an ordinary template of a copy of the chart)."""
+    chart = tmp_path / "notes-chart"
+    shutil.copytree(CHART, chart, dirs_exist_ok=True)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "templates" / "notes-rendered.txt")
+    values_file = tmp_path / "notes-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    args = ("template", RELEASE, str(chart), "-f", str(values_file), "--show-only", "templates/notes-rendered.txt")
+    return run_helm(helm, *args).stdout
 
 
 def validate(manifest: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -167,6 +180,10 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
         assert config["RINGSERVE_MODEL"] == "/models/" + values["model"]["path"]
         volumes = {v["name"]: v for v in prefill["spec"]["template"]["spec"]["volumes"]}
         assert ("persistentVolumeClaim" if source == "pvc" else "hostPath") in volumes["model"]
+
+    notes = render_notes(helm, values, tmp_path)
+    assert f"statefulset/{FULLNAME}-prefill --replicas=N" in notes
+    assert "ringserve generate --url" in notes and "<no value>" not in notes
 
     test_pod = find(docs, "Pod", f"{FULLNAME}-test-request")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
@@ -320,7 +337,8 @@ def deployment(helm, tmp_path_factory):
             pods[name] = Pod(name, workload, config, secrets, tmp)
         for pod in pods.values():
             pod.wait_ready()
-        yield {"docs": docs, "config": config, "secrets": secrets, "pods": pods, "tmp": tmp}
+        notes = render_notes(helm, values, tmp)
+        yield {"docs": docs, "config": config, "secrets": secrets, "pods": pods, "tmp": tmp, "notes": notes}
     finally:
         for pod in pods.values():
             pod.stop()
@@ -338,6 +356,11 @@ def test_rendered_pods_serve_a_request(deployment):
     done = subprocess.run([executable, *test_pod["command"][1:], *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(" Paris"), done.stdout
+    # NOTES.txt's first request, through `kubectl port-forward svc/...-router 50050:50050` (here: the router).
+    (line,) = [x for x in deployment["notes"].splitlines() if x.strip().startswith("ringserve generate --url 127")]
+    argv = [a.replace("127.0.0.1:50050", pods["router"].address) for a in shlex.split(line)]
+    done = subprocess.run([executable, *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stdout + done.stderr
     with Client(pods["router"].address, timeout=60) as client:
         info = client.model_info()
         assert (info.prefill_groups, info.decode_groups) == (1, 1)
