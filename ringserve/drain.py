@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import HealthServicer
 
 from ringserve.metrics import REQUESTS
 from ringserve.registry import Registration
-from ringserve.rpc import READY
+from ringserve.rpc import READY, HealthServicer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class Drain:
         t0 = time.monotonic()
         self.registration.deregister()  # routers stop picking us at their next registry read
         self.gate.close()
-        self.health.enter_graceful_shutdown()
+        self.health.drain()
         log.info("draining: no new requests; waiting up to %.0f s for running ones", self.timeout_s)
         while self.gate.running or self.registration.load().active_requests:
             if time.monotonic() - t0 > self.timeout_s:

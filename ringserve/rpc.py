@@ -26,17 +26,31 @@ from ringserve.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 # Health service names for Kubernetes probes (gRPC health checking, besides "" and the API services):
-LIVE = "ringserve.live"  # SERVING while the process answers, draining included (liveness)
+LIVE = "ringserve.live"  # SERVING while the process answers and is not broken, draining included (liveness)
 READY = "ringserve.ready"  # workers: SERVING once warm and registered in Redis, until they drain (readiness)
 
 
 class HealthServicer(health.HealthServicer):
-    """Standard gRPC health, plus ``LIVE``, which answers SERVING as long as the server answers at all
-    (``enter_graceful_shutdown`` turns every other name NOT_SERVING while a worker drains)."""
+    """Standard gRPC health, plus ``LIVE``: SERVING while the server answers, also while it drains
+    (``drain()``: every other name turns NOT_SERVING). ``enter_graceful_shutdown()`` outside a drain
+    means the server gave up (e.g. its group broke): then ``LIVE`` is NOT_SERVING too, and Kubernetes
+    restarts the process."""
+
+    draining = False
+    broken = False
+
+    def drain(self) -> None:
+        self.draining = True
+        self.enter_graceful_shutdown()
+
+    def enter_graceful_shutdown(self) -> None:
+        self.broken = self.broken or not self.draining
+        super().enter_graceful_shutdown()
 
     def Check(self, request, context):
         if request.service == LIVE:
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            live = health_pb2.HealthCheckResponse.NOT_SERVING if self.broken else health_pb2.HealthCheckResponse.SERVING
+            return health_pb2.HealthCheckResponse(status=live)
         return super().Check(request, context)
 
 

@@ -456,3 +456,49 @@ def test_router_finishes_running_streams_on_sigterm(deployment):
     assert len(tokens) == 20, "the running stream finished"
     assert router.proc.wait(timeout=grace_s) == 0
     assert time.monotonic() - terminated < grace_s
+
+
+def health_check(port: int, service: str) -> str:
+    """What a kubelet gRPC probe sees: SERVING, NOT_SERVING, or an error code name (NOT_FOUND: unknown name)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as e:
+            return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_probe_health_names_follow_registration_drain_and_failure(redis_server):
+    """The names the chart's probes check, on real gRPC servers and a real Redis: ``ringserve.ready``
+    turns SERVING when Redis accepts the registration (never without it) and NOT_SERVING on drain;
+    ``ringserve.live`` stays SERVING while draining and fails once the server gives up."""
+    from ringserve.config import WorkerArgs
+    from ringserve.drain import Drain, DrainGate
+    from ringserve.registry import Load, Registration
+    from ringserve.rpc import LIVE, READY, start_server
+
+    servers = []
+    try:
+        for redis_url in (redis_server.url, f"redis://127.0.0.1:{free_port()}/0"):  # reachable, then not
+            server, port, health = start_server([], [], "127.0.0.1", 0)
+            servers.append(server)
+            assert health_check(port, LIVE) == "SERVING" and health_check(port, READY) == "NOT_FOUND"
+            cfg = WorkerArgs(redis_url=redis_url, cluster=f"helm-probes-{port}")
+            registration = Registration(cfg, "prefill", 1, 64, Load).start(f"127.0.0.1:{port}")
+            drain = Drain(registration, DrainGate("test group", []), health, timeout_s=5)
+            if redis_url != redis_server.url:
+                assert health_check(port, READY) == "NOT_FOUND", "not registered: not ready"
+                registration.stop()
+                continue
+            assert health_check(port, READY) == "SERVING"
+            drain()
+            assert health_check(port, READY) == "NOT_SERVING" and health_check(port, "") == "NOT_SERVING"
+            assert health_check(port, LIVE) == "SERVING", "alive while draining"
+
+        server, port, health = start_server([], [], "127.0.0.1", 0)
+        servers.append(server)
+        health.enter_graceful_shutdown()  # what a prefill group does when it breaks
+        assert health_check(port, LIVE) == "NOT_SERVING", "a broken server fails liveness: restarted"
+    finally:
+        for server in servers:
+            server.stop(grace=0)
