@@ -246,7 +246,7 @@ class Pod:
 
     def __init__(self, name: str, workload: dict, config: dict, secrets: dict, log_dir: Path):
         c = container(workload)
-        self.name, self.spec = name, workload["spec"]["template"]["spec"]
+        self.name = name
         self.env = resolved_env(c, config, secrets)
         for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT"):
             if port_var in self.env:
