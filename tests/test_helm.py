@@ -385,14 +385,11 @@ def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
 
         results, errors = [], []
 
-        def request(i: int) -> None:
+        def request(i: int, prompt_tokens: int = 1000) -> None:
+            prompt = [100 + (i * 7 + j) % 900 for j in range(prompt_tokens)]  # a different prompt each: no cache hits
             try:
                 with Client(pods["router"].address, timeout=120) as client:
-                    ids = [
-                        t
-                        for c in client.generate(token_ids=[100 + (i * 7 + j) % 900 for j in range(1500)], max_tokens=2)
-                        for t in c.token_ids
-                    ]
+                    ids = [t for c in client.generate(token_ids=prompt, max_tokens=2) for t in c.token_ids]
                     results.append(len(ids))
             except grpc.RpcError as e:
                 errors.append(f"{e.code().name}: {e.details()}")
@@ -412,7 +409,7 @@ def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
         assert second.proc.poll() is None, "it drains before exiting"
         assert not second.probe("readinessProbe"), "a draining pod is not ready"
         assert second.probe("livenessProbe"), "a draining pod is alive: the kubelet must not kill it"
-        more = [threading.Thread(target=request, args=(100 + k,)) for k in range(2)]  # arrive during the drain
+        more = [threading.Thread(target=request, args=(100 + k, 64)) for k in range(2)]  # arrive during the drain
         for t in more:
             t.start()
         for t in threads + more:
