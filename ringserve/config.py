@@ -129,3 +129,4 @@ class RouterConfig(RedisArgs):
     model: str | None = _opt(None, "checkpoint for the tokenizer (must match the workers' model)", str)
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
     ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")
+    drain_timeout_s: float = _opt(30.0, "on SIGTERM, refuse new requests and let running ones finish for this long")

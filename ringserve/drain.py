@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1.health import HealthServicer
+from grpc_health.v1 import health_pb2
 
 from ringserve.metrics import REQUESTS
 from ringserve.registry import Registration
+from ringserve.rpc import READY, HealthServicer
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,28 @@ class DrainGate(grpc.ServerInterceptor):
 
 @dataclass
 class Drain:
-    """What a worker does on SIGTERM before its gRPC server stops (``service.wait_for_termination``)."""
+    """What a worker does on SIGTERM before its gRPC server stops (``service.wait_for_termination``).
+
+    It also owns the worker's readiness (health name ``rpc.READY``, the Kubernetes readiness probe): a
+    worker builds its Drain once it is warm (model loaded, ranks up, server started) and has started its
+    registration; READY turns SERVING at the first heartbeat Redis accepts, and NOT_SERVING when the
+    drain starts."""
 
     registration: Registration
     gate: DrainGate
     health: HealthServicer
     timeout_s: float
 
+    def __post_init__(self) -> None:
+        self.registration.when_registered(
+            lambda: self.health.set(READY, health_pb2.HealthCheckResponse.SERVING)  # ignored once draining
+        )
+
     def __call__(self) -> None:
         t0 = time.monotonic()
         self.registration.deregister()  # routers stop picking us at their next registry read
         self.gate.close()
-        self.health.enter_graceful_shutdown()
+        self.health.drain()
         log.info("draining: no new requests; waiting up to %.0f s for running ones", self.timeout_s)
         while self.gate.running or self.registration.load().active_requests:
             if time.monotonic() - t0 > self.timeout_s:

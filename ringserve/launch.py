@@ -45,7 +45,7 @@ def run_router(cfg: RouterConfig) -> int:
     from ringserve.service import wait_for_termination
 
     server, _, balancer = serve(cfg)
-    wait_for_termination(server, balancer.close)
+    wait_for_termination(server, balancer.close, grace_s=cfg.drain_timeout_s)
     return 0
 
 

@@ -213,6 +213,13 @@ class Registration:
         self._redis_ok: bool | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._on_registered: list[Callable[[], None]] = []
+
+    def when_registered(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once Redis has accepted a heartbeat (now, if one has been accepted)."""
+        self._on_registered.append(callback)
+        if self._redis_ok:
+            callback()
 
     def start(self, address: str) -> Registration:
         """Register as serving at ``address`` (first beat now, then every heartbeat_s)."""
@@ -281,6 +288,8 @@ class Registration:
         if ok != self._redis_ok:
             if ok:
                 log.info("registered %s in Redis at %s (heartbeat %.1f s)", self.id, self.redis_url, self.heartbeat_s)
+                for callback in self._on_registered:
+                    callback()
             else:
                 log.warning(
                     "Redis at %s unreachable (%s): serving on unregistered; routers that knew this group keep "

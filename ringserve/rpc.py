@@ -25,6 +25,34 @@ from ringserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
+# Health service names for Kubernetes probes (gRPC health checking, besides "" and the API services):
+LIVE = "ringserve.live"  # SERVING while the process answers and is not broken, draining included (liveness)
+READY = "ringserve.ready"  # workers: SERVING once warm and registered in Redis, until they drain (readiness)
+
+
+class HealthServicer(health.HealthServicer):
+    """Standard gRPC health, plus ``LIVE``: SERVING while the server answers, also while it drains
+    (``drain()``: every other name turns NOT_SERVING). ``enter_graceful_shutdown()`` outside a drain
+    means the server gave up (e.g. its group broke): then ``LIVE`` is NOT_SERVING too, and Kubernetes
+    restarts the process."""
+
+    draining = False
+    broken = False
+
+    def drain(self) -> None:
+        self.draining = True
+        self.enter_graceful_shutdown()
+
+    def enter_graceful_shutdown(self) -> None:
+        self.broken = self.broken or not self.draining
+        super().enter_graceful_shutdown()
+
+    def Check(self, request, context):
+        if request.service == LIVE:
+            live = health_pb2.HealthCheckResponse.NOT_SERVING if self.broken else health_pb2.HealthCheckResponse.SERVING
+            return health_pb2.HealthCheckResponse(status=live)
+        return super().Check(request, context)
+
 
 def _abort_for(context: grpc.ServicerContext, e: BaseException, service: str, method: str):
     if isinstance(e, RingserveError):
@@ -82,12 +110,13 @@ def start_server(
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started gRPC server with the given servicers, standard health checking and reflection.
 
-    Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING).
+    Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
+    is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
     for add, servicer in add_servicers:
         add(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

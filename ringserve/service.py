@@ -34,14 +34,15 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def wait_for_termination(server, on_stop=None, drain=None) -> None:
-    """Serve until SIGTERM or SIGINT; then drain (a worker's ``drain.Drain``), stop the server, on_stop."""
+def wait_for_termination(server, on_stop=None, drain=None, grace_s: float = 2.0) -> None:
+    """Serve until SIGTERM or SIGINT; then drain (a worker's ``drain.Drain``), stop the server (refusing
+    new RPCs, letting running ones finish for ``grace_s``), on_stop."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     if drain:
         drain()
-    server.stop(grace=2).wait()
+    server.stop(grace=grace_s).wait()
     if on_stop:
         on_stop()

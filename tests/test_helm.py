@@ -1,0 +1,501 @@
+"""The Helm chart (helm/ringserve): lint, render and validate it offline with real helm and
+kubernetes-validate, then run what it renders: the router, a prefill group and a decode group started
+on this machine with exactly the chart's commands, arguments and environment, a request through them,
+a second prefill group joining as `kubectl scale` would start it, and that group draining on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ringserve.client import Client
+from ringserve.process_group import free_port
+from ringserve.redis_server import EmbeddedRedis
+from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
+from tests.helm_tools import helm_binary
+
+CHART = Path(__file__).resolve().parent.parent / "helm" / "ringserve"
+RELEASE = "rs"
+FULLNAME = "rs-ringserve"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    try:
+        return helm_binary()
+    except RuntimeError as e:
+        pytest.skip(f"no helm binary: {e}")
+
+
+def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert done.returncode == 0, f"helm {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def render(helm: Path, values: dict, tmp_path: Path, name: str = "values") -> tuple[str, list[dict]]:
+    """`helm lint --strict` then `helm template` with these values: the manifests' text and documents."""
+    values_file = tmp_path / f"{name}.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file))
+    text = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file)).stdout
+    return text, [d for d in yaml.safe_load_all(text) if d]
+
+
+def render_notes(helm: Path, values: dict, tmp_path: Path) -> str:
+    """NOTES.txt as `helm install` prints it (helm renders NOTES only against a cluster: render a copy of
+    it as an ordinary template of a copy of the chart)."""
+    chart = tmp_path / "notes-chart"
+    shutil.copytree(CHART, chart, dirs_exist_ok=True)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "templates" / "notes-rendered.txt")
+    values_file = tmp_path / "notes-values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    args = ("template", RELEASE, str(chart), "-f", str(values_file), "--show-only", "templates/notes-rendered.txt")
+    return run_helm(helm, *args).stdout
+
+
+def validate(manifest: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """kubernetes-validate --strict (offline, Kubernetes 1.37 schemas) on a manifest file."""
+    path = tmp_path / "manifest.yaml"
+    path.write_text(manifest)
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", str(path)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name} rendered {len(matches)} times"
+    return matches[0]
+
+
+def container(workload: dict) -> dict:
+    (c,) = workload["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(c: dict) -> dict:
+    """A container's literal env values (valueFrom entries as their source dict)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+# Value sets CI renders: the defaults and several non-default installs.
+VALUE_SETS = {
+    "default": {},
+    "external-redis": {  # TLS with a private CA: its certificate from a Secret, mounted in every pod
+        "redis": {"enabled": False, "external": {"url": "rediss://redis.example:6380/0", "existingSecret": "rs-redis"}},
+        "extraVolumes": [{"name": "redis-ca", "secret": {"secretName": "redis-ca"}}],
+        "extraVolumeMounts": [{"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}],
+        "config": {"extraEnv": {"RINGSERVE_REDIS_CA_CERT": "/etc/redis-ca/ca.crt"}},
+    },
+    "gpu-counts": {"prefill": {"cpSize": 8}, "decode": {"kvpSize": 4}},
+    "scaled": {
+        "router": {"replicas": 2, "service": {"type": "LoadBalancer"}},
+        "prefill": {"replicas": 3},
+        "decode": {"replicas": 2},
+    },
+    "pvc-model": {
+        "model": {"source": "pvc", "pvc": {"claimName": "weights"}, "path": "Llama-3.1-8B-Instruct"},
+        "prefill": {"nodeSelector": {"gpu": "h200"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
+    },
+    "hostpath-model-cpu": {
+        "gpu": {"enabled": False},
+        "model": {"source": "hostPath", "hostPath": {"path": "/data/models"}, "path": "smollm2.gguf"},
+        "router": {"service": {"type": "NodePort", "nodePort": 30050}},
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(VALUE_SETS))
+def test_chart_lints_renders_and_validates(helm, tmp_path, name):
+    values = VALUE_SETS[name]
+    text, docs = render(helm, values, tmp_path)
+    done = validate(text, tmp_path)
+    assert done.returncode == 0, f"kubernetes-validate --strict rejected the {name} manifests:\n{done.stdout}"
+
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    redis = values.get("redis", {}).get("enabled", True)
+    assert ("Deployment/rs-ringserve-redis" in kinds) == redis
+    for kind in ("ConfigMap", "ServiceAccount", "Service"):
+        assert f"{kind}/{FULLNAME}" in kinds or f"{kind}/{FULLNAME}-router" in kinds
+    assert sum(k.startswith("PodDisruptionBudget/") for k in kinds) == 3
+
+    router = find(docs, "Deployment", f"{FULLNAME}-router")
+    prefill = find(docs, "StatefulSet", f"{FULLNAME}-prefill")
+    decode = find(docs, "StatefulSet", f"{FULLNAME}-decode")
+    config = find(docs, "ConfigMap", FULLNAME)["data"]
+    service = find(docs, "Service", f"{FULLNAME}-router")
+    assert service["spec"]["type"] == values.get("router", {}).get("service", {}).get("type", "ClusterIP")
+    assert container(router)["command"] == ["ringserve", "router"]
+    assert container(prefill)["command"] == ["ringserve", "prefill"]
+    assert container(decode)["command"] == ["ringserve", "decode"]
+
+    gpu = values.get("gpu", {}).get("enabled", True)
+    cp = values.get("prefill", {}).get("cpSize", 2)
+    kvp = values.get("decode", {}).get("kvpSize", 1)
+    assert container(prefill)["args"][:2] == ["--cp", str(cp)]
+    assert container(decode)["args"][:2] == ["--kvp", str(kvp)]
+    assert router["spec"]["replicas"] == values.get("router", {}).get("replicas", 1)
+    for workload in (router, prefill, decode):  # long enough to drain: the drain timeout and time to stop
+        drain_s = float(env_of(container(workload))["RINGSERVE_DRAIN_TIMEOUT_S"])
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10
+    for tier, workload, gpus in (("prefill", prefill, cp), ("decode", decode, kvp)):
+        limits = container(workload)["resources"]["limits"]
+        assert limits.get("nvidia.com/gpu") == (str(gpus) if gpu else None)  # a string: a quantity
+        assert workload["spec"]["replicas"] == values.get(tier, {}).get("replicas", 1)
+        probes = container(workload)
+        assert probes["readinessProbe"]["grpc"]["service"] == "ringserve.ready"
+        assert probes["livenessProbe"]["grpc"]["service"] == "ringserve.live"
+    assert config["RINGSERVE_DEVICE"] == ("cuda" if gpu else "cpu")
+    assert config["RINGSERVE_DTYPE"] == ("bfloat16" if gpu else "float32")
+
+    if redis:
+        assert config["RINGSERVE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+    else:
+        assert config["RINGSERVE_REDIS_URL"] == "rediss://redis.example:6380/0"
+        assert config["RINGSERVE_REDIS_CA_CERT"] == "/etc/redis-ca/ca.crt"
+        for workload in (router, prefill, decode):
+            ref = env_of(container(workload))["RINGSERVE_REDIS_PASSWORD"]["secretKeyRef"]
+            assert ref == {"name": "rs-redis", "key": "password"}
+            mounts = {m["name"]: m["mountPath"] for m in container(workload)["volumeMounts"]}
+            assert mounts["redis-ca"] == "/etc/redis-ca"
+    source = values.get("model", {}).get("source", "embedded")
+    if source == "embedded":
+        assert "RINGSERVE_MODEL" not in config
+    else:
+        assert config["RINGSERVE_MODEL"] == "/models/" + values["model"]["path"]
+        volumes = {v["name"]: v for v in prefill["spec"]["template"]["spec"]["volumes"]}
+        assert ("persistentVolumeClaim" if source == "pvc" else "hostPath") in volumes["model"]
+
+    notes = render_notes(helm, values, tmp_path)
+    assert f"statefulset/{FULLNAME}-prefill --replicas=N" in notes
+    assert "ringserve generate --url" in notes and "<no value>" not in notes
+
+    test_pod = find(docs, "Pod", f"{FULLNAME}-test-request")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert f"{FULLNAME}-router:50050" in test_pod["spec"]["containers"][0]["args"]
+
+
+def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
+    """The checks above can fail: kubernetes-validate --strict rejects an unknown field and a wrong type
+    in otherwise rendered manifests, and the values schema rejects bad values before anything renders."""
+    text, docs = render(helm, {}, tmp_path)
+    prefill = find(docs, "StatefulSet", f"{FULLNAME}-prefill")
+    container(prefill)["gpus"] = 2  # not a Container field
+    done = validate(yaml.safe_dump(prefill), tmp_path)
+    assert done.returncode != 0 and "gpus" in done.stdout, done.stdout
+    del container(prefill)["gpus"]
+    assert validate(yaml.safe_dump(prefill), tmp_path).returncode == 0
+    prefill["spec"]["replicas"] = "two"
+    done = validate(yaml.safe_dump(prefill), tmp_path)
+    assert done.returncode != 0 and "two" in done.stdout, done.stdout
+
+    bad_values = {
+        "cp-zero": ({"prefill": {"cpSize": 0}}, "cpSize"),
+        "typo": ({"prefil": {"replicas": 2}}, "prefil"),
+        "external-redis-without-url": ({"redis": {"enabled": False}}, "url"),
+        "pvc-without-path": ({"model": {"source": "pvc", "pvc": {"claimName": "w"}}}, "path"),
+        "policy": ({"router": {"policy": "random"}}, "policy"),
+    }
+    for name, (values, word) in bad_values.items():
+        values_file = tmp_path / f"{name}.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        done = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file), check=False)
+        assert done.returncode != 0 and word in done.stdout + done.stderr, f"{name}: {done.stdout}{done.stderr}"
+
+
+# --- Running what the chart renders ------------------------------------------------------------------
+
+
+def resolved_env(c: dict, config: dict, secrets: dict) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom, then env; the downward API's pod IP
+    is this machine's loopback, Secret references take the test's secrets."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        assert source["configMapRef"]["name"] == FULLNAME
+        env.update(config)
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "fieldRef" in e["valueFrom"]:
+            assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            env[e["name"]] = "127.0.0.1"
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+class Pod:
+    """One rendered container run as a local process: its command and args verbatim, its env resolved,
+    with only the ports replaced by free ones (all pods share this machine's network)."""
+
+    def __init__(self, name: str, workload: dict, config: dict, secrets: dict, log_dir: Path):
+        c = container(workload)
+        self.name = name
+        self.env = resolved_env(c, config, secrets)
+        for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT"):
+            if port_var in self.env:
+                self.env[port_var] = str(free_port())
+        self.port = int(self.env["RINGSERVE_PORT"])
+        self.address = f"127.0.0.1:{self.port}"
+        self.probes = {k: c[k]["grpc"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+        assert all(p["port"] == int(c["ports"][0]["containerPort"]) for p in self.probes.values())
+        executable = shutil.which(c["command"][0], path=str(Path(sys.executable).parent))
+        assert executable, f"the {c['command'][0]} console script is not installed next to {sys.executable}"
+        argv = [executable, *c["command"][1:], *c.get("args", [])]
+        # The container's environment is the image's (PATH, HOME, ...) plus what the pod spec sets.
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+        base["RINGSERVE_CACHE_DIR"] = os.environ["RINGSERVE_CACHE_DIR"]  # the session's model cache
+        self.log = log_dir / f"{name}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(argv, env={**base, **self.env}, stdout=out, stderr=subprocess.STDOUT)
+
+    def probe(self, kind: str) -> bool:
+        """The rendered probe, as the kubelet sends it: a gRPC health Check on its service name."""
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=self.probes[kind].get("service", "")), timeout=5
+                )
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def wait_ready(self, timeout_s: float = 240) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.probe("readinessProbe"):
+            assert self.proc.poll() is None, f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"{self.name} not ready in {timeout_s} s:\n{self.tail()}"
+            time.sleep(0.2)
+
+    def metric(self, sample: str) -> float:
+        url = f"http://127.0.0.1:{self.env['RINGSERVE_METRICS_PORT']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def active_requests(self) -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = prefill_pb2_grpc.PrefillStub(channel)
+            return stub.GetInfo(prefill_pb2.GetPrefillInfoRequest(), timeout=10).active_requests
+
+    def tail(self) -> str:
+        return "".join(self.log.read_text().splitlines(keepends=True)[-30:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+PREFILL_OK = 'ringserve_requests_total{method="Prefill",service="prefill",status="OK"}'
+
+
+@pytest.fixture(scope="module")
+def deployment(helm, tmp_path_factory):
+    """The chart rendered for a CPU cluster with an external, password-protected Redis (a real one
+    here, its password in the Secret the values name), and its router, prefill and decode pods running."""
+    tmp = tmp_path_factory.mktemp("helm-run")
+    redis = EmbeddedRedis(password="s3cret-test").start()
+    values = {
+        "gpu": {"enabled": False},
+        "prefill": {"cpSize": 1},  # two cores here: one rank per group
+        "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
+    }
+    _, docs = render(helm, values, tmp)
+    config = find(docs, "ConfigMap", FULLNAME)["data"]
+    secrets = {"redis-auth": {"password": "s3cret-test"}}
+    workloads = {
+        "decode": find(docs, "StatefulSet", f"{FULLNAME}-decode"),
+        "prefill": find(docs, "StatefulSet", f"{FULLNAME}-prefill"),
+        "router": find(docs, "Deployment", f"{FULLNAME}-router"),
+    }
+    pods = {}
+    try:
+        for name, workload in workloads.items():  # all at once, as the cluster starts them
+            pods[name] = Pod(name, workload, config, secrets, tmp)
+        for pod in pods.values():
+            pod.wait_ready()
+        notes = render_notes(helm, values, tmp)
+        yield {"docs": docs, "config": config, "secrets": secrets, "pods": pods, "tmp": tmp, "notes": notes}
+    finally:
+        for pod in pods.values():
+            pod.stop()
+        redis.stop()
+
+
+def test_rendered_pods_serve_a_request(deployment):
+    pods = deployment["pods"]
+    for pod in pods.values():
+        assert pod.probe("livenessProbe") and pod.probe("startupProbe"), pod.name
+    # The helm test pod's command, with the router Service's name resolved to the router here.
+    test_pod = find(deployment["docs"], "Pod", f"{FULLNAME}-test-request")["spec"]["containers"][0]
+    args = [a.replace(f"{FULLNAME}-router:50050", pods["router"].address) for a in test_pod["args"]]
+    executable = shutil.which(test_pod["command"][0], path=str(Path(sys.executable).parent))
+    done = subprocess.run([executable, *test_pod["command"][1:], *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(" Paris"), done.stdout
+    # NOTES.txt's first request, through `kubectl port-forward svc/...-router 50050:50050` (here: the router).
+    (line,) = [x for x in deployment["notes"].splitlines() if x.strip().startswith("ringserve generate --url 127")]
+    argv = [a.replace("127.0.0.1:50050", pods["router"].address) for a in shlex.split(line)]
+    done = subprocess.run([executable, *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Paris" in done.stdout, done.stdout + done.stderr
+    with Client(pods["router"].address, timeout=60) as client:
+        info = client.model_info()
+        assert (info.prefill_groups, info.decode_groups) == (1, 1)
+
+
+def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
+    """`kubectl scale statefulset/...-prefill --replicas=2`: a second pod from the same spec joins and gets
+    traffic within 5 s of becoming ready, nothing restarted. Then it is deleted as a scale-down does
+    (SIGTERM) while it prefills a request: no request fails, it turns unready, exits within its grace period."""
+    pods = deployment["pods"]
+    prefill = find(deployment["docs"], "StatefulSet", f"{FULLNAME}-prefill")
+    second = Pod("prefill-1", prefill, deployment["config"], deployment["secrets"], deployment["tmp"])
+    try:
+        second.wait_ready()
+        ready = time.monotonic()
+        with Client(pods["router"].address, timeout=60) as client:
+            while second.metric(PREFILL_OK) == 0:
+                assert time.monotonic() - ready < 5.0, "a new prefill pod gets traffic within 5 s"
+                assert client.complete("The capital of France is", max_tokens=1)
+            assert client.model_info().prefill_groups == 2
+        assert all(p.proc.poll() is None for p in pods.values()), "nothing restarted"
+
+        results, errors = [], []
+
+        def request(i: int, prompt_tokens: int = 1000) -> None:
+            prompt = [100 + (i * 7 + j) % 900 for j in range(prompt_tokens)]  # a different prompt each: no cache hits
+            try:
+                with Client(pods["router"].address, timeout=120) as client:
+                    ids = [t for c in client.generate(token_ids=prompt, max_tokens=2) for t in c.token_ids]
+                    results.append(len(ids))
+            except grpc.RpcError as e:
+                errors.append(f"{e.code().name}: {e.details()}")
+
+        threads: list[threading.Thread] = []
+        deadline = time.monotonic() + 60
+        while not second.active_requests():  # long prompts until one is prefilling on the second pod
+            assert time.monotonic() < deadline, "no request reached the second prefill pod"
+            if not any(t.is_alive() for t in threads):
+                threads += [threading.Thread(target=request, args=(len(threads) + k,)) for k in range(2)]
+                threads[-2].start()
+                threads[-1].start()
+            time.sleep(0.05)
+        terminated = time.monotonic()
+        second.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert second.proc.poll() is None, "it drains before exiting"
+        assert not second.probe("readinessProbe"), "a draining pod is not ready"
+        assert second.probe("livenessProbe"), "a draining pod is alive: the kubelet must not kill it"
+        more = [threading.Thread(target=request, args=(100 + k, 64)) for k in range(2)]  # arrive during the drain
+        for t in more:
+            t.start()
+        for t in threads + more:
+            t.join(timeout=180)
+        grace_s = prefill["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert second.proc.wait(timeout=grace_s) == 0, second.tail()
+        assert time.monotonic() - terminated < grace_s
+        assert errors == [] and results == [2] * len(threads + more), (errors, results)
+        with Client(pods["router"].address, timeout=60) as client:
+            assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
+    finally:
+        second.stop()
+
+
+def test_router_finishes_running_streams_on_sigterm(deployment):
+    """A router pod deleted (rolling update, scale-down) finishes the streams it serves within its grace
+    period and takes no new requests. Runs last: it stops the module's router."""
+    router = deployment["pods"]["router"]
+    grace_s = find(deployment["docs"], "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    tokens, started = [], threading.Event()
+
+    def stream() -> None:
+        with Client(router.address, timeout=120) as client:
+            for chunk in client.generate(prompt="Tell me a story.", max_tokens=20, ignore_eos=True):
+                tokens.extend(chunk.token_ids)
+                started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert started.wait(timeout=60), "the stream started"
+    terminated = time.monotonic()
+    router.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert not router.probe("readinessProbe"), "a stopping router is not ready"
+    with Client(router.address, timeout=10) as client, pytest.raises(grpc.RpcError) as refused:
+        client.complete("The capital of France is", max_tokens=1)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    thread.join(timeout=grace_s)
+    assert len(tokens) == 20, "the running stream finished"
+    assert router.proc.wait(timeout=grace_s) == 0
+    assert time.monotonic() - terminated < grace_s
+
+
+def health_check(port: int, service: str) -> str:
+    """What a kubelet gRPC probe sees: SERVING, NOT_SERVING, or an error code name (NOT_FOUND: unknown name)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as e:
+            return e.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_probe_health_names_follow_registration_drain_and_failure(redis_server):
+    """The names the chart's probes check, on real gRPC servers and a real Redis: ``ringserve.ready``
+    turns SERVING when Redis accepts the registration (never without it) and NOT_SERVING on drain;
+    ``ringserve.live`` stays SERVING while draining and fails once the server gives up."""
+    from ringserve.config import WorkerArgs
+    from ringserve.drain import Drain, DrainGate
+    from ringserve.registry import Load, Registration
+    from ringserve.rpc import LIVE, READY, start_server
+
+    servers = []
+    try:
+        for redis_url in (redis_server.url, f"redis://127.0.0.1:{free_port()}/0"):  # reachable, then not
+            server, port, health = start_server([], [], "127.0.0.1", 0)
+            servers.append(server)
+            assert health_check(port, LIVE) == "SERVING" and health_check(port, READY) == "NOT_FOUND"
+            cfg = WorkerArgs(redis_url=redis_url, cluster=f"helm-probes-{port}")
+            registration = Registration(cfg, "prefill", 1, 64, Load).start(f"127.0.0.1:{port}")
+            drain = Drain(registration, DrainGate("test group", []), health, timeout_s=5)
+            if redis_url != redis_server.url:
+                assert health_check(port, READY) == "NOT_FOUND", "not registered: not ready"
+                registration.stop()
+                continue
+            assert health_check(port, READY) == "SERVING"
+            drain()
+            assert health_check(port, READY) == "NOT_SERVING" and health_check(port, "") == "NOT_SERVING"
+            assert health_check(port, LIVE) == "SERVING", "alive while draining"
+
+        server, port, health = start_server([], [], "127.0.0.1", 0)
+        servers.append(server)
+        health.enter_graceful_shutdown()  # what a prefill group does when it breaks
+        assert health_check(port, LIVE) == "NOT_SERVING", "a broken server fails liveness: restarted"
+    finally:
+        for server in servers:
+            server.stop(grace=0)
