@@ -96,6 +96,7 @@ def serve(cfg: DecodeConfig):
         cfg.port,
         interceptors=[gate],
     )
+    worker.on_failure = health.enter_graceful_shutdown  # a broken group fails liveness: restart it
     serve_metrics(cfg.metrics_port)
 
     def load() -> Load:

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,7 @@ class DecodeWorker:
         self.requests: dict[str, Request] = {}
         self.active: list[Request] = []
         self.failure: str | None = None  # set when a rank dies: the group serves nothing more
+        self.on_failure: Callable[[], None] | None = None  # e.g. fail the liveness probe: restart us
         self.lock = threading.Condition()
         self._stop = False
         group.start_monitor(self._landed, self._group_failed)
@@ -313,6 +315,8 @@ class DecodeWorker:
             for req in list(self.requests.values()):
                 self._finish(req, Unavailable(f"decode group failed: {what}"))
             self.lock.notify_all()
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
