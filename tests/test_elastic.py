@@ -94,6 +94,17 @@ def test_drained_groups_finish_their_requests_and_refuse_new_ones(cluster):
     processes exit once idle."""
     cluster.add("decode2", ["decode", *WORKER])
     cluster.add("prefill3", ["prefill", "--cp", "1", *WORKER])
+    # The router learns of new groups at its next registry read: wait for it, so that a request
+    # refused by a draining group has another group to go to.
+    deadline = time.monotonic() + 5
+    while True:
+        with Client(cluster.router, timeout=10) as client:
+            info = client.model_info()
+        if (info.prefill_groups, info.decode_groups) == (2, 2):
+            break
+        known = f"{info.prefill_groups} prefill and {info.decode_groups} decode groups"
+        assert time.monotonic() < deadline, f"after 5 s the router knows only {known}"
+        time.sleep(0.05)
     results = {}
 
     def run(name, **kwargs):
