@@ -22,6 +22,24 @@ KV_BLOCKS = Gauge("ringserve_kv_blocks", "KV cache blocks by state", ["service",
 KV_BYTES = Counter("ringserve_kv_transfer_bytes_total", "KV bytes moved between tiers", ["service", "direction"])
 
 
+PREFILL_QUEUE = Gauge("ringserve_prefill_requests", "Prefill group: requests queued or being prefilled")
+PREFILL_PASS_SECONDS = Histogram(
+    "ringserve_prefill_pass_seconds",
+    "Prefill group: forward time of one scheduler pass (the slowest rank's)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PREFILL_CHUNK_TOKENS = Histogram(
+    "ringserve_prefill_chunk_tokens",
+    "Prefill group: tokens of one request computed in one pass",
+    buckets=(64, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
+)
+PREFILL_DEADLINES = Counter(
+    "ringserve_prefill_deadlines_total",
+    "Prefill group: requests by time-to-first-token deadline outcome (met, missed, rejected)",
+    ["outcome"],
+)
+
+
 def serve_metrics(port: int | None) -> None:
     """Expose /metrics over HTTP when a port is given (0 picks a free one)."""
     if port is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -19,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ringserve.engine.sampling import SamplingParams
-from ringserve.errors import RingserveError, grpc_status
+from ringserve.errors import InvalidArgument, RingserveError, grpc_status
 from ringserve.metrics import REQUESTS
 from ringserve.v1 import common_pb2
 
@@ -156,6 +157,13 @@ def sampling_from_proto(msg) -> SamplingParams:
         stop_token_ids=tuple(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
     )
+
+
+def check_ttft_slo(seconds: float) -> float | None:
+    """A request's time-to-first-token budget: None when unset (0), else positive seconds."""
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidArgument(f"ttft_slo_seconds must be a positive number of seconds, or 0 for the default; got {seconds}")
+    return seconds or None
 
 
 def model_description(model, block_size: int, name: str) -> common_pb2.ModelDescription:

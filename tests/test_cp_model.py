@@ -30,15 +30,15 @@ def cp_passes(rank, world, config_dict, state, token_ids, passes, strategies):
     logits, positions, used = [], [], []
     start = 0
     for n, strategy in zip(passes, strategies):
-        out = runner.prefill(seq, token_ids[start : start + n], strategy)
-        logits.append(out)
+        out = runner.prefill([seq], [token_ids[start : start + n]], strategy)
+        logits.append(out[0] if out else None)
         positions += [start + i for i in plan_pass(n, world, BLOCK).rank_tokens(rank)]
         start += n
     kv = [
         cache.read(layer, seq.block_table, seq.num_cached_local) for layer in range(config.num_hidden_layers)
     ]
     used.append(cache.allocator.num_used)
-    runner.release(seq)
+    cache.allocator.free(seq.block_table)
     used.append(cache.allocator.num_used)
     return logits, positions, torch.stack([torch.stack(x) for x in kv]), used, runner.last_strategy
 
@@ -139,9 +139,9 @@ def dies_mid_pass(rank, world, config_dict, state):
     runner = CPRunner(model, KVCache(model.config, num_blocks=8, block_size=BLOCK))
     seq = CPSequence()
     try:
-        runner.prefill(seq, list(range(20)), "pass_kv")
+        runner.prefill([seq], [list(range(20))], "pass_kv")
     finally:
-        runner.release(seq)
+        runner.cache.allocator.free(seq.block_table)
         assert runner.cache.allocator.num_used == 0
 
 

@@ -9,6 +9,7 @@ after the rotary embedding, so a block's contents do not depend on where it is r
 from __future__ import annotations
 
 import hashlib
+import heapq
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,13 +39,16 @@ def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 class BlockAllocator:
-    """Hands out block ids from a free list; ``num_used`` returns to zero when every request is done."""
+    """Hands out block ids, lowest free first; ``num_used`` returns to zero when every request is done.
+
+    Lowest first keeps a long sequence's blocks in one consecutive run as often as possible, and a
+    run is read in place rather than gathered (``KVCache.read``)."""
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise InvalidArgument(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._free = list(range(num_blocks))  # a min-heap
         self._used: set[int] = set()
 
     @property
@@ -62,7 +66,7 @@ class BlockAllocator:
                 f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_blocks} free; "
                 "retry later, shorten the request, or give the worker more KV memory"
             )
-        blocks = [self._free.pop() for _ in range(n)]
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
         self._used.update(blocks)
         return blocks
 
@@ -72,12 +76,21 @@ class BlockAllocator:
             if b not in self._used:
                 raise ValueError(f"block {b} freed twice or never allocated")
             self._used.remove(b)
-            self._free.append(b)
+            heapq.heappush(self._free, b)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     """Whole blocks that hold ``num_tokens``."""
     return -(-num_tokens // block_size)
+
+
+def as_run(block_table: Sequence[int]) -> range | None:
+    """The block table as a ``range`` if its blocks are consecutive ids (a run), else None."""
+    if block_table and block_table[-1] - block_table[0] == len(block_table) - 1:
+        run = range(block_table[0], block_table[-1] + 1)
+        if list(block_table) == list(run):
+            return run
+    return None
 
 
 class KVCache:
@@ -136,9 +149,14 @@ class KVCache:
         flat_v.index_copy_(0, slots, v.to(flat_v.dtype))
 
     def read(
-        self, layer: int, block_table: Sequence[int] | torch.Tensor, length: int
+        self, layer: int, block_table: Sequence[int] | torch.Tensor | range, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``length`` cached tokens of a sequence as contiguous K, V [length, Hkv, D]."""
+        """The first ``length`` cached tokens of a sequence as contiguous K, V [length, Hkv, D].
+
+        A ``range`` table (a run of consecutive blocks, ``as_run``) is read in place: views, no copy."""
+        if isinstance(block_table, range):
+            blocks = slice(block_table.start, block_table.start + blocks_needed(length, self.block_size))
+            return self.k[layer, blocks].flatten(0, 1)[:length], self.v[layer, blocks].flatten(0, 1)[:length]
         table = self.table(block_table)[: blocks_needed(length, self.block_size)]
         k = self.k[layer].index_select(0, table).flatten(0, 1)[:length]
         v = self.v[layer].index_select(0, table).flatten(0, 1)[:length]

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ringserve.engine.kv_cache import KVCache, blocks_needed
+from ringserve.engine.kv_cache import KVCache, as_run, blocks_needed
 from ringserve.engine.model import Llama
-from ringserve.prefill_service.ring import RingComm, RingLayout, ring_pass_kv, ring_pass_q
+from ringserve.prefill_service.ring import RingComm, RingLayout, SeqLayout, ring_pass_kv, ring_pass_q
 from ringserve.prefill_service.sharding import plan_pass
 from ringserve.prefill_service.strategy import Rates, choose_strategy
 
@@ -33,24 +33,28 @@ class CPSequence:
 
 
 class RingAttention:
-    """The CP ``AttentionFn`` for one pass: store this rank's new K/V locally, then ring-attend."""
+    """The CP ``AttentionFn`` for one pass: store this rank's new K/V locally, then ring-attend.
 
-    def __init__(self, cache: KVCache, seq: CPSequence, layout: RingLayout, strategy: str, comm: RingComm):
-        self.cache, self.seq, self.layout, self.comm = cache, seq, layout, comm
+    A pass may pack several sequences; the model sees their tokens concatenated."""
+
+    def __init__(self, cache: KVCache, seqs: list[CPSequence], layout: RingLayout, strategy: str, comm: RingComm):
+        self.cache, self.layout, self.comm = cache, layout, comm
         self.ring = ring_pass_kv if strategy == "pass_kv" else ring_pass_q
-        n_new = layout.plan.rank_len(comm.rank)
-        self.table = cache.table(seq.block_table)
-        self.slots = cache.slots(self.table, seq.num_cached_local, seq.num_cached_local + n_new)
-        self.length = seq.num_cached_local + n_new
+        # A sequence whose blocks are one consecutive run is read in place, not gathered.
+        self.tables = [as_run(s.block_table) or cache.table(s.block_table) for s in seqs]
+        self.lengths = [s.num_cached_local + sl.plan.rank_len(comm.rank) for s, sl in zip(seqs, layout.seqs)]
+        self.slots = torch.cat(
+            [cache.slots(t, s.num_cached_local, n) for s, t, n in zip(seqs, self.tables, self.lengths)]
+        )
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slots, k, v)
-        keys, values = self.cache.read(layer, self.table, self.length)
-        return self.ring(q, keys, values, self.layout, self.comm)
+        kv = [self.cache.read(layer, t, n) for t, n in zip(self.tables, self.lengths)]
+        return self.ring(q, [k for k, _ in kv], [v for _, v in kv], self.layout, self.comm)
 
 
 class CPRunner:
-    """One rank of a CP group: runs prefill passes of a sequence over the ring."""
+    """One rank of a CP group: runs prefill passes over the ring."""
 
     def __init__(
         self,
@@ -70,22 +74,28 @@ class CPRunner:
         self.last_strategy: str | None = None
 
     @torch.inference_mode()
-    def prefill(self, seq: CPSequence, new_ids: list[int], strategy: str | None = None) -> torch.Tensor | None:
-        """Prefill ``new_ids`` (the same on every rank) after what ``seq`` already holds.
+    def prefill(
+        self, seqs: list[CPSequence], chunks: list[list[int]], strategy: str | None = None
+    ) -> list[torch.Tensor] | None:
+        """One pass: prefill ``chunks[i]`` (the same on every rank) after what ``seqs[i]`` holds.
 
-        Returns the last new token's logits [V] on rank 0 (the leader), None elsewhere.
+        Each sequence is sharded over the ranks on its own (``plan_pass``) and attends only to
+        itself. Returns, on rank 0 (the leader), each chunk's last token's logits [V]; None elsewhere.
         """
-        plan = plan_pass(len(new_ids), self.world, self.cache.block_size)
-        cached = torch.tensor([seq.num_cached_local], device=self.device)
+        if len(seqs) != len(chunks) or not seqs or not all(chunks):
+            raise ValueError(f"a pass needs one non-empty chunk per sequence, got {[len(c) for c in chunks]}")
+        plans = [plan_pass(len(c), self.world, self.cache.block_size) for c in chunks]
+        cached = torch.tensor([s.num_cached_local for s in seqs], device=self.device)
         everyone = [torch.empty_like(cached) for _ in range(self.world)]
         with self.comm.peer_errors():
             dist.all_gather(everyone, cached, group=self.comm.group)
-        layout = RingLayout(plan, tuple(int(c) for c in everyone))
+        per_rank = torch.stack(everyone).tolist()  # [rank][seq]
+        layout = RingLayout(tuple(SeqLayout(p, tuple(r[i] for r in per_rank)) for i, p in enumerate(plans)))
         c = self.model.config
         chosen = choose_strategy(
             strategy or self.strategy,
-            len(new_ids),
-            seq.num_done,
+            sum(len(ch) for ch in chunks),
+            sum(s.num_done for s in seqs),
             self.world,
             c.num_attention_heads,
             c.num_key_value_heads,
@@ -93,23 +103,23 @@ class CPRunner:
             self.rates,
         )
         self.last_strategy = chosen
-        mine = plan.rank_tokens(self.rank)
-        grow = blocks_needed(seq.num_cached_local + len(mine), self.cache.block_size) - len(seq.block_table)
-        if grow > 0:
-            seq.block_table += self.cache.allocator.allocate(grow)
-        local = torch.cat([torch.arange(*plan.pieces[p], device=self.device) for p in plan.rank_pieces(self.rank)])
-        ids = torch.as_tensor(new_ids, dtype=torch.long).to(self.device)[local]
-        positions = local + seq.num_done
-        # The pass's last token is the last of rank 0's late piece (sharding puts it there).
-        at = [len(mine) - 1] if self.rank == 0 else []
-        attention = RingAttention(self.cache, seq, layout, chosen, self.comm)
-        logits_at = torch.tensor(at, dtype=torch.long, device=self.device)
-        logits = self.model(ids, positions, attention, logits_at=logits_at)
-        seq.num_cached_local += len(mine)
-        seq.num_done += len(new_ids)
-        return logits[0] if self.rank == 0 else None
-
-    def release(self, seq: CPSequence) -> None:
-        """Free the sequence's local blocks."""
-        self.cache.allocator.free(seq.block_table)
-        seq.block_table = []
+        ids, positions, at = [], [], []
+        for seq, chunk, plan in zip(seqs, chunks, plans):
+            n_mine = plan.rank_len(self.rank)
+            grow = blocks_needed(seq.num_cached_local + n_mine, self.cache.block_size) - len(seq.block_table)
+            if grow > 0:
+                seq.block_table += self.cache.allocator.allocate(grow)
+            local = torch.cat([torch.arange(*plan.pieces[p]) for p in plan.rank_pieces(self.rank)])
+            ids.append(torch.as_tensor(chunk, dtype=torch.long)[local])
+            positions.append(local + seq.num_done)
+            # A pass's last token is the last of rank 0's late piece (sharding puts it there).
+            at.append(sum(len(i) for i in ids) - 1)
+        attention = RingAttention(self.cache, seqs, layout, chosen, self.comm)
+        logits_at = torch.tensor(at if self.rank == 0 else [], dtype=torch.long, device=self.device)
+        logits = self.model(
+            torch.cat(ids).to(self.device), torch.cat(positions).to(self.device), attention, logits_at=logits_at
+        )
+        for seq, chunk, plan in zip(seqs, chunks, plans):
+            seq.num_cached_local += plan.rank_len(self.rank)
+            seq.num_done += len(chunk)
+        return list(logits) if self.rank == 0 else None

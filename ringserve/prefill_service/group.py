@@ -1,12 +1,20 @@
 """A prefill group: N processes, one per device, running CP prefill together; rank 0 leads.
 
-The leader (the process serving gRPC) starts ranks 1..N-1 as child processes. Jobs reach them
-through a queue, not a collective, so an idle group holds no collective that could time out;
-once every rank has a job they run the CP forward over their process group, each pushes its KV
-shard to the decode targets, and each reports back to the leader, which samples the first token.
+The leader (the process serving gRPC) starts ranks 1..N-1 as child processes and runs the
+scheduler. Requests are prefilled in passes (Medha, Agrawal et al.): each pass is a chunk of one
+long prompt, or chunks of several prompts packed together, picked least-remaining-slack first
+(``scheduler.Scheduler``). A long prompt's later chunks attend to the KV its earlier chunks left
+in the ranks' caches (partial prefill), so a short request waits at most about one pass, never
+for a whole long prompt. A request is preempted only between chunks, and keeps its KV.
 
-The leader also decides, for each job, how the group's prefix cache serves it (``prefix_cache``):
-the decision travels in the job, so every rank carries out the same one.
+The leader sends each pass to every rank through a queue, not a collective, so an idle group
+holds no collective that could time out. Every rank runs its share of the pass over the group's
+process group; after a request's last chunk each rank pushes its KV shard to the decode targets,
+and the leader samples the first token.
+
+Every decision about blocks (which cached blocks a request reads, which it evicts, which new
+blocks the prefix cache keeps) is the leader's (``prefix_cache.PrefixIndex``) and travels in the
+pass, so every rank carries out the same one, in the same order.
 """
 
 from __future__ import annotations
@@ -19,19 +27,38 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 
 from ringserve.config import PrefillConfig
 from ringserve.engine.kv_cache import KVCache, block_hashes
 from ringserve.engine.model import Llama
-from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, Unavailable, error_from_code
+from ringserve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    RingserveError,
+    Unavailable,
+    error_from_code,
+)
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport
 from ringserve.kv_transfer.plan import plan_moves
 from ringserve.kv_transfer.tcp import send_kv
-from ringserve.prefill_service.context_parallel import CPRunner
-from ringserve.prefill_service.prefix_cache import CachePlan, CacheStats, PrefixIndex, RankBlocks
+from ringserve.metrics import PREFILL_CHUNK_TOKENS, PREFILL_DEADLINES, PREFILL_PASS_SECONDS, PREFILL_QUEUE
+from ringserve.prefill_service.context_parallel import CPRunner, CPSequence
+from ringserve.prefill_service.prefix_cache import (
+    CacheStart,
+    CacheStats,
+    PrefixIndex,
+    RankBlocks,
+    RankSeq,
+    new_blocks_per_rank,
+)
+from ringserve.prefill_service.scheduler import Chunk, CostModel, Request, Scheduler, SchedulerConfig
+from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 from ringserve.prefill_service.strategy import measure_rates
 from ringserve.process_group import check_group, free_port, init_group, next_message
 
@@ -50,22 +77,57 @@ class Target:
 
 @dataclass(frozen=True)
 class Job:
+    """A request as the group takes it."""
+
     request_id: str
     token_ids: list[int]
     strategy: str
     targets: list[Target]
-    cache: CachePlan = CachePlan()  # set by the leader (PrefillGroup.run)
+    ttft_s: float | None = None  # its time-to-first-token budget; None: the scheduler's default
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """One request's part of a pass, as every rank gets it."""
+
+    request_id: str
+    token_ids: list[int]  # the chunk's tokens
+    start: int  # the chunk's first token in the prompt
+    begin: CacheStart | None = None  # the request's first chunk: take its cached prefix, allocate its blocks
+    last: bool = False  # completes the prompt: push the KV to ``targets``, keep ``store``, free the rest
+    targets: tuple[Target, ...] = ()
+    store: tuple[tuple[int, int, bytes], ...] = ()  # (prompt block, rank, hash) the prefix cache keeps
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One iteration of the group, the same message to every rank."""
+
+    work: tuple[ChunkWork, ...]
+    strategy: str  # the ring variant asked for ("auto" lets each rank's rule pick; they agree)
+    evict: tuple[bytes, ...] = ()  # cached blocks to free first
+    drop: tuple[str, ...] = ()  # started requests that were cancelled: free their blocks
 
 
 @dataclass
 class RankResult:
-    """What one rank reports after a job: bytes pushed, or the error that stopped it."""
+    """What one rank reports for one finished request: bytes pushed, or the error that stopped it."""
 
     rank: int
     bytes_sent: int = 0
     transfer_s: float = 0.0
     error: tuple[str, str] | None = None  # (status code name, message)
-    blocks_used: int = 0  # the rank's allocated KV blocks after the job: its cached blocks only
+
+
+@dataclass
+class PassReport:
+    """What one rank reports after a pass."""
+
+    rank: int
+    results: dict[str, RankResult] = field(default_factory=dict)  # requests that finished in the pass
+    forward_s: float = 0.0  # the model forward, KV pushes excluded
+    blocks_used: int = 0  # allocated KV blocks after the pass
+    error: tuple[str, str] | None = None  # the pass itself failed here
 
 
 def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
@@ -88,48 +150,71 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRu
     return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp), endpoint
 
 
-def run_job(
-    runner: CPRunner, blocks: RankBlocks, job: Job, endpoint: NixlEndpoint | None = None
-) -> tuple[torch.Tensor | None, RankResult]:
-    """This rank's part of a job: CP forward over the cached prefix, push the KV shard (cached
-    part and new part: the whole prompt), then keep the blocks the cache plan keeps, free the rest.
+def run_pass(
+    runner: CPRunner, blocks: RankBlocks, active: dict[str, RankSeq], p: Pass, endpoint: NixlEndpoint | None = None
+) -> tuple[list[torch.Tensor] | None, PassReport]:
+    """This rank's part of a pass: carry out the leader's block decisions, run the CP forward over
+    every chunk, then push each finished request's KV shard (its cached part and new part: the
+    whole prompt) and keep what the prefix cache keeps.
 
-    Returns the last token's logits on rank 0. Transfer failures are reported, not raised, so
-    every rank still reports; failures of the ring itself (a dead peer) raise.
+    Returns each chunk's last token's logits on rank 0. Transfer failures are reported per
+    request, not raised; failures of the ring itself (a dead peer) raise, after freeing every
+    request's blocks on this rank.
     """
     import torch.distributed as dist
 
-    hashes = block_hashes(job.token_ids, runner.cache.block_size)
-    seq = blocks.begin(hashes, job.cache)
-    result = RankResult(runner.rank)
-    prefilled = False
+    report = PassReport(runner.rank)
     try:
-        logits = runner.prefill(seq, job.token_ids[seq.num_done :], job.strategy)
-        prefilled = True
-        counts: list = [None] * runner.world
-        with runner.comm.peer_errors():
-            dist.all_gather_object(counts, seq.num_cached_local)
+        blocks.evict(p.evict)
+        for request_id in p.drop:
+            blocks.finish(active.pop(request_id), ())
+        for w in p.work:
+            if w.begin is not None:
+                active[w.request_id] = blocks.begin(w.begin)
+        if not p.work:  # a pass that only frees blocks
+            report.blocks_used = runner.cache.allocator.num_used
+            return None, report
+        seqs = [active[w.request_id] for w in p.work]
+        bs = runner.cache.block_size
+        for rs, w in zip(seqs, p.work):
+            rs.prompt_blocks += chunk_blocks(plan_pass(len(w.token_ids), runner.world, bs), w.start, runner.rank, bs)
         t0 = time.perf_counter()
-        try:
-            result.bytes_sent = _push_kv(runner, seq, job, counts, endpoint)
-        except RingserveError as e:
-            result.error = (e.code, str(e))
-        result.transfer_s = time.perf_counter() - t0
-        return logits, result
-    finally:
-        blocks.finish(seq, hashes, job.cache, len(job.token_ids), keep=prefilled)
-        result.blocks_used = runner.cache.allocator.num_used
+        logits = runner.prefill([rs.seq for rs in seqs], [w.token_ids for w in p.work], p.strategy)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        report.forward_s = time.perf_counter() - t0
+        finished = [(w, rs) for w, rs in zip(p.work, seqs) if w.last]
+        if finished:
+            counts: list = [None] * runner.world
+            with runner.comm.peer_errors():
+                dist.all_gather_object(counts, [rs.seq.num_cached_local for _, rs in finished])
+        for i, (w, rs) in enumerate(finished):
+            result = report.results[w.request_id] = RankResult(runner.rank)
+            t0 = time.perf_counter()
+            try:
+                result.bytes_sent = _push_kv(runner, rs.seq, w, [c[i] for c in counts], endpoint)
+            except RingserveError as e:
+                result.error = (e.code, str(e))
+            result.transfer_s = time.perf_counter() - t0
+            blocks.finish(active.pop(w.request_id), w.store)
+    except BaseException:
+        for rs in active.values():  # the group is broken: nothing of this rank's requests stays held
+            blocks.finish(rs, ())
+        active.clear()
+        raise
+    report.blocks_used = runner.cache.allocator.num_used
+    return logits, report
 
 
-def _push_kv(runner: CPRunner, seq, job: Job, counts: list[int], endpoint: NixlEndpoint | None) -> int:
+def _push_kv(runner: CPRunner, seq: CPSequence, work: ChunkWork, counts: list[int], endpoint: NixlEndpoint | None) -> int:
     """Send this rank's KV rows to the decode ranks the plan gives them; returns bytes sent. With
     NIXL and a landing, rows go as WRITEs straight from this rank's blocks into the decode rank's;
     otherwise they are gathered and sent over TCP. Either way, returns once they have landed."""
     kv = None
     sent = 0
-    moves = [m for m in plan_moves(counts, [t.num_tokens for t in job.targets]) if m.src_rank == runner.rank]
+    moves = [m for m in plan_moves(counts, [t.num_tokens for t in work.targets]) if m.src_rank == runner.rank]
     for i, m in enumerate(moves):
-        target = job.targets[m.dst_rank]
+        target = work.targets[m.dst_rank]
         if endpoint is not None and target.nixl_landing:
             sent += endpoint.push(
                 seq.block_table, m.src_start, m.count, target.nixl_landing, m.dst_start, f"{runner.rank}.{i}"
@@ -142,11 +227,11 @@ def _push_kv(runner: CPRunner, seq, job: Job, counts: list[int], endpoint: NixlE
                 [torch.stack(runner.cache.read(layer, table, seq.num_cached_local)) for layer in range(layers)]
             )
         rows = kv[:, :, m.src_start : m.src_start + m.count]  # [layers, 2, n, Hkv, D]
-        sent += send_kv(target.address, job.request_id, target.first_position + m.dst_start, rows)
+        sent += send_kv(target.address, work.request_id, target.first_position + m.dst_start, rows)
     return sent
 
 
-def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue, results: mp.Queue) -> None:
+def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, inbox: mp.Queue, reports: mp.Queue) -> None:
     from ringserve.logs import setup_logging
 
     setup_logging(f"prefill-rank{rank}")
@@ -155,19 +240,20 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
     try:
         runner, blocks, endpoint = _build_runner(cfg, rank, init_method)
     except RingserveError as e:
-        results.put(RankResult(rank, error=(e.code, str(e))))
+        reports.put(PassReport(rank, error=(e.code, str(e))))
         return
-    results.put(RankResult(rank))  # ready
+    reports.put(PassReport(rank))  # ready
     parent = os.getppid()
+    active: dict[str, RankSeq] = {}
     try:
-        while (job := next_message(jobs, parent)) is not None:
+        while (p := next_message(inbox, parent)) is not None:
             try:
-                _, result = run_job(runner, blocks, job, endpoint)
+                _, report = run_pass(runner, blocks, active, p, endpoint)
             except RingserveError as e:
-                result = RankResult(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
-            results.put(result)
-            if result.error and result.error[0] == "UNAVAILABLE" and "peer rank" in result.error[1]:
-                return  # the group is broken; the leader restarts or fails over
+                report = PassReport(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
+            reports.put(report)
+            if report.error and report.error[0] == "UNAVAILABLE" and "peer rank" in report.error[1]:
+                return  # the group is broken; the leader fails its requests and restarts
     finally:
         if endpoint is not None:
             endpoint.close()
@@ -175,15 +261,34 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, jobs: mp.Queue
 
 @dataclass
 class Prefilled:
-    """A finished job, as the leader sees it."""
+    """A finished request, as the leader sees it."""
 
     logits: torch.Tensor  # the prompt's last token's [V]
     results: list[RankResult]  # one per rank, leader first
     cached_tokens: int  # prompt tokens read from the prefix cache instead of computed
+    strategy: str  # the ring variant of its last pass
+    passes: int  # passes it took part in (its chunks)
+    queued_s: float  # from submission to its first pass
+    compute_s: float  # its passes' forward time (shared with what was packed with it)
+
+
+@dataclass
+class _InFlight:
+    """The leader's record of a request from submission to its future's result."""
+
+    job: Job
+    hashes: list[bytes]
+    future: Future
+    submitted: float
+    start: CacheStart | None = None  # set when it starts (its blocks are reserved)
+    begun: bool = False  # its first chunk has been sent to the ranks
+    owners: dict[int, int] = field(default_factory=dict)  # prompt block -> rank that computed it
+    first_pass: float | None = None
+    compute_s: float = 0.0
 
 
 class PrefillGroup:
-    """The leader's handle on its group: start the ranks, run jobs one at a time, stop."""
+    """The leader's handle on its group: start the ranks, take requests, schedule passes, stop."""
 
     def __init__(self, cfg: PrefillConfig):
         if cfg.cp < 1:
@@ -193,17 +298,28 @@ class PrefillGroup:
                 f"--prefix-cache is the share of KV blocks the prefix cache may keep, from 0 (off) to 1; "
                 f"got {cfg.prefix_cache}"
             )
+        sched_cfg = SchedulerConfig(
+            policy=cfg.schedule,
+            target_pass_s=cfg.target_pass_s,
+            chunk_unit=cfg.block_size * cfg.cp,
+            max_pass_tokens=cfg.max_pass_tokens,
+            ttft_min_s=cfg.ttft_min_s,
+            ttft_factor=cfg.ttft_factor,
+            reject_late=cfg.reject_late,
+        )
+        self.cost = CostModel()
+        self.scheduler = Scheduler(sched_cfg, self.cost)  # validates the scheduler flags before anything starts
         # Decided once, by the leader, for every rank.
         cfg = dataclasses.replace(cfg, kv_transfer=select_transport(cfg.kv_transfer))
         self.cfg, self.transport = cfg, cfg.kv_transfer
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.results: mp.Queue = ctx.Queue()
-        self.jobs = [ctx.Queue() for _ in range(cfg.cp - 1)]
+        self.reports: mp.Queue = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(cfg.cp - 1)]
         self.procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, cfg, init_method, self.jobs[r - 1], self.results),
+                args=(r, cfg, init_method, self.inboxes[r - 1], self.reports),
                 name=f"prefill-rank{r}",
                 daemon=True,
             )
@@ -213,24 +329,242 @@ class PrefillGroup:
         for p in self.procs:
             p.start()
         self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
-        for result in self._collect():
-            if result.error:
-                raise error_from_code(*result.error)
+        for report in self._collect():
+            if report.error:
+                raise error_from_code(*report.error)
         self.index = PrefixIndex(cfg.cp, cfg.kv_blocks, int(cfg.prefix_cache * cfg.kv_blocks), cfg.block_size)
         self.broken = False
-        self._lock = threading.Lock()  # one job at a time; close() must not free blocks a job reads
+        self._active: dict[str, RankSeq] = {}  # the leader rank's own sequences
+        self._requests: dict[str, _InFlight] = {}
+        self._cancelled: set[str] = set()
+        self._drop: list[str] = []
+        self._closing = False
+        self._wake = threading.Condition()  # guards everything above; the loop waits on it for work
+        self._calibrate()
+        self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
+        self._loop_thread.start()
 
     @property
     def model(self) -> Llama:
         return self.runner.model
 
-    def _collect(self) -> list[RankResult]:
-        """One result from every other rank; a rank that died or hangs past the timeout fails the group."""
-        got: list[RankResult] = []
+    # -- requests --------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Future:
+        """Queue a request; the future gives its ``Prefilled`` or raises its error.
+
+        Raises at once (nothing queued) ResourceExhausted if the prompt cannot fit the group,
+        DeadlineExceeded if the scheduler refuses late requests and this one cannot make it,
+        InvalidArgument for a request id already in flight, Unavailable if the group is broken.
+        """
+        self.index.check_fits(len(job.token_ids))
+        hashes = block_hashes(job.token_ids, self.cfg.block_size)
+        with self._wake:
+            if self.broken or self._closing:
+                raise Unavailable("prefill group is broken (a rank died) or stopping; send the request elsewhere")
+            cached = self.index.cached_tokens(hashes, len(job.token_ids))
+            now = time.monotonic()
+            self.scheduler.add(job.request_id, len(job.token_ids), cached, now, job.ttft_s)
+            future: Future = Future()
+            self._requests[job.request_id] = _InFlight(job, hashes, future, now)
+            PREFILL_QUEUE.set(len(self._requests))
+            self._wake.notify()
+        return future
+
+    def cancel(self, request_id: str) -> None:
+        """Give up a request (its client went away): it ends with Cancelled and frees its blocks
+        at the next pass boundary. Unknown or finished ids are ignored."""
+        with self._wake:
+            if request_id in self._requests:
+                self._cancelled.add(request_id)
+                self._wake.notify()
+
+    # -- the scheduling loop ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                for request_id in self._cancelled & self._requests.keys():
+                    self._abandon(request_id, Cancelled(f"request {request_id} cancelled by its client"))
+                self._cancelled.clear()
+                now = time.monotonic()
+                for r in self.scheduler.expire(now):
+                    self._abandon(r.request_id, self._late_error(r, now))
+                if self._closing:
+                    for request_id in list(self._requests):
+                        self._abandon(request_id, Unavailable("prefill group stopped; retry on another group"))
+                chunks = self.scheduler.next_pass(now, self._try_start)
+                if not chunks and not self._drop:
+                    if self._closing:
+                        return
+                    self._wake.wait(timeout=1.0)
+                    continue
+                p = self._build_pass(chunks)
+            try:
+                logits, reports = self._run_pass(p)
+            except RingserveError as e:
+                self._fail_all(e)
+                return
+            if chunks:
+                self._pass_done(chunks, p, logits, reports)
+
+    def _try_start(self, request: Request) -> bool:
+        """The scheduler's hook before a request's first chunk: reserve its blocks, or say wait."""
+        flight = self._requests[request.request_id]
+        flight.start = self.index.start(flight.hashes, request.num_tokens)
+        if flight.start is None:
+            return False
+        request.num_done = len(flight.start.hit) * self.cfg.block_size  # what the cache really gives
+        return True
+
+    def _build_pass(self, chunks: list[Chunk]) -> Pass:
+        bs, world = self.cfg.block_size, self.cfg.cp
+        work = []
+        for c in chunks:
+            flight = self._requests[c.request_id]
+            plan = plan_pass(c.num_tokens, world, bs)
+            for r in range(world):
+                flight.owners.update((j, r) for j in chunk_blocks(plan, c.start, r, bs))
+            work.append(
+                ChunkWork(
+                    c.request_id,
+                    flight.job.token_ids[c.start : c.start + c.num_tokens],
+                    c.start,
+                    begin=None if flight.begun else flight.start,
+                    last=c.last,
+                    targets=tuple(flight.job.targets) if c.last else (),
+                    store=self.index.finish(flight.hashes, flight.start, flight.owners, keep=True) if c.last else (),
+                )
+            )
+            flight.begun = True
+            PREFILL_CHUNK_TOKENS.observe(c.num_tokens)
+        drop, self._drop = tuple(self._drop), []
+        # The ring variant the most urgent request asked for.
+        strategy = self._requests[chunks[0].request_id].job.strategy if chunks else self.cfg.strategy
+        return Pass(tuple(work), strategy, self.index.take_evictions(), drop)
+
+    def _run_pass(self, p: Pass) -> tuple[list[torch.Tensor], list[PassReport]]:
+        for inbox in self.inboxes:
+            inbox.put(p)
+        try:
+            logits, mine = run_pass(self.runner, self.blocks, self._active, p, self.endpoint)
+        except Exception as e:  # the other ranks are stuck in (or past) this pass's ring
+            self.broken = True
+            if isinstance(e, RingserveError):
+                raise
+            raise Unavailable(f"prefill group: the leader failed a pass ({type(e).__name__}: {e})") from e
+        reports = [mine, *self._collect()]
+        for r in reports:
+            if r.error:
+                self.broken = True
+                raise error_from_code(*r.error)
+        # A rank holds exactly what the index says: cached blocks plus those of requests in flight.
+        # Any other count means a rank did not carry out a decision; the group is out of step.
+        for r in reports:
+            expected = self.index.held[r.rank] + self.index.reserved[r.rank]
+            if r.blocks_used != expected:
+                self.broken = True
+                raise FailedPrecondition(
+                    f"prefill rank {r.rank} holds {r.blocks_used} KV blocks after a pass, the leader's "
+                    f"index says {expected}; restart the prefill group"
+                )
+        return logits, reports
+
+    def _pass_done(self, chunks: list[Chunk], p: Pass, logits, reports: list[PassReport]) -> None:
+        seconds = max(r.forward_s for r in reports)  # the slowest rank's forward is the pass's
+        now = time.monotonic()
+        with self._wake:
+            predicted = self.cost.predict([(c.num_tokens, c.start) for c in chunks])
+            finished = {r.request_id: r for r in self.scheduler.pass_done(chunks, seconds, now)}
+            PREFILL_PASS_SECONDS.observe(seconds)
+            log.debug(
+                "pass: chunks %s tokens, %.3f s (predicted %.3f), %d request(s) in flight",
+                [c.num_tokens for c in chunks],
+                seconds,
+                predicted,
+                len(self._requests),
+            )
+            for i, c in enumerate(chunks):
+                flight = self._requests[c.request_id]
+                flight.compute_s += seconds
+                if flight.first_pass is None:
+                    flight.first_pass = now - seconds
+                if not c.last:
+                    continue
+                request = finished[c.request_id]
+                met = now <= request.deadline
+                PREFILL_DEADLINES.labels("met" if met else "missed").inc()
+                log.info(
+                    "request_id=%s ttft_deadline=%s passes=%d queued=%.3fs slack_at_end=%.3fs",
+                    c.request_id,
+                    "met" if met else "missed",
+                    request.passes,
+                    flight.first_pass - flight.submitted,
+                    request.deadline - now,
+                )
+                results = [r.results[c.request_id] for r in reports]
+                error = next((r.error for r in results if r.error), None)
+                outcome = error_from_code(*error) if error else Prefilled(
+                    logits[i],
+                    results,
+                    len(flight.start.hit) * self.cfg.block_size,
+                    self.runner.last_strategy or p.strategy,
+                    request.passes,
+                    flight.first_pass - flight.submitted,
+                    flight.compute_s,
+                )
+                self._end(c.request_id, outcome)
+
+    def _end(self, request_id: str, outcome: Prefilled | BaseException) -> None:
+        """Resolve a request's future and forget it (with ``_wake`` held)."""
+        flight = self._requests.pop(request_id)
+        self._cancelled.discard(request_id)
+        PREFILL_QUEUE.set(len(self._requests))
+        if isinstance(outcome, BaseException):
+            flight.future.set_exception(outcome)
+        else:
+            flight.future.set_result(outcome)
+
+    def _abandon(self, request_id: str, error: RingserveError) -> None:
+        """End a request that will not finish (with ``_wake`` held); a started one's blocks are
+        freed by the next pass (``Pass.drop``)."""
+        self.scheduler.cancel(request_id)
+        flight = self._requests[request_id]
+        if flight.start is not None:
+            self.index.finish(flight.hashes, flight.start, {}, keep=False)
+            if flight.begun:
+                self._drop.append(request_id)
+        self._end(request_id, error)
+
+    def _late_error(self, request: Request, now: float) -> RingserveError:
+        PREFILL_DEADLINES.labels("rejected").inc()
+        return DeadlineExceeded(
+            f"request {request.request_id} cannot meet its time-to-first-token deadline: it needs about "
+            f"{self.cost.remaining_s(request.num_tokens, request.num_done):.2f} s and "
+            f"{max(0.0, request.deadline - now):.2f} s are left; retry with a longer ttft_slo_seconds "
+            "or on a less loaded group"
+        )
+
+    def _fail_all(self, error: RingserveError) -> None:
+        """The group broke: every request in flight ends with the error; the rank-0 blocks are
+        already freed (``run_pass``), and the index forgets the reservations."""
+        log.error("prefill group failed: %s", error)
+        with self._wake:
+            self.broken = True
+            for request_id, flight in list(self._requests.items()):
+                self.scheduler.cancel(request_id)
+                if flight.start is not None:
+                    self.index.finish(flight.hashes, flight.start, {}, keep=False)
+                self._end(request_id, error)
+            self._drop = []
+
+    def _collect(self) -> list[PassReport]:
+        """One report from every other rank; a rank that died or hangs past the timeout fails the group."""
+        got: list[PassReport] = []
         deadline = time.monotonic() + self.cfg.group_timeout_s
         while len(got) < len(self.procs):
             try:
-                got.append(self.results.get(timeout=0.2))
+                got.append(self.reports.get(timeout=0.2))
             except queue.Empty:
                 dead = [p.name for p in self.procs if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
@@ -239,47 +573,53 @@ class PrefillGroup:
                         f"prefill group: {', '.join(dead) or 'a rank'} "
                         f"{'died' if dead else 'did not answer in time'}; restart the prefill group"
                     ) from None
-        return got
+        return sorted(got, key=lambda r: r.rank)
 
-    def run(self, job: Job) -> Prefilled:
-        """Run a job on every rank, reusing what the prefix cache holds of its prompt.
+    def _calibrate(self) -> None:
+        """Fit the scheduler's cost model before serving: a few passes of made-up prompts (one
+        chunk alone at several sizes, a packed pass, a chunk after a prefix), timed like real
+        ones. The first pass is a warm-up (kernel selection, allocator) and is not counted. The
+        model goes on learning from every real pass."""
+        bs, world = self.cfg.block_size, self.cfg.cp
+        unit = bs * world
+        sizes = [n for n in (unit, 4 * unit, 16 * unit, 64 * unit, 256 * unit) if n <= self.cfg.calibrate_tokens]
+        sizes = [n for n in sizes if max(new_blocks_per_rank(n, world, bs)) * 4 <= self.cfg.kv_blocks] or [unit]
+        # Each pass as its chunks' (new tokens, tokens before); the first is the warm-up.
+        shapes = [[(sizes[0], 0)]] + [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
+        shapes.append([(sizes[-1] // 2, sizes[-1] // 2)])
+        vocab = self.model.config.vocab_size
+        log.info("calibrating the prefill scheduler's cost model (%d passes)", len(shapes))
+        for i, shape in enumerate(shapes):
+            prefix, work = [], []
+            for k, (new, before) in enumerate(shape):
+                name = f"calibration-{i}.{k}"
+                begin = CacheStart((), new_blocks_per_rank(new + before, world, bs))
+                ids = [(7 * t + k + 1) % vocab for t in range(new + before)]
+                if before:  # the earlier tokens as a chunk of their own, untimed
+                    prefix.append(ChunkWork(name, ids[:before], 0, begin))
+                    begin = None
+                work.append(ChunkWork(name, ids[before:], before, begin))
+            if prefix:
+                self._run_calibration(Pass(tuple(prefix), self.cfg.strategy))
+            seconds = self._run_calibration(Pass(tuple(work), self.cfg.strategy))
+            self._run_calibration(Pass((), self.cfg.strategy, drop=tuple(self._active)))
+            if i:
+                self.cost.observe(shape, seconds)
+            log.debug("calibration pass %d/%d %s: %.3f s", i + 1, len(shapes), shape, seconds)
+        log.info("prefill cost model: %s", self.cost)
 
-        Raises ResourceExhausted, before any rank starts, if the prompt does not fit the group.
-        """
-        with self._lock:
-            return self._run(job)
-
-    def _run(self, job: Job) -> Prefilled:
-        if self.broken:
-            raise Unavailable("prefill group is broken (a rank died); restart it")
-        hashes = block_hashes(job.token_ids, self.cfg.block_size)
-        job = replace(job, cache=self.index.plan(hashes, len(job.token_ids)))
-        for q in self.jobs:
-            q.put(job)
-        try:
-            logits, mine = run_job(self.runner, self.blocks, job, self.endpoint)
-        except Exception:  # the other ranks are stuck in (or past) this job's ring
-            self.broken = True
-            raise
-        results = [mine, *self._collect()]
-        self.index.commit(hashes, job.cache)
-        # Between jobs a rank's cache is the only holder of its blocks; any other count means
-        # the rank did not carry out the plan, and its cache no longer matches the index.
-        out_of_step = [r for r in results if r.blocks_used != self.index.held[r.rank]]
-        if out_of_step:
-            self.broken = True
-        for r in results:
+    def _run_calibration(self, p: Pass) -> float:
+        """A pass outside the scheduler and the index; returns its forward time."""
+        for inbox in self.inboxes:
+            inbox.put(p)
+        _, mine = run_pass(self.runner, self.blocks, self._active, p, self.endpoint)
+        reports = [mine, *self._collect()]
+        for r in reports:
             if r.error:
-                if "peer rank" in r.error[1]:
-                    self.broken = True
                 raise error_from_code(*r.error)
-        if out_of_step:
-            r = out_of_step[0]
-            raise FailedPrecondition(
-                f"prefix cache out of step: prefill rank {r.rank} holds {r.blocks_used} KV blocks after a "
-                f"request, the leader's index says {self.index.held[r.rank]}; restart the prefill group"
-            )
-        return Prefilled(logits, results, job.cache.hit_blocks * self.cfg.block_size)
+        return max(r.forward_s for r in reports)
+
+    # -- the prefix cache ------------------------------------------------------------------------
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """How many of a prompt's tokens the prefix cache holds right now (they cost no compute)."""
@@ -295,16 +635,18 @@ class PrefillGroup:
         return self.index.stats()
 
     def close(self) -> None:
-        """Stop the ranks. An idle group first drops its prefix cache (``cache_changes`` then
-        reports every block evicted); a group stopped mid-job does not wait for the job."""
-        if self._lock.acquire(blocking=False):
-            try:
-                self.index.clear()
-                self.blocks.clear()
-            finally:
-                self._lock.release()
-        for q in self.jobs:
-            q.put(None)
+        """Stop: requests still queued or running end with Unavailable after the pass in
+        progress, an idle group drops its prefix cache (``cache_changes`` then reports every block
+        evicted), and the ranks exit."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._loop_thread.join(timeout=self.cfg.group_timeout_s)
+        if not self.broken and not self._active:
+            self.index.clear()
+            self.blocks.clear()
+        for inbox in self.inboxes:
+            inbox.put(None)
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():

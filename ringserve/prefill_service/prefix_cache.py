@@ -9,37 +9,43 @@ become that rank's "cached" part of the new sequence, ahead of its new pieces, a
 expects (``RingLayout``). Blocks are shared, never copied: a prefix ends on a block boundary, so
 new tokens never land in a cached block.
 
-Who decides what: the leader's ``PrefixIndex`` knows which rank holds each cached block and in
-what order they were used. For each job it makes one ``CachePlan`` (how many blocks to reuse, what
-to evict, which new blocks to keep), sent to every rank with the job; each rank's ``RankBlocks``
-only carries the plan out on its own blocks. The ranks never decide anything themselves.
+Who decides what: the leader's ``PrefixIndex`` knows which rank holds each cached block, in what
+order they were used, and the KV blocks every request in flight holds. When a request starts
+(``start``) it decides which cached blocks the request reads (they are pinned until it ends) and
+reserves, on every rank, the blocks for the rest of its prompt; when it ends (``finish``) it
+decides which of the new blocks the cache keeps. The ranks' ``RankBlocks`` only carry these
+decisions out, in the order the leader sends them. The ranks never decide anything themselves.
 
-Eviction is least recently used over blocks, in one order for the whole group. A job touches its
-prompt's blocks deepest first, so a block is always used more recently than its children: the
+A request's new blocks are reserved all at once, so a long prompt prefilled in chunks never runs
+out of memory halfway. Per rank their number does not depend on the chunking: non-final chunks
+are whole multiples of (block size x ranks) tokens, so every rank gets the same whole blocks of
+each, exactly as if the prompt ran in one pass.
+
+Eviction is least recently used over blocks, in one order for the whole group. A request touches
+its prompt's blocks deepest first, so a block is always used more recently than its children: the
 least recently used block is always a leaf, and no cached block is ever left without its parent.
-Blocks the job reads are never evicted for it.
+Pinned blocks are never evicted.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ringserve.engine.kv_cache import KVCache, blocks_needed
 from ringserve.errors import ResourceExhausted
 from ringserve.prefill_service.context_parallel import CPSequence
-from ringserve.prefill_service.sharding import PassPlan, plan_pass
+from ringserve.prefill_service.sharding import plan_pass
 
 
 @dataclass(frozen=True)
-class CachePlan:
-    """The leader's decision for one job, the same for every rank."""
+class CacheStart:
+    """The leader's decision when a request starts, the same for every rank."""
 
-    hit_blocks: int = 0  # the prompt's blocks [0, hit_blocks) are read from the cache, not computed
-    evict: tuple[bytes, ...] = ()  # cached blocks to free before the job
-    store: tuple[tuple[int, int], ...] = ()  # (prompt block, rank holding it) to keep after the job
+    hit: tuple[bytes, ...]  # the prompt's leading blocks read from the cache instead of computed
+    new_blocks: tuple[int, ...]  # per rank: blocks to allocate for the rest of the prompt
 
 
 @dataclass(frozen=True)
@@ -53,21 +59,26 @@ class CacheStats:
     hit_tokens: int
 
 
-def _pass_for(num_tokens: int, hit_blocks: int, world: int, block_size: int) -> PassPlan:
-    """The pass that computes what the cache does not hold: every token after the cached prefix."""
-    return plan_pass(num_tokens - hit_blocks * block_size, world, block_size)
+def new_blocks_per_rank(num_new: int, world: int, block_size: int) -> tuple[int, ...]:
+    """Blocks each rank holds of ``num_new`` tokens computed after a cached prefix."""
+    plan = plan_pass(num_new, world, block_size)
+    return tuple(blocks_needed(plan.rank_len(r), block_size) for r in range(world))
 
 
 class PrefixIndex:
-    """The leader's view of the group's cache: the rank holding each cached block, in LRU order."""
+    """The leader's view of the group's KV blocks: the rank holding each cached block in LRU
+    order, the blocks pinned by requests that read them, the blocks reserved by requests in flight."""
 
     def __init__(self, world: int, kv_blocks: int, capacity: int, block_size: int):
         """``kv_blocks`` per rank in all; the cache keeps at most ``capacity`` of them per rank
-        between jobs (0 turns it off)."""
+        between requests (0 turns it off)."""
         self.world, self.kv_blocks, self.capacity, self.block_size = world, kv_blocks, capacity, block_size
         self.owner: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
         self.held = [0] * world  # cached blocks per rank
+        self.reserved = [0] * world  # blocks of requests in flight, cached prefixes excluded
+        self.pins: Counter[bytes] = Counter()  # cached blocks read by requests in flight
         self.lookups = self.hits = self.hit_tokens = 0
+        self._evicted: list[bytes] = []  # evictions the ranks have not been told of yet
         self._changes: dict[bytes, bool] = {}  # hash -> stored (True) or evicted, since last taken
         self._lock = threading.Lock()  # the residency publisher reads changes from its own thread
 
@@ -80,81 +91,110 @@ class PrefixIndex:
         return matched
 
     def cached_tokens(self, hashes: Sequence[bytes], num_tokens: int) -> int:
-        """Prompt tokens a job would take from the cache now (a lookup: nothing changes)."""
+        """Prompt tokens a request would take from the cache now (a lookup: nothing changes)."""
         with self._lock:
             return min(self._matched(hashes), (num_tokens - 1) // self.block_size) * self.block_size
 
-    def plan(self, hashes: Sequence[bytes], num_tokens: int) -> CachePlan:
-        """Decide how a prompt of ``num_tokens`` tokens with block hashes ``hashes`` runs.
-
-        Reuse the longest cached prefix of whole blocks, leaving at least one token to compute
-        (its logits give the first token); evict least recently used blocks until the job fits on
-        every rank and what the cache keeps afterwards fits its capacity. If the job only fits
-        without its cached prefix (the prefix's blocks may sit unevenly on the ranks), it runs
-        cold and keeps nothing. Raises ResourceExhausted if it does not fit even then.
-        """
-        matched = self._matched(hashes)
-        hit = min(matched, (num_tokens - 1) // self.block_size)
-        plan = self._fit(hashes, num_tokens, hit, matched, keep_new=True)
-        if plan is None and matched:
-            plan = self._fit(hashes, num_tokens, 0, 0, keep_new=False)
-        if plan is None:
-            cold = _pass_for(num_tokens, 0, self.world, self.block_size)
-            need = max(blocks_needed(cold.rank_len(r), self.block_size) for r in range(self.world))
+    def check_fits(self, num_tokens: int) -> None:
+        """Raise ResourceExhausted if a prompt cannot fit the group even when it is empty."""
+        need = max(new_blocks_per_rank(num_tokens, self.world, self.block_size))
+        if need > self.kv_blocks:
             raise ResourceExhausted(
                 f"a prompt of {num_tokens} tokens needs {need} KV blocks on one rank, but each rank of "
                 f"this prefill group has {self.kv_blocks}; shorten the prompt or give the group more "
                 "--kv-blocks or more --cp ranks"
             )
-        return plan
 
-    def _fit(
-        self, hashes: Sequence[bytes], num_tokens: int, hit: int, matched: int, keep_new: bool
-    ) -> CachePlan | None:
-        """A plan reusing ``hit`` blocks with the prompt's first ``matched`` cached blocks kept out
-        of eviction, or None if the job cannot fit next to them."""
+    def start(self, hashes: Sequence[bytes], num_tokens: int) -> CacheStart | None:
+        """Start a request of ``num_tokens`` tokens with block hashes ``hashes``, or None if it
+        does not fit next to the requests in flight now (it waits for them).
+
+        Reuse the longest cached prefix of whole blocks, leaving at least one token to compute
+        (its logits give the first token); evict least recently used unpinned blocks until the
+        rest of the prompt fits on every rank. If it only fits without its cached prefix (the
+        prefix's blocks may sit unevenly on the ranks), it runs cold.
+        """
         bs = self.block_size
-        plan = _pass_for(num_tokens, hit, self.world, bs)
-        need = [blocks_needed(plan.rank_len(r), bs) for r in range(self.world)]
-        # New full blocks not cached yet, and the rank each is computed on; deepest last.
-        owner = {hit + b: r for r in range(self.world) for b in plan.rank_blocks(r, bs)}
-        store = [(j, owner[j]) for j in range(matched, num_tokens // bs)] if keep_new else []
-        kept = [0] * self.world
-        for _, r in store:
-            kept[r] += 1
-        held = list(self.held)
-        in_use = set(hashes[:matched])
-        victims = (h for h in self.owner if h not in in_use)  # least recently used first
-        evict = []
-        while True:
-            fits = all(held[r] + need[r] <= self.kv_blocks for r in range(self.world))
-            if fits and all(held[r] + kept[r] <= self.capacity for r in range(self.world)):
-                return CachePlan(hit, tuple(evict), tuple(store))
-            victim = next(victims, None)
-            if victim is not None:  # older than anything this job touches: goes first
-                evict.append(victim)
-                held[self.owner[victim]] -= 1
-            elif not fits:
-                return None
-            else:  # only the capacity is exceeded: keep fewer new blocks, deepest first
-                kept[store.pop()[1]] -= 1
-
-    def commit(self, hashes: Sequence[bytes], plan: CachePlan) -> None:
-        """Record a job's plan once every rank has carried it out."""
         with self._lock:
-            for h in plan.evict:
-                self.held[self.owner.pop(h)] -= 1
-                self._changes[h] = False
-            for j, rank in plan.store:
-                self.owner[hashes[j]] = rank
-                self.held[rank] += 1
+            matched = self._matched(hashes)
+            hit = min(matched, (num_tokens - 1) // bs)
+            for reuse in (hit, 0) if hit else (0,):
+                need = new_blocks_per_rank(num_tokens - reuse * bs, self.world, bs)
+                evict = self._make_room(need, set(hashes[:matched]) if reuse else set())
+                if evict is None:
+                    continue
+                for h in evict:
+                    self._evict(h)
+                self.pins.update(hashes[:reuse])
+                self.reserved = [a + b for a, b in zip(self.reserved, need)]
+                self.lookups += 1
+                self.hits += reuse > 0
+                self.hit_tokens += reuse * bs
+                return CacheStart(tuple(hashes[:reuse]), need)
+            return None
+
+    def _make_room(self, need: Sequence[int], keep: set[bytes]) -> list[bytes] | None:
+        """Least recently used cached blocks to evict so ``need`` more blocks fit on every rank
+        (never pinned ones, nor ``keep``); None if evicting all that may go is not enough."""
+        held = list(self.held)
+        victims = (h for h in self.owner if h not in keep and not self.pins[h])
+        evict = []
+        while not all(held[r] + self.reserved[r] + need[r] <= self.kv_blocks for r in range(self.world)):
+            victim = next(victims, None)
+            if victim is None:
+                return None
+            evict.append(victim)
+            held[self.owner[victim]] -= 1
+        return evict
+
+    def _evict(self, h: bytes) -> None:
+        self.held[self.owner.pop(h)] -= 1
+        self._evicted.append(h)
+        self._changes[h] = False
+
+    def finish(
+        self, hashes: Sequence[bytes], start: CacheStart, owners: dict[int, int], keep: bool
+    ) -> tuple[tuple[int, int, bytes], ...]:
+        """End a request: unpin and unreserve its blocks, and decide which of its new full blocks
+        the cache keeps; returns them as (prompt block, rank holding it, hash).
+
+        ``owners`` maps each computed prompt block to its rank (it depends on the chunking).
+        ``keep`` False (the prefill did not finish) keeps nothing. A block another request stored
+        meanwhile is not stored twice. To stay within capacity, least recently used unpinned
+        blocks are evicted first, then fewer new blocks kept, deepest first.
+        """
+        with self._lock:
+            self.pins.subtract(start.hit)
+            self.pins = +self.pins  # drop zero counts
+            self.reserved = [a - b for a, b in zip(self.reserved, start.new_blocks)]
+            if not keep or not self.capacity:
+                return ()
+            store = [(j, owners[j]) for j in sorted(owners) if j < len(hashes) and hashes[j] not in self.owner]
+            kept = list(self.held)
+            for _, r in store:
+                kept[r] += 1
+            in_use = set(hashes)
+            victims = (h for h in list(self.owner) if h not in in_use and not self.pins[h])
+            while any(k > self.capacity for k in kept):
+                victim = next(victims, None)
+                if victim is not None:
+                    kept[self.owner[victim]] -= 1
+                    self._evict(victim)
+                else:
+                    kept[store.pop()[1]] -= 1
+            for j, r in store:
+                self.owner[hashes[j]] = r
+                self.held[r] += 1
                 self._changes[hashes[j]] = True
             for h in reversed(hashes):  # deepest first: a parent ends up more recent than its children
                 if h in self.owner:
                     self.owner.move_to_end(h)
-            self.lookups += 1
-            self.hits += plan.hit_blocks > 0
-            self.hit_tokens += plan.hit_blocks * self.block_size
+            return tuple((j, r, hashes[j]) for j, r in store)
+
+    def take_evictions(self) -> tuple[bytes, ...]:
+        """Blocks evicted since the last call: the ranks free them before anything else."""
+        evicted, self._evicted = tuple(self._evicted), []
+        return evicted
 
     def take_changes(self) -> tuple[list[bytes], list[bytes]]:
         """Block hashes stored and evicted since the last call (a hash's latest change wins)."""
@@ -167,12 +207,22 @@ class PrefixIndex:
             return CacheStats(tuple(self.held), self.capacity, self.lookups, self.hits, self.hit_tokens)
 
     def clear(self) -> None:
-        """Forget every block (the ranks free theirs with ``RankBlocks.clear``); they count as evicted."""
+        """Forget every block (the ranks free theirs with ``RankBlocks.clear``); they count as
+        evicted. Only with no request in flight."""
         with self._lock:
             for h in self.owner:
                 self._changes[h] = False
             self.owner.clear()
             self.held = [0] * self.world
+
+
+@dataclass
+class RankSeq:
+    """One request on one rank: its CP sequence, and which prompt block each new local block holds."""
+
+    seq: CPSequence
+    num_hit: int  # this rank's blocks of the cached prefix, first in the block table
+    prompt_blocks: list[int] = field(default_factory=list)  # of the new blocks computed so far, in order
 
 
 class RankBlocks:
@@ -182,29 +232,31 @@ class RankBlocks:
         self.cache, self.rank, self.world = cache, rank, world
         self.blocks: dict[bytes, int] = {}  # hash -> block id in ``cache``
 
-    def begin(self, hashes: Sequence[bytes], plan: CachePlan) -> CPSequence:
-        """Carry out the plan's evictions; return the job's sequence, which starts with this
-        rank's blocks of the cached prefix (read-only, in prompt order)."""
-        self.cache.allocator.free([self.blocks.pop(h) for h in plan.evict if h in self.blocks])
-        table = [self.blocks[h] for h in hashes[: plan.hit_blocks] if h in self.blocks]
-        bs = self.cache.block_size
-        return CPSequence(table, num_cached_local=len(table) * bs, num_done=plan.hit_blocks * bs)
+    def evict(self, hashes: Sequence[bytes]) -> None:
+        """Free the cached blocks the leader evicted that this rank holds."""
+        self.cache.allocator.free([self.blocks.pop(h) for h in hashes if h in self.blocks])
 
-    def finish(self, seq: CPSequence, hashes: Sequence[bytes], plan: CachePlan, num_tokens: int, keep: bool) -> None:
-        """After the job: keep the plan's new blocks that are on this rank (only if the forward
-        finished, ``keep``) and free the job's other blocks; the cached prefix's blocks stay."""
-        num_hit = sum(h in self.blocks for h in hashes[: plan.hit_blocks])
-        new = seq.block_table[num_hit:]
-        if keep:
-            bs = self.cache.block_size
-            pass_blocks = _pass_for(num_tokens, plan.hit_blocks, self.world, bs).rank_blocks(self.rank, bs)
-            by_prompt_block = {plan.hit_blocks + b: block for b, block in zip(pass_blocks, new)}
-            for j, rank in plan.store:
-                if rank == self.rank:
-                    self.blocks[hashes[j]] = by_prompt_block.pop(j)
-            new = list(by_prompt_block.values())
-        self.cache.allocator.free(new)
-        seq.block_table = []
+    def begin(self, start: CacheStart) -> RankSeq:
+        """A request's sequence on this rank: its blocks of the cached prefix (read-only, in
+        prompt order), then the blocks for its new tokens, all allocated now."""
+        table = [self.blocks[h] for h in start.hit if h in self.blocks]
+        new = self.cache.allocator.allocate(start.new_blocks[self.rank])
+        bs = self.cache.block_size
+        seq = CPSequence(table + new, num_cached_local=len(table) * bs, num_done=len(start.hit) * bs)
+        return RankSeq(seq, len(table))
+
+    def finish(self, rs: RankSeq, store: Sequence[tuple[int, int, bytes]]) -> None:
+        """Keep the new blocks the leader stores on this rank; free the request's other new blocks
+        (the cached prefix's blocks stay with the cache)."""
+        new = rs.seq.block_table[rs.num_hit :]
+        by_prompt_block = dict(zip(rs.prompt_blocks, new))
+        kept = set()
+        for j, rank, h in store:
+            if rank == self.rank:
+                self.blocks[h] = by_prompt_block[j]
+                kept.add(by_prompt_block[j])
+        self.cache.allocator.free([b for b in new if b not in kept])
+        rs.seq.block_table = []
 
     def clear(self) -> None:
         """Free every cached block of this rank."""

@@ -1,7 +1,8 @@
 """Exact ring attention over a CP group: pass-KV and pass-Q (Yang et al. 2024, §3.4-3.5).
 
-Each rank holds, for one sequence, a KV buffer laid out as [cached | early piece | late piece]
-(``sharding.PassPlan``) and the queries of its two pieces. Both variants run N steps around the
+Each rank holds, for each sequence of a pass, a KV buffer laid out as [cached | early piece |
+late piece] (``sharding.PassPlan``) and the queries of its two pieces; a pass may pack several
+sequences (``RingLayout``). Both variants run N steps around the
 ring, attend with the one attention primitive and merge partials by LSE:
 
 - pass-KV: KV buffers travel; each rank attends its own queries to every rank's KV.
@@ -62,8 +63,8 @@ class RingComm:
 
 
 @dataclass(frozen=True)
-class RingLayout:
-    """What every rank knows about a pass: the piece plan and each rank's cached token count."""
+class SeqLayout:
+    """One sequence of a pass: its piece plan and each rank's KV from its earlier passes."""
 
     plan: PassPlan
     cached: tuple[int, ...]  # per rank: KV from earlier passes of this sequence
@@ -93,33 +94,71 @@ class RingLayout:
         return end, False
 
 
-def _attend_pieces(q, k, v, layout: RingLayout, q_rank: int, kv_rank: int):
-    """Attention of ``q_rank``'s queries (its two pieces, concatenated) over ``kv_rank``'s KV."""
-    outs, lses, offset = [], [], 0
-    for piece in layout.plan.rank_pieces(q_rank):
-        n = layout.piece_len(piece)
-        end, causal = layout.visible(piece, kv_rank)
-        out, lse = attend(q[offset : offset + n], k[:end], v[:end], causal=causal)
-        outs.append(out)
-        lses.append(lse)
-        offset += n
+@dataclass(frozen=True)
+class RingLayout:
+    """What every rank knows about a pass: its sequences, each sharded on its own.
+
+    A packed pass (several sequences) lays them out one after another on every rank: queries in
+    sequence order, and each rank's KV buffer as [seq 0's cached + new | seq 1's | ...]. Attention
+    is block-diagonal: a sequence's queries see only its own KV, so a short request packed with
+    others computes exactly what it would alone.
+    """
+
+    seqs: tuple[SeqLayout, ...]
+
+    def q_len(self, rank: int) -> int:
+        return sum(s.plan.rank_len(rank) for s in self.seqs)
+
+    def kv_len(self, rank: int) -> int:
+        return sum(s.kv_len(rank) for s in self.seqs)
+
+    def split_q(self, q: torch.Tensor, rank: int) -> list[torch.Tensor]:
+        """``rank``'s packed queries (or per-query rows), one view per sequence."""
+        return list(q.split([s.plan.rank_len(rank) for s in self.seqs]))
+
+    def split_kv(self, kv: torch.Tensor, rank: int) -> list[torch.Tensor]:
+        """``rank``'s packed KV buffer (padding after it ignored), one view per sequence."""
+        lengths = [s.kv_len(rank) for s in self.seqs]
+        return list(kv[: sum(lengths)].split(lengths))
+
+
+def _attend_pieces(q, keys, values, layout: RingLayout, q_rank: int, kv_rank: int):
+    """Attention of ``q_rank``'s queries (per sequence: its two pieces, concatenated) over
+    ``kv_rank``'s KV (``keys``/``values``: one tensor per sequence)."""
+    outs, lses = [], []
+    for seq, q_seq, k, v in zip(layout.seqs, layout.split_q(q, q_rank), keys, values):
+        offset = 0
+        for piece in seq.plan.rank_pieces(q_rank):
+            n = seq.piece_len(piece)
+            end, causal = seq.visible(piece, kv_rank)
+            out, lse = attend(q_seq[offset : offset + n], k[:end], v[:end], causal=causal)
+            outs.append(out)
+            lses.append(lse)
+            offset += n
     return torch.cat(outs), torch.cat(lses)
 
 
-def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
-    """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn."""
+def ring_pass_kv(
+    q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], layout: RingLayout, comm: RingComm
+) -> torch.Tensor:
+    """This rank's attention output [T_r, H, D], with every rank's KV visiting in turn.
+
+    ``q`` holds this rank's queries of every sequence of the pass, packed; ``keys``/``values``
+    this rank's KV of each sequence ([cached | new], one tensor per sequence)."""
     rank, world = comm.rank, comm.world
-    # One message per step: K and V side by side, padded to the longest rank (padding never read).
-    kv = k.new_empty(max(layout.kv_len(r) for r in range(world)), 2, *k.shape[1:])
-    kv[: k.shape[0], 0] = k
-    kv[: k.shape[0], 1] = v
+    # One message per step: K and V side by side, every sequence's in turn, padded to the longest
+    # rank (padding never read).
+    kv = keys[0].new_empty(max(layout.kv_len(r) for r in range(world)), 2, *keys[0].shape[1:])
+    for buf, k, v in zip(layout.split_kv(kv, rank), keys, values):
+        buf[:, 0] = k
+        buf[:, 1] = v
     out = lse = None
     for step in range(world):
         src = (rank - step) % world
         if step + 1 < world:
             incoming = comm.send_recv(kv)
-        n = layout.kv_len(src)
-        part = _attend_pieces(q, kv[:n, 0], kv[:n, 1], layout, rank, src)
+        bufs = layout.split_kv(kv, src)
+        part = _attend_pieces(q, [b[:, 0] for b in bufs], [b[:, 1] for b in bufs], layout, rank, src)
         out, lse = (part[0].float(), part[1]) if out is None else merge(out, lse, *part)
         if step + 1 < world:
             comm.wait()
@@ -127,10 +166,13 @@ def ring_pass_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ring
     return out.to(q.dtype)
 
 
-def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingLayout, comm: RingComm) -> torch.Tensor:
-    """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV."""
+def ring_pass_q(
+    q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], layout: RingLayout, comm: RingComm
+) -> torch.Tensor:
+    """This rank's attention output [T_r, H, D], with every rank's queries visiting this KV
+    (arguments as for ``ring_pass_kv``)."""
     rank, world = comm.rank, comm.world
-    rows = max(layout.plan.rank_len(r) for r in range(world))
+    rows = max(layout.q_len(r) for r in range(world))
     q_buf = q.new_empty(rows, *q.shape[1:])
     q_buf[: q.shape[0]] = q
     # Row i of part_*[src] is written for every i below src's query count, and no other row is read.
@@ -140,8 +182,8 @@ def ring_pass_q(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: RingL
         src = (rank - step) % world  # whose queries are visiting
         if step + 1 < world:
             incoming = comm.send_recv(q_buf)
-        n = layout.plan.rank_len(src)
-        o, s = _attend_pieces(q_buf[:n], k, v, layout, src, rank)
+        n = layout.q_len(src)
+        o, s = _attend_pieces(q_buf[:n], keys, values, layout, src, rank)
         part_out[src, :n] = o
         part_lse[src, :n] = s
         if step + 1 < world:

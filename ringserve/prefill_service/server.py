@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from ringserve.config import PrefillConfig
 from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import sample
-from ringserve.errors import InvalidArgument
+from ringserve.errors import Cancelled, InvalidArgument
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
-from ringserve.prefill_service.group import Job, PrefillGroup, Target
+from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup, Target
 from ringserve.prefill_service.strategy import STRATEGIES
 from ringserve.registry import Load, Registration, WorkCounter, advertised_address
-from ringserve.rpc import model_description, rpc_errors, sampling_from_proto, start_server
+from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, group: PrefillGroup, cfg: PrefillConfig, health=None):
         self.group, self.cfg, self.health = group, cfg, health
         self.model_desc = model_description(group.model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct")
-        self.lock = threading.Lock()  # one request at a time per group (the scheduler issue lifts this)
         self.work = WorkCounter()  # admitted requests and tokens, measured speed: the registry's load
 
     @rpc_errors("prefill")
@@ -43,6 +42,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             ids,
             request.strategy or self.cfg.strategy,
             [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing) for t in request.targets],
+            check_ttft_slo(request.ttft_slo_seconds),
         )
         # Queue what this group must compute: a prompt it mostly holds is cheap here, and the
         # router must see that (counting cached tokens as work steered hits away from their cache).
@@ -50,37 +50,52 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         try:
             with self.work.admitted(uncached):
                 QUEUE_DEPTH.labels("prefill").set(self.work.requests)
-                with self.lock:
-                    t0 = time.perf_counter()
-                    done = self.group.run(job)
-                    elapsed = time.perf_counter() - t0
+                done = self._wait(self.group.submit(job), job.request_id, context)
         finally:
             QUEUE_DEPTH.labels("prefill").set(self.work.requests)
             self._update_gauges()
-        self.work.observe(len(ids) - done.cached_tokens, elapsed)  # the speed of computing tokens
-        if self.group.broken and self.health is not None:
-            self.health.enter_graceful_shutdown()
+        self.work.observe(len(ids) - done.cached_tokens, done.compute_s)  # the speed of computing tokens
         first = sample(done.logits, params, params.generator(0))
         sent = sum(r.bytes_sent for r in done.results)
         transfer = max(r.transfer_s for r in done.results)
         KV_BYTES.labels("prefill", "sent").inc(sent)
         log.info(
-            "request_id=%s prefilled tokens=%d cached_tokens=%d strategy=%s seconds=%.3f kv_bytes=%d",
+            "request_id=%s prefilled tokens=%d cached_tokens=%d strategy=%s passes=%d queued=%.3fs "
+            "compute=%.3fs kv_bytes=%d",
             job.request_id,
             len(ids),
             done.cached_tokens,
-            self.group.runner.last_strategy,
-            elapsed,
+            done.strategy,
+            done.passes,
+            done.queued_s,
+            done.compute_s,
             sent,
         )
         return prefill_pb2.PrefillResponse(
             first_token=first,
-            strategy=self.group.runner.last_strategy or "",
-            compute_seconds=elapsed - transfer,
+            strategy=done.strategy,
+            compute_seconds=done.compute_s,
             transfer_seconds=transfer,
             bytes_transferred=sent,
             cached_prompt_tokens=done.cached_tokens,
+            queued_seconds=done.queued_s,
+            passes=done.passes,
         )
+
+    def _wait(self, future: Future, request_id: str, context) -> Prefilled:
+        """The request's result; if its client goes away (cancelled, deadline passed) first, the
+        group drops the request, freeing what it holds."""
+        try:
+            while True:
+                try:
+                    return future.result(timeout=0.05)
+                except FutureTimeout:
+                    if not context.is_active():
+                        self.group.cancel(request_id)
+                        raise Cancelled(f"request {request_id}: the client cancelled or its deadline passed") from None
+        finally:
+            if self.group.broken and self.health is not None:
+                self.health.enter_graceful_shutdown()
 
     def _update_gauges(self) -> None:
         alloc = self.group.runner.cache.allocator

@@ -71,3 +71,10 @@ def plan_pass(num_new: int, world: int, block_size: int) -> PassPlan:
         pieces.append((start, end))
         start = end
     return PassPlan(num_new, world, tuple(pieces))
+
+
+def chunk_blocks(plan: PassPlan, start: int, rank: int, block_size: int) -> list[int]:
+    """The prompt blocks rank ``rank`` computes in a pass over the prompt's tokens from ``start``
+    (block-aligned), in its local order. They depend on how the prompt was chunked, so the
+    leader and each rank record them chunk by chunk."""
+    return [start // block_size + b for b in plan.rank_blocks(rank, block_size)]

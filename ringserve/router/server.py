@@ -24,7 +24,7 @@ from ringserve.engine.tokenizer import Tokenizer
 from ringserve.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ringserve.metrics import QUEUE_DEPTH, TPOT, TTFT, serve_metrics
 from ringserve.router.balancer import Balancer, Decision
-from ringserve.rpc import rpc_errors, sampling_from_proto, start_server
+from ringserve.rpc import check_ttft_slo, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import (
     common_pb2,
     decode_pb2,
@@ -94,6 +94,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         ids = self._prompt_ids(request)
         params = sampling_from_proto(request.sampling)  # validates
         params.validate_for(self.model.vocab_size)
+        check_ttft_slo(request.ttft_slo_seconds)
         decision = self.balancer.pick(ids, params.max_tokens)
         QUEUE_DEPTH.labels("router").inc()
         prefilling, decoding = True, False  # the pick counted the prompt as pending at its prefill group
@@ -113,7 +114,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 "prefill",
                 lambda g: g.stub.Prefill(
                     prefill_pb2.PrefillRequest(
-                        request_id=rid, token_ids=ids, sampling=request.sampling, targets=reserve.targets
+                        request_id=rid,
+                        token_ids=ids,
+                        sampling=request.sampling,
+                        targets=reserve.targets,
+                        # What is left of the budget once the prefill group has the request.
+                        ttft_slo_seconds=max(1e-3, request.ttft_slo_seconds - (time.perf_counter() - t_start))
+                        if request.ttft_slo_seconds
+                        else 0.0,
                     ),
                     timeout=self._timeout(context),
                 ),

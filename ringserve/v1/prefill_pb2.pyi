@@ -8,34 +8,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling", "targets", "strategy")
+    __slots__ = ("request_id", "token_ids", "sampling", "targets", "strategy", "ttft_slo_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    TTFT_SLO_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTarget]
     strategy: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.KVTarget, _Mapping]]] = ..., strategy: _Optional[str] = ...) -> None: ...
+    ttft_slo_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., targets: _Optional[_Iterable[_Union[_common_pb2.KVTarget, _Mapping]]] = ..., strategy: _Optional[str] = ..., ttft_slo_seconds: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "strategy", "compute_seconds", "transfer_seconds", "bytes_transferred", "cached_prompt_tokens")
+    __slots__ = ("first_token", "strategy", "compute_seconds", "transfer_seconds", "bytes_transferred", "cached_prompt_tokens", "queued_seconds", "passes")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_TRANSFERRED_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
     first_token: int
     strategy: str
     compute_seconds: float
     transfer_seconds: float
     bytes_transferred: int
     cached_prompt_tokens: int
-    def __init__(self, first_token: _Optional[int] = ..., strategy: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., bytes_transferred: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
+    queued_seconds: float
+    passes: int
+    def __init__(self, first_token: _Optional[int] = ..., strategy: _Optional[str] = ..., compute_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., bytes_transferred: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., queued_seconds: _Optional[float] = ..., passes: _Optional[int] = ...) -> None: ...
 
 class GetPrefillInfoRequest(_message.Message):
     __slots__ = ()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ringserve.v1 import common_pb2 as ringserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ringserve/v1/router.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xcd\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.ringserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.ringserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParamsB\x07\n\x05input\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.ringserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.ringserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.ringserve.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"t\n\x14GetModelInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x16\n\x0eprefill_groups\x18\x02 \x01(\r\x12\x15\n\rdecode_groups\x18\x03 \x01(\r2\xf7\x01\n\x06Router\x12K\n\x08Generate\x12\x1d.ringserve.v1.GenerateRequest\x1a\x1e.ringserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.ringserve.v1.TokenizeRequest\x1a\x1e.ringserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.ringserve.v1.GetModelInfoRequest\x1a\".ringserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ringserve/v1/router.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.ringserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.ringserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParams\x12\x18\n\x10ttft_slo_seconds\x18\x06 \x01(\x01\x42\x07\n\x05input\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.ringserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9e\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.ringserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.ringserve.v1.Usage\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"t\n\x14GetModelInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x16\n\x0eprefill_groups\x18\x02 \x01(\r\x12\x15\n\rdecode_groups\x18\x03 \x01(\r2\xf7\x01\n\x06Router\x12K\n\x08Generate\x12\x1d.ringserve.v1.GenerateRequest\x1a\x1e.ringserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.ringserve.v1.TokenizeRequest\x1a\x1e.ringserve.v1.TokenizeResponse\x12U\n\x0cGetModelInfo\x12!.ringserve.v1.GetModelInfoRequest\x1a\".ringserve.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=70
   _globals['_CHATMESSAGE']._serialized_end=114
   _globals['_GENERATEREQUEST']._serialized_start=117
-  _globals['_GENERATEREQUEST']._serialized_end=322
-  _globals['_CHATMESSAGES']._serialized_start=324
-  _globals['_CHATMESSAGES']._serialized_end=383
-  _globals['_TOKENIDS']._serialized_start=385
-  _globals['_TOKENIDS']._serialized_end=408
-  _globals['_GENERATERESPONSE']._serialized_start=411
-  _globals['_GENERATERESPONSE']._serialized_end=569
-  _globals['_TOKENIZEREQUEST']._serialized_start=571
-  _globals['_TOKENIZEREQUEST']._serialized_end=630
-  _globals['_TOKENIZERESPONSE']._serialized_start=632
-  _globals['_TOKENIZERESPONSE']._serialized_end=669
-  _globals['_GETMODELINFOREQUEST']._serialized_start=671
-  _globals['_GETMODELINFOREQUEST']._serialized_end=692
-  _globals['_GETMODELINFORESPONSE']._serialized_start=694
-  _globals['_GETMODELINFORESPONSE']._serialized_end=810
-  _globals['_ROUTER']._serialized_start=813
-  _globals['_ROUTER']._serialized_end=1060
+  _globals['_GENERATEREQUEST']._serialized_end=348
+  _globals['_CHATMESSAGES']._serialized_start=350
+  _globals['_CHATMESSAGES']._serialized_end=409
+  _globals['_TOKENIDS']._serialized_start=411
+  _globals['_TOKENIDS']._serialized_end=434
+  _globals['_GENERATERESPONSE']._serialized_start=437
+  _globals['_GENERATERESPONSE']._serialized_end=595
+  _globals['_TOKENIZEREQUEST']._serialized_start=597
+  _globals['_TOKENIZEREQUEST']._serialized_end=656
+  _globals['_TOKENIZERESPONSE']._serialized_start=658
+  _globals['_TOKENIZERESPONSE']._serialized_end=695
+  _globals['_GETMODELINFOREQUEST']._serialized_start=697
+  _globals['_GETMODELINFOREQUEST']._serialized_end=718
+  _globals['_GETMODELINFORESPONSE']._serialized_start=720
+  _globals['_GETMODELINFORESPONSE']._serialized_end=836
+  _globals['_ROUTER']._serialized_start=839
+  _globals['_ROUTER']._serialized_end=1086
 # @@protoc_insertion_point(module_scope)
