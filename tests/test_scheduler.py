@@ -35,7 +35,7 @@ def simulate(cfg, arrivals, *, seed=0, stop_at=None):
     rng = random.Random(seed)
     sched = Scheduler(cfg, CostModel())  # default prior: 5x too slow per token, 7x on attention
     ttft, refused, now, i = {}, set(), 0.0, 0
-    busy = 0.0
+    busy, late = 0.0, 0
     while True:
         while i < len(arrivals) and arrivals[i][0] <= now:
             t, rid, n = arrivals[i]
@@ -56,7 +56,9 @@ def simulate(cfg, arrivals, *, seed=0, stop_at=None):
         busy += seconds
         for r in sched.pass_done(chunks, seconds, now):
             ttft[r.request_id] = now - r.arrival
+            late += now > r.deadline
     assert not sched.requests, "requests left behind after the queue drained"
+    assert sched.late == late
     return sched, {"ttft": ttft, "refused": refused, "end": now, "busy": busy}
 
 
@@ -137,8 +139,13 @@ def test_cost_model_window_forgets_old_passes():
 
 
 def calibrated(**kw):
-    """A scheduler whose cost model starts from the true coefficients."""
-    return Scheduler(SchedulerConfig(**kw), CostModel(prior=TRUE))
+    """A scheduler whose cost model has seen varied passes of the true cost (as after a warm-up)."""
+    rng = random.Random(2)
+    cost = CostModel(prior=TRUE)
+    for _ in range(32):
+        work = [(rng.randint(1, 8192), rng.randint(0, 200_000)) for _ in range(rng.randint(1, 8))]
+        cost.observe(work, true_cost(work))
+    return Scheduler(SchedulerConfig(**kw), cost)
 
 
 def run_alone(sched, rid, num_tokens, num_done=0):
@@ -217,6 +224,26 @@ def test_short_requests_packed_together():
     # one request per pass would take 40.
     assert passes <= 5, passes
     assert sched.late == 0
+
+
+def test_waiting_request_moves_up_and_is_not_starved():
+    # One sequence per pass, and a fresh short request arriving for every pass: by slack alone
+    # each newcomer (slack ~0.95 s) beats the long prompt (slack ~2 s) until it has waited ~1 s.
+    sched = calibrated(max_pass_requests=1)
+    sched.add("long", 20_000, 0, 0.0, ttft_s=2.5)
+    now, k, first_long = 0.0, 0, None
+    while any(r.request_id == "long" for r in sched.requests):
+        sched.add(f"s{k}", 2000, 0, now)
+        k += 1
+        chunks = sched.next_pass(now)
+        if chunks[0].request_id == "long" and first_long is None:
+            first_long = now
+        seconds = true_cost([(c.num_tokens, c.start) for c in chunks])
+        now += seconds
+        sched.pass_done(chunks, seconds, now)
+        assert now < 10, "the long request starved"
+    assert 0.8 < first_long < 1.5, first_long  # it waited while it had time to spare, then went first
+    assert now <= 2.5  # and met its deadline
 
 
 def test_try_start_false_delays_without_losing():
