@@ -1,0 +1,402 @@
+"""What a prefill group runs in each pass: chunked prefill, least-remaining-slack first (Medha).
+
+One multi-hundred-thousand-token prefill would hold the group for tens of seconds while short
+requests queue behind it. So prompts are split into chunks and every pass is a preemption point
+(the KV of earlier chunks stays on the ranks): each pass the leader picks, from all active
+requests, a few chunks that together take about ``target_pass_s`` (Agrawal et al., "Medha",
+arXiv 2409.17264).
+
+Who goes first: ``lrs`` orders by slack, ``deadline - now - predicted time of the rest``. Short
+requests, whose rest is small, pass ahead of long ones that still have time to spare, and a long
+request near its deadline passes ahead of everyone. Waiting lowers slack 1:1 with time, so a
+waiting request moves up until it goes first or its slack turns negative. Requests already late
+(slack < 0) queue behind all that can still be on time, most late first: a burst of long prompts
+that misses its deadlines then does not drag every short request behind it past theirs too (with
+plain slack order it does: EDF's domino effect). Late work still runs in every pass the on-time
+work leaves room in, so it waits only while the group is overloaded by on-time work alone.
+``fcfs`` (arrival order, for comparison) runs a long prompt to the end before anyone behind it.
+
+How big a chunk: a ``CostModel`` fitted to measured pass times predicts a pass's time, and each
+chunk is the largest one that keeps the pass under its time limit. Chunks shrink as a prompt's
+context grows (attention work per token grows with it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ringserve.errors import DeadlineExceeded, InvalidArgument
+
+POLICIES = ("lrs", "fcfs")
+_MIN_FIT_OBSERVATIONS = 3
+_RIDGE = 1e-9  # relative to the (unit) diagonal of the scaled normal equations
+
+
+@dataclass
+class Request:
+    """One prompt being prefilled; ``num_done`` advances only in ``Scheduler.pass_done``."""
+
+    request_id: str
+    num_tokens: int
+    num_done: int
+    arrival: float
+    deadline: float
+    started: bool = False
+    passes: int = 0
+
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to compute."""
+        return self.num_tokens - self.num_done
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Tokens ``[start, start + num_tokens)`` of one request's prompt, computed in one pass."""
+
+    request_id: str
+    start: int
+    num_tokens: int
+    first: bool
+    last: bool
+
+
+def _features(work: Sequence[tuple[int, int]]) -> tuple[float, float, float, float]:
+    """(1, S, sum c, sum c*(d + c/2)) of a pass with sequences (c new tokens, d tokens before)."""
+    return (
+        1.0,
+        float(len(work)),
+        float(sum(c for c, _ in work)),
+        float(sum(c * (d + c / 2) for c, d in work)),
+    )
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a small dense system by Gaussian elimination with partial pivoting."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= f * m[col][k]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+class CostModel:
+    """Predicted seconds of one pass, fitted to measured pass times.
+
+    pass_s = fixed + per_sequence * S + per_token * sum(c_i) + per_pair * sum(c_i * (d_i + c_i / 2))
+    where a pass holds S sequences, sequence i computing c_i new tokens after d_i earlier ones (the
+    last term is causal attention work).
+
+    The fit keeps the last ``window`` passes and minimises relative error (a 50 ms pass counts as
+    much as a 5 s one) under non-negative coefficients. Until 3 passes have been observed it
+    predicts with ``prior``, so a scheduler can run before calibration.
+    """
+
+    def __init__(self, window: int = 256, *, prior: tuple[float, float, float, float] = (0.0, 0.0, 1e-4, 1e-9)):
+        if window < _MIN_FIT_OBSERVATIONS:
+            raise InvalidArgument(f"cost model window must be >= {_MIN_FIT_OBSERVATIONS} passes, got {window}")
+        if len(prior) != 4 or any(p < 0 for p in prior):
+            raise InvalidArgument(f"cost model prior must be 4 non-negative coefficients, got {prior!r}")
+        self._rows: deque[tuple[tuple[float, float, float, float], float]] = deque(maxlen=window)
+        self._prior = tuple(float(p) for p in prior)
+        self._coefficients = self._prior
+        self._stale = False
+
+    @property
+    def fitted(self) -> bool:
+        """Whether predictions come from observed passes (at least 3) rather than the prior."""
+        return len(self._rows) >= _MIN_FIT_OBSERVATIONS
+
+    @property
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """(fixed, per_sequence, per_token, per_pair) in use now."""
+        if self._stale:
+            self._coefficients = self._fit()
+            self._stale = False
+        return self._coefficients
+
+    def predict(self, work: Sequence[tuple[int, int]]) -> float:
+        """Predicted seconds of a pass; ``work`` holds (new tokens c, tokens before d) per sequence."""
+        return sum(w * x for w, x in zip(self.coefficients, _features(work)))
+
+    def remaining_s(self, num_tokens: int, num_done: int) -> float:
+        """Predicted seconds to compute the rest of one prompt, as if in one pass alone."""
+        return self.predict([(num_tokens - num_done, num_done)])
+
+    def observe(self, work: Sequence[tuple[int, int]], seconds: float) -> None:
+        """Record a measured pass; the fit is redone on the next prediction."""
+        if not work:
+            raise InvalidArgument("observe() needs the pass's sequences; an empty pass has no measured cost")
+        if not seconds > 0:
+            raise InvalidArgument(f"a pass's measured time must be > 0 seconds, got {seconds}")
+        self._rows.append((_features(work), seconds))
+        self._stale = self.fitted
+
+    def _fit(self) -> tuple[float, float, float, float]:
+        # Relative error: row x/s should predict 1. Normal equations A beta = b.
+        rows = [[x / s for x in feats] for feats, s in self._rows]
+        a = [[sum(r[i] * r[j] for r in rows) for j in range(4)] for i in range(4)]
+        b = [sum(r[i] for r in rows) for i in range(4)]
+        # A feature that never varied from 0 carries no information: leave it out.
+        active = [i for i in range(4) if a[i][i] > 0]
+        while active:
+            # Scale to a unit diagonal: the features differ by ~10 orders of magnitude.
+            scale = [math.sqrt(a[i][i]) for i in active]
+            sub = [
+                [a[i][j] / (si * sj) + (_RIDGE if i == j else 0.0) for j, sj in zip(active, scale)]
+                for i, si in zip(active, scale)
+            ]
+            beta = [y / si for y, si in zip(_solve(sub, [b[i] / si for i, si in zip(active, scale)]), scale)]
+            worst = min(range(len(active)), key=lambda k: beta[k])
+            if beta[worst] >= 0:
+                coefficients = [0.0] * 4
+                for i, v in zip(active, beta):
+                    coefficients[i] = v
+                return tuple(coefficients)
+            # A negative cost is not physical (collinear or too little data): drop it and refit.
+            del active[worst]
+        return (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How passes are built; see ``Scheduler.next_pass``."""
+
+    policy: str = "lrs"
+    target_pass_s: float = 0.25
+    max_overhead: float = 0.05
+    chunk_unit: int = 128
+    max_pass_tokens: int = 65536
+    max_pass_requests: int = 16
+    ttft_min_s: float = 1.0
+    ttft_factor: float = 3.0
+    reject_late: bool = False
+
+
+def _validate(cfg: SchedulerConfig) -> None:
+    if cfg.policy not in POLICIES:
+        raise InvalidArgument(f"unknown scheduling policy {cfg.policy!r}; choose one of {POLICIES}")
+    for name in ("target_pass_s", "ttft_min_s", "ttft_factor"):
+        if not getattr(cfg, name) > 0:
+            raise InvalidArgument(f"scheduler {name} must be > 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.max_overhead < 1:
+        raise InvalidArgument(f"scheduler max_overhead is a share of a pass, in (0, 1); got {cfg.max_overhead}")
+    for name in ("chunk_unit", "max_pass_tokens", "max_pass_requests"):
+        if getattr(cfg, name) < 1:
+            raise InvalidArgument(f"scheduler {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_pass_tokens < cfg.chunk_unit:
+        raise InvalidArgument(
+            f"scheduler max_pass_tokens ({cfg.max_pass_tokens}) is below chunk_unit ({cfg.chunk_unit}): "
+            "no chunk of a long prompt could ever run"
+        )
+
+
+class Scheduler:
+    """Queue of prefill requests and the planner of the group's passes (runs in the group leader).
+
+    Counters: ``finished``, ``late`` (finished after their deadline), ``rejected`` (refused by
+    ``add`` or removed by ``expire``), ``passes``.
+    """
+
+    def __init__(self, cfg: SchedulerConfig, cost: CostModel):
+        _validate(cfg)
+        self.cfg = cfg
+        self.cost = cost
+        self._requests: dict[str, Request] = {}
+        self.finished = 0
+        self.late = 0
+        self.rejected = 0
+        self.passes = 0
+
+    @property
+    def requests(self) -> list[Request]:
+        """Active requests (queued or started), in arrival order."""
+        return sorted(self._requests.values(), key=lambda r: r.arrival)
+
+    def slack(self, request: Request, now: float) -> float:
+        """Seconds to spare: deadline - now - predicted time of the rest of the prompt."""
+        return request.deadline - now - self.cost.remaining_s(request.num_tokens, request.num_done)
+
+    def add(self, request_id: str, num_tokens: int, num_done: int, now: float, ttft_s: float | None = None) -> Request:
+        """Queue a request; ``num_done`` is its cached prefix, ``now`` its arrival.
+
+        ``ttft_s`` is its own TTFT budget; None gives ``max(ttft_min_s, ttft_factor * predicted
+        time alone)``. With ``reject_late``, raises DeadlineExceeded if even alone it cannot
+        finish by its deadline.
+        """
+        if request_id in self._requests:
+            raise InvalidArgument(f"request {request_id!r} is already queued; request ids must be unique")
+        if num_tokens < 1:
+            raise InvalidArgument(f"request {request_id!r} has {num_tokens} prompt tokens; a prompt needs at least 1")
+        if not 0 <= num_done < num_tokens:
+            raise InvalidArgument(
+                f"request {request_id!r}: cached prefix {num_done} must be in [0, {num_tokens}) "
+                "(at least one prompt token must be computed to produce the first token)"
+            )
+        if ttft_s is not None and not ttft_s > 0:
+            raise InvalidArgument(f"request {request_id!r}: TTFT budget must be > 0 seconds, got {ttft_s}")
+        alone = self.cost.remaining_s(num_tokens, num_done)
+        if ttft_s is None:
+            ttft_s = max(self.cfg.ttft_min_s, self.cfg.ttft_factor * alone)
+        request = Request(request_id, num_tokens, num_done, arrival=now, deadline=now + ttft_s)
+        if self.cfg.reject_late and alone > ttft_s:
+            self.rejected += 1
+            raise DeadlineExceeded(
+                f"request {request_id!r} needs about {alone:.2f} s of prefill ({num_tokens - num_done} tokens) "
+                f"but its TTFT budget is {ttft_s:.2f} s; shorten the prompt or allow more time"
+            )
+        self._requests[request_id] = request
+        return request
+
+    def cancel(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is (queued or started); None if unknown."""
+        return self._requests.pop(request_id, None)
+
+    def expire(self, now: float) -> list[Request]:
+        """With ``reject_late``: remove and return requests not yet started whose slack is < 0.
+
+        Started ones are kept: their KV is already computed in part, so finishing them late costs
+        less than what was spent. Without ``reject_late`` nothing expires.
+        """
+        if not self.cfg.reject_late:
+            return []
+        gone = [r for r in self._requests.values() if not r.started and self.slack(r, now) < 0]
+        for r in gone:
+            del self._requests[r.request_id]
+        self.rejected += len(gone)
+        return gone
+
+    def next_pass(self, now: float, try_start: Callable[[Request], bool] = lambda r: True) -> list[Chunk]:
+        """Plan the next pass; [] when nothing can run.
+
+        1. Order: ``lrs`` by slack ascending (ties: arrival), first the requests that can still meet
+           their deadline (slack >= 0), then the late ones; ``fcfs`` by arrival.
+        2. Walk that order. Each request gets the largest chunk c that is its whole rest or a
+           multiple of ``chunk_unit`` below it, such that the pass's predicted time stays within
+           its limit and its new tokens within ``max_pass_tokens``. A request for which no chunk
+           fits is skipped; a later, smaller one may still fit.
+        3. The limit is ``target_pass_s``, but the pass's first chunk is at least the efficient
+           chunk: the smallest one whose pass spends at most ``max_overhead`` of its time on the
+           fixed and per-sequence costs (or the whole rest, if smaller). So every pass makes
+           progress and never runs tiny chunks; it may then take longer than the target.
+        4. ``lrs`` only: a chunk joins a pass only if the pass's predicted time stays within the
+           smallest positive slack of the requests already in it, so filler cannot make the urgent
+           work late (requests already late have no slack left to protect).
+        5. A request not yet started is given its first chunk only if ``try_start(request)``
+           returns True (the group reserves its KV memory there); it is called only once the
+           chunk is certain to be added.
+        6. At most ``max_pass_requests`` chunks per pass.
+
+        ``num_done`` does not move here; ``pass_done`` advances it once the pass has run.
+        """
+        cfg = self.cfg
+        if cfg.policy == "lrs":
+            slack = {r.request_id: self.slack(r, now) for r in self._requests.values()}
+            # Late requests (slack < 0) go after those that can still make it: ordered by slack alone,
+            # one late long prompt would make every short request behind it late as well.
+            order = sorted(
+                self._requests.values(), key=lambda r: (slack[r.request_id] < 0, slack[r.request_id], r.arrival)
+            )
+        else:
+            order = self.requests
+        chunks: list[Chunk] = []
+        work: list[tuple[int, int]] = []
+        limit = cfg.target_pass_s
+        for request in order:
+            if len(chunks) >= cfg.max_pass_requests:
+                break
+            room = cfg.max_pass_tokens - sum(c for c, _ in work)
+            if chunks and (room < 1 or self.cost.predict([*work, (1, 0)]) > limit):
+                break  # not even one more token fits: the rest of the walk would find nothing
+            first_limit = limit if chunks else max(limit, self._efficient_time(request, room))
+            c = self._largest_chunk(request, work, first_limit, room)
+            if c == 0 or (not request.started and not try_start(request)):
+                continue
+            chunks.append(
+                Chunk(request.request_id, request.num_done, c, first=not request.started, last=c == request.remaining)
+            )
+            work.append((c, request.num_done))
+            request.started = True
+            if cfg.policy == "lrs" and slack[request.request_id] > 0:
+                limit = min(limit, slack[request.request_id])
+        return chunks
+
+    def pass_done(self, chunks: Sequence[Chunk], seconds: float, now: float) -> list[Request]:
+        """Record a pass that ran in ``seconds`` (ending at ``now``); returns the requests it finished.
+
+        Chunks of requests cancelled meanwhile are ignored, but the pass still calibrates the cost model.
+        """
+        for chunk in chunks:
+            request = self._requests.get(chunk.request_id)
+            if request is not None and chunk.start != request.num_done:
+                raise InvalidArgument(
+                    f"chunk of {chunk.request_id!r} starts at token {chunk.start} but {request.num_done} are done; "
+                    "pass_done must be called exactly once per pass from next_pass"
+                )
+        self.cost.observe([(c.num_tokens, c.start) for c in chunks], seconds)
+        self.passes += 1
+        done = []
+        for chunk in chunks:
+            request = self._requests.get(chunk.request_id)
+            if request is None:
+                continue
+            request.num_done += chunk.num_tokens
+            request.passes += 1
+            if request.remaining == 0:
+                del self._requests[request.request_id]
+                self.finished += 1
+                self.late += now > request.deadline
+                done.append(request)
+        return done
+
+    def _largest_chunk(self, request: Request, work: list[tuple[int, int]], limit: float, room: int) -> int:
+        """Largest allowed chunk of ``request`` that keeps the pass within ``limit`` and ``room``; 0 if none."""
+        d, rest, unit = request.num_done, request.remaining, self.cfg.chunk_unit
+
+        def fits(c: int) -> bool:
+            return c <= room and self.cost.predict([*work, (c, d)]) <= limit
+
+        if fits(rest):
+            return rest
+        # Predicted time grows with c, so binary-search the number of units.
+        lo, hi = 0, min(rest - 1, room) // unit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid * unit):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo * unit
+
+    def _efficient_time(self, request: Request, room: int) -> float:
+        """Predicted time of a pass holding only ``request``'s efficient chunk (see ``next_pass``, rule 3)."""
+        fixed, per_sequence, _, _ = self.cost.coefficients
+        overhead = fixed + per_sequence
+        d, rest, unit = request.num_done, request.remaining, self.cfg.chunk_unit
+        candidates = min(rest - 1, room) // unit  # allowed multiples of unit below the whole rest
+
+        def efficient(c: int) -> bool:
+            return overhead <= self.cfg.max_overhead * self.cost.predict([(c, d)])
+
+        if candidates == 0 or not efficient(candidates * unit):
+            # No multiple below the rest is efficient: the whole rest in one go, if the room allows.
+            return self.cost.predict([(rest if rest <= room else candidates * unit, d)])
+        lo, hi = 1, candidates  # binary-search the smallest efficient multiple
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if efficient(mid * unit):
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.cost.predict([(lo * unit, d)])
