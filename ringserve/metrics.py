@@ -44,6 +44,8 @@ def serve_metrics(port: int | None) -> None:
     """Expose /metrics over HTTP when a port is given (0 picks a free one)."""
     if port is not None:
         start_http_server(port)
+
+
 REDIS_UP = Gauge("ringserve_redis_up", "1 while this process reaches Redis, 0 while it does not", ["service"])
 ROUTER_GROUPS = Gauge("ringserve_router_groups", "Groups the router knows from the registry", ["role"])
 ROUTER_DECISIONS = Counter(

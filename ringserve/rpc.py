@@ -144,6 +144,8 @@ def wait_ready(address: str, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{address} did not become ready within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
 def sampling_from_proto(msg) -> SamplingParams:
     """SamplingParams from the API message; unset fields take the engine's defaults."""
     defaults = SamplingParams()
@@ -162,7 +164,9 @@ def sampling_from_proto(msg) -> SamplingParams:
 def check_ttft_slo(seconds: float) -> float | None:
     """A request's time-to-first-token budget: None when unset (0), else positive seconds."""
     if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidArgument(f"ttft_slo_seconds must be a positive number of seconds, or 0 for the default; got {seconds}")
+        raise InvalidArgument(
+            f"ttft_slo_seconds must be a positive number of seconds, or 0 for the default; got {seconds}"
+        )
     return seconds or None
 
 

@@ -34,9 +34,7 @@ def cp_passes(rank, world, config_dict, state, token_ids, passes, strategies):
         logits.append(out[0] if out else None)
         positions += [start + i for i in plan_pass(n, world, BLOCK).rank_tokens(rank)]
         start += n
-    kv = [
-        cache.read(layer, seq.block_table, seq.num_cached_local) for layer in range(config.num_hidden_layers)
-    ]
+    kv = [cache.read(layer, seq.block_table, seq.num_cached_local) for layer in range(config.num_hidden_layers)]
     used.append(cache.allocator.num_used)
     cache.allocator.free(seq.block_table)
     used.append(cache.allocator.num_used)
@@ -49,9 +47,7 @@ def single_process_kv(model: Llama, ids: list[int]) -> torch.Tensor:
     from ringserve.engine.kv_cache import PagedAttention, SeqSpan
 
     with torch.inference_mode():
-        model(
-            torch.tensor(ids), torch.arange(len(ids)), PagedAttention(cache, [SeqSpan(0, len(ids), table, 0)])
-        )
+        model(torch.tensor(ids), torch.arange(len(ids)), PagedAttention(cache, [SeqSpan(0, len(ids), table, 0)]))
     kv = torch.stack(
         [torch.stack(cache.read(layer, table, len(ids))) for layer in range(model.config.num_hidden_layers)]
     )

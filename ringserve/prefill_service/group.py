@@ -206,7 +206,9 @@ def run_pass(
     return logits, report
 
 
-def _push_kv(runner: CPRunner, seq: CPSequence, work: ChunkWork, counts: list[int], endpoint: NixlEndpoint | None) -> int:
+def _push_kv(
+    runner: CPRunner, seq: CPSequence, work: ChunkWork, counts: list[int], endpoint: NixlEndpoint | None
+) -> int:
     """Send this rank's KV rows to the decode ranks the plan gives them; returns bytes sent. With
     NIXL and a landing, rows go as WRITEs straight from this rank's blocks into the decode rank's;
     otherwise they are gathered and sent over TCP. Either way, returns once they have landed."""
@@ -460,8 +462,11 @@ class PrefillGroup:
                 raise error_from_code(*r.error)
         # A rank holds exactly what the index says: cached blocks plus those of requests in flight.
         # Any other count means a rank did not carry out a decision; the group is out of step.
+        # (Requests started by the scheduler but not yet sent to the ranks have their blocks
+        # reserved in the index only.)
+        unsent = [f.start.new_blocks for f in self._requests.values() if f.start is not None and not f.begun]
         for r in reports:
-            expected = self.index.held[r.rank] + self.index.reserved[r.rank]
+            expected = self.index.held[r.rank] + self.index.reserved[r.rank] - sum(n[r.rank] for n in unsent)
             if r.blocks_used != expected:
                 self.broken = True
                 raise FailedPrecondition(
@@ -504,14 +509,18 @@ class PrefillGroup:
                 )
                 results = [r.results[c.request_id] for r in reports]
                 error = next((r.error for r in results if r.error), None)
-                outcome = error_from_code(*error) if error else Prefilled(
-                    logits[i],
-                    results,
-                    len(flight.start.hit) * self.cfg.block_size,
-                    self.runner.last_strategy or p.strategy,
-                    request.passes,
-                    flight.first_pass - flight.submitted,
-                    flight.compute_s,
+                outcome = (
+                    error_from_code(*error)
+                    if error
+                    else Prefilled(
+                        logits[i],
+                        results,
+                        len(flight.start.hit) * self.cfg.block_size,
+                        self.runner.last_strategy or p.strategy,
+                        request.passes,
+                        flight.first_pass - flight.submitted,
+                        flight.compute_s,
+                    )
                 )
                 self._end(c.request_id, outcome)
 

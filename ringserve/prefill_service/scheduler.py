@@ -118,6 +118,13 @@ class CostModel:
         """Whether predictions come from observed passes (at least 3) rather than the prior."""
         return len(self._rows) >= _MIN_FIT_OBSERVATIONS
 
+    def __repr__(self) -> str:
+        fixed, per_seq, per_token, per_pair = self.coefficients
+        return (
+            f"CostModel(fixed={fixed * 1e3:.2f} ms, per_sequence={per_seq * 1e3:.2f} ms, "
+            f"per_token={per_token * 1e6:.2f} us, per_token_pair={per_pair * 1e9:.3f} ns, fitted={self.fitted})"
+        )
+
     @property
     def coefficients(self) -> tuple[float, float, float, float]:
         """(fixed, per_sequence, per_token, per_pair) in use now."""
@@ -293,9 +300,10 @@ class Scheduler:
         4. ``lrs`` only: a chunk joins a pass only if the pass's predicted time stays within the
            smallest positive slack of the requests already in it, so filler cannot make the urgent
            work late (requests already late have no slack left to protect).
-        5. A request not yet started is given its first chunk only if ``try_start(request)``
-           returns True (the group reserves its KV memory there); it is called only once the
-           chunk is certain to be added.
+        5. A request not yet started is started first, and only if ``try_start(request)`` returns
+           True (the group reserves its KV memory there, and may lower the request's ``num_done``
+           to what its prefix cache really holds now); its chunk is sized after that. A started
+           request that gets no chunk in this pass keeps its memory and runs in a later one.
         6. At most ``max_pass_requests`` chunks per pass.
 
         ``num_done`` does not move here; ``pass_done`` advances it once the pass has run.
@@ -319,15 +327,18 @@ class Scheduler:
             room = cfg.max_pass_tokens - sum(c for c, _ in work)
             if chunks and (room < 1 or self.cost.predict([*work, (1, 0)]) > limit):
                 break  # not even one more token fits: the rest of the walk would find nothing
+            if not request.started:
+                if not try_start(request):
+                    continue
+                request.started = True
             first_limit = limit if chunks else max(limit, self._efficient_time(request, room))
             c = self._largest_chunk(request, work, first_limit, room)
-            if c == 0 or (not request.started and not try_start(request)):
-                continue
+            if c == 0:
+                continue  # started: it runs in a later pass, its memory already held
             chunks.append(
-                Chunk(request.request_id, request.num_done, c, first=not request.started, last=c == request.remaining)
+                Chunk(request.request_id, request.num_done, c, first=request.passes == 0, last=c == request.remaining)
             )
             work.append((c, request.num_done))
-            request.started = True
             if cfg.policy == "lrs" and slack[request.request_id] > 0:
                 limit = min(limit, slack[request.request_id])
         return chunks

@@ -58,7 +58,7 @@ def choose_strategy(
     miss_rate = num_new / (num_new + num_cached)
     q_threshold = 2 * n_kv_heads / n_heads - 4 * num_new * bw / (world * c * elem_bytes)
     choice = "pass_kv" if kv_hidden or miss_rate >= q_threshold else "pass_q"
-    log.info(
+    log.debug(
         "CP strategy %s: T=%d P=%d N=%d miss=%.3f (pass-Q below %.3f), pass-KV hidden: %s",
         choice,
         num_new,
