@@ -72,19 +72,8 @@ def log(msg: str) -> None:
 
 
 def random_model(device: torch.device, seed: int = 0) -> Llama:
-    """The 8B shape with random bf16 weights (std 0.02; norms 1), the same on every rank."""
-    config = ModelConfig.from_hf(LLAMA3_8B)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Llama(config).state_dict().items()}
-    g = torch.Generator(device=device).manual_seed(seed)
-    state = {}
-    for name, shape in shapes.items():
-        if "norm" in name:
-            state[name] = torch.ones(shape, dtype=torch.bfloat16, device=device)
-        else:
-            t = torch.empty(shape, dtype=torch.bfloat16, device=device)
-            state[name] = t.normal_(0.0, 0.02, generator=g)
-    return Llama.from_state_dict(config, state, device=device)
+    """The 8B shape with random bf16 weights, the same on every rank."""
+    return Llama.random(ModelConfig.from_hf(LLAMA3_8B), torch.bfloat16, device, seed)
 
 
 def timed(fn, iters: int, warmup: int = 2, barrier: bool = True) -> float:

@@ -48,7 +48,7 @@ def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: s
     device = _device_for(cfg, rank)
     dtype = torch_dtype(cfg.dtype)
     if model is None:
-        model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0)
+        model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
     if init_method is not None:
         init_group(rank, cfg.kvp, init_method, device, cfg.group_timeout_s)
         check_group(model, cfg.kvp, next(model.parameters()).dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringserve.engine.config import ModelConfig
-from ringserve.errors import FailedPrecondition
+from ringserve.errors import FailedPrecondition, InvalidArgument
 
 
 class AttentionFn(Protocol):
@@ -181,15 +181,40 @@ class Llama(nn.Module):
         return model.to(device).eval()
 
     @classmethod
+    def random(
+        cls, config: ModelConfig, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+    ) -> Llama:
+        """Random weights of ``config``'s shape (normal, std 0.02; norms 1), made on ``device``:
+        the same seed gives the same model in every process of a group."""
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in cls(config).state_dict().items()}
+        g = torch.Generator(device=device).manual_seed(seed)
+        state = {}
+        for name, shape in shapes.items():
+            t = torch.empty(shape, dtype=dtype, device=device)
+            state[name] = t.fill_(1.0) if "norm" in name else t.normal_(0.0, 0.02, generator=g)
+        return cls.from_state_dict(config, state, device)
+
+    @classmethod
     def load(
         cls,
         path: str | Path | None = None,
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         progress: bool = True,
+        load_format: str = "auto",
     ) -> Llama:
-        """Load a Hugging Face directory or GGUF file; None means the embedded default model."""
-        from ringserve.engine.weights import load_weights
+        """Load a Hugging Face directory or GGUF file; None means the embedded default model.
 
+        ``load_format="dummy"`` reads only the directory's config.json and makes random weights
+        (``random``): for benchmarks and sizing a deployment without the checkpoint."""
+        from ringserve.engine.weights import load_weights, read_hf_config, resolve_model_path
+
+        if load_format == "dummy":
+            if path is None:
+                raise InvalidArgument("--load-format dummy needs --model: a directory with the config.json to copy")
+            return cls.random(read_hf_config(resolve_model_path(path)), dtype, device)
+        if load_format != "auto":
+            raise InvalidArgument(f"--load-format must be auto or dummy, got {load_format!r}")
         config, state_dict = load_weights(path, dtype=dtype, progress=progress)
         return cls.from_state_dict(config, state_dict, device)

@@ -82,7 +82,7 @@ class Job:
     request_id: str
     token_ids: list[int]
     strategy: str
-    targets: list[Target]
+    targets: list[Target]  # where its KV goes; empty: nowhere (the prefill alone is wanted)
     ttft_s: float | None = None  # its time-to-first-token budget; None: the scheduler's default
 
 
@@ -140,7 +140,7 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRu
 
     device = _device_for(cfg, rank)
     dtype = torch_dtype(cfg.dtype)
-    model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0)
+    model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
     init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)
     check_group(model, cfg.cp, dtype)
     cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
@@ -192,7 +192,8 @@ def run_pass(
             result = report.results[w.request_id] = RankResult(runner.rank)
             t0 = time.perf_counter()
             try:
-                result.bytes_sent = _push_kv(runner, rs.seq, w, [c[i] for c in counts], endpoint)
+                if w.targets:  # none: the KV is not wanted elsewhere (benchmarks of prefill alone)
+                    result.bytes_sent = _push_kv(runner, rs.seq, w, [c[i] for c in counts], endpoint)
             except RingserveError as e:
                 result.error = (e.code, str(e))
             result.transfer_s = time.perf_counter() - t0
