@@ -64,7 +64,9 @@ class ModelArgs:
 
     model: str | None = _opt(None, "HF directory or .gguf file; empty: the embedded default", str)
     dtype: str = _opt("float32", "weights and KV cache dtype: float32, bfloat16, float16")
-    load_format: str = _opt("auto", "auto: load the weights; dummy: random weights of --model's config.json shape (benchmarks)")
+    load_format: str = _opt(
+        "auto", "auto: load the weights; dummy: random weights of --model's config.json shape (benchmarks)"
+    )
     device: str = _opt("cpu", "cpu, cuda or cuda:N")
     host: str = _opt("127.0.0.1", "address to listen on")
     advertise_host: str | None = _opt(None, "address peers use to reach this process (default: --host)", str)
