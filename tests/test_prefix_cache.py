@@ -1,23 +1,16 @@
-"""The prefill tier's prefix cache: the leader's plans, and warm CP prefills equal to cold ones."""
+"""The prefill tier's prefix cache: the leader's decisions (no processes; the group runs them in
+test_prefill_group.py)."""
 
 import random
 
-import pytest
-import torch
-import torch.distributed as dist
-from multiproc import run_ranks, values
-from test_cp_model import single_process_kv
-from test_model import run_chunks, tiny_hf
+from typing import NamedTuple
 
-from ringserve.engine.config import ModelConfig
-from ringserve.engine.kv_cache import KVCache, block_hashes
-from ringserve.engine.model import Llama
+import pytest
+
+from ringserve.engine.kv_cache import block_hashes
 from ringserve.errors import ResourceExhausted
-from ringserve.kv_transfer.tcp import KVReceiver
-from ringserve.prefill_service.context_parallel import CPRunner
-from ringserve.prefill_service.group import Job, Target, run_job
-from ringserve.prefill_service.prefix_cache import PrefixIndex, RankBlocks
-from ringserve.prefill_service.sharding import plan_pass
+from ringserve.prefill_service.prefix_cache import PrefixIndex
+from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 
 BLOCK = 8
 
@@ -27,12 +20,28 @@ def tokens(n: int, seed: int) -> list[int]:
     return [rng.randrange(97) for _ in range(n)]
 
 
-def run_index(index: PrefixIndex, ids: list[int]):
-    """Plan and commit one prompt, as the leader does around a job."""
-    hashes = block_hashes(ids, index.block_size)
-    plan = index.plan(hashes, len(ids))
-    index.commit(hashes, plan)
-    return plan, hashes
+class Plan(NamedTuple):
+    hit_blocks: int
+    evict: tuple[bytes, ...]  # at the start (to fit) and at the end (capacity), in order
+    store: tuple[tuple[int, int], ...]  # (prompt block, rank)
+
+
+def run_index(index: PrefixIndex, ids: list[int], chunks: list[int] | None = None) -> tuple[Plan, list[bytes]]:
+    """Start and finish one prompt as the leader does around a request, computed in one pass or
+    in ``chunks`` (token counts after the cached prefix)."""
+    bs, world = index.block_size, index.world
+    hashes = block_hashes(ids, bs)
+    start = index.start(hashes, len(ids))
+    assert start is not None
+    owners, at = {}, len(start.hit) * bs
+    for n in chunks or [len(ids) - at]:
+        for r in range(world):
+            owners.update((j, r) for j in chunk_blocks(plan_pass(n, world, bs), at, r, bs))
+        at += n
+    assert at == len(ids)
+    store = index.finish(hashes, start, owners, keep=True)
+    assert index.reserved == [0] * world and not index.pins
+    return Plan(len(start.hit), index.take_evictions(), tuple((j, r) for j, r, _ in store)), hashes
 
 
 def assert_prefix_closed(index: PrefixIndex, prompts: list[list[int]]) -> None:
@@ -99,7 +108,8 @@ def test_capacity_zero_is_off():
 
 def test_prefix_piled_on_one_rank_falls_back_to_a_cold_run():
     """Short turns put every full block on rank 1 (rank 0 takes each pass's partial last block);
-    a long next turn does not fit next to that prefix, so it runs cold and keeps nothing."""
+    a long next turn does not fit next to that prefix, so it runs cold, evicting the prefix's
+    leaves to fit, and keeps its own blocks (all but block 0, which is still cached)."""
     index = PrefixIndex(world=2, kv_blocks=6, capacity=6, block_size=4)
     base = tokens(100, 6)
     for turn in range(4):
@@ -107,127 +117,48 @@ def test_prefix_piled_on_one_rank_falls_back_to_a_cold_run():
         assert plan.hit_blocks == turn
     assert index.held == [0, 4]
     plan, hashes = run_index(index, base[:16] + tokens(24, 7))
-    assert plan.hit_blocks == 0 and plan.store == ()
+    assert plan.hit_blocks == 0
     assert plan.evict == (hashes[3], hashes[2], hashes[1])
-    assert index.held == [0, 1]
+    assert [j for j, _ in plan.store] == list(range(1, 10))
+    assert index.held == [4, 6]
+    assert_prefix_closed(index, [base[:16] + tokens(24, 7)])
 
 
 def test_prompt_too_long_for_the_group_is_resource_exhausted():
     index = PrefixIndex(world=2, kv_blocks=4, capacity=4, block_size=4)
     with pytest.raises(ResourceExhausted, match="needs 5 KV blocks on one rank.*has 4"):
-        index.plan(block_hashes(tokens(40, 8), 4), 40)
+        index.check_fits(40)
+    index.check_fits(32)
 
 
-# -- CP groups (gloo) with a tiny model ------------------------------------------------------------
+def test_requests_in_flight_pin_and_reserve():
+    """Two requests at once: the second waits (None) while the first holds the memory, and the
+    blocks the first reads cannot be evicted for anyone until it finishes."""
+    index = PrefixIndex(world=2, kv_blocks=6, capacity=6, block_size=4)
+    a = tokens(24, 30)
+    run_index(index, a)  # 6 blocks cached, 3 per rank
+    reader = a[:16] + tokens(4, 31)  # reads 4 cached blocks, computes 1 new one
+    hr = block_hashes(reader, 4)
+    start = index.start(hr, len(reader))
+    assert len(start.hit) == 4 and index.pins == {h: 1 for h in hr[:4]}
+    assert index.reserved == [1, 0] and index.take_evictions() == ()  # it fits next to a: nothing evicted
+    big = tokens(40, 32)  # 5 blocks per rank: only fits by evicting pinned blocks, so it waits
+    assert index.start(block_hashes(big, 4), 40) is None
+    index.finish(hr, start, {4: 0}, keep=False)  # cancelled: nothing stored
+    assert index.reserved == [0, 0] and not index.pins
+    assert index.start(block_hashes(big, 4), 40) is not None  # now evicting a's blocks makes room
 
 
-def serve_prompts(rank, world, config_dict, state, prompts, kv_blocks):
-    """Run prompts one after another through one CP group as PrefillGroup.run does: the leader
-    plans and sends the job, every rank runs ``run_job``, which pushes the whole prompt's KV to a
-    receiver (the decode tier's stand-in) on rank 0. Rank 0 returns, per prompt, the plan, the
-    logits, the landed KV in prompt order and each rank's block counts; then the caches clear."""
-    model = Llama.from_state_dict(ModelConfig.from_hf(config_dict), state)
-    cache = KVCache(model.config, kv_blocks, BLOCK)
-    runner, blocks = CPRunner(model, cache), RankBlocks(cache, rank, world)
-    index = receiver = None
-    landed: dict[str, list] = {}
-    if rank == 0:
-        index = PrefixIndex(world, kv_blocks, kv_blocks, BLOCK)
-        receiver = KVReceiver(lambda rid, first, kv: landed.setdefault(rid, []).append((first, kv.clone())))
-    out = []
-    for i, ids in enumerate(prompts):
-        hashes = block_hashes(ids, BLOCK)
-        box = [None]
-        if rank == 0:
-            box = [Job(f"r{i}", ids, "auto", [Target(receiver.address, 0, len(ids))], index.plan(hashes, len(ids)))]
-        dist.broadcast_object_list(box, src=0)
-        job = box[0]
-        logits, result = run_job(runner, blocks, job)
-        # This rank's rows, in the order it pushed them: its blocks of the cached prefix, then its pieces.
-        cached = job.cache.hit_blocks * BLOCK
-        mine = [j * BLOCK + o for j in range(job.cache.hit_blocks) if hashes[j] in blocks.blocks for o in range(BLOCK)]
-        mine += [cached + t for t in plan_pass(len(ids) - cached, world, BLOCK).rank_tokens(rank)]
-        everyone = [None] * world
-        dist.all_gather_object(everyone, (mine, result.blocks_used, len(blocks.blocks)))
-        if rank == 0:
-            index.commit(hashes, job.cache)
-            rows = torch.cat([kv for _, kv in sorted(landed.pop(job.request_id), key=lambda x: x[0])], dim=2)
-            kv = torch.empty_like(rows)
-            kv[:, :, [p for positions, _, _ in everyone for p in positions]] = rows
-            out.append(
-                dict(
-                    plan=job.cache,
-                    logits=logits,
-                    kv=kv,
-                    used=[u for _, u, _ in everyone],
-                    cached=[c for _, _, c in everyone],
-                    held=list(index.held),
-                )
-            )
-    blocks.clear()
-    if rank == 0:
-        receiver.close()
-        index.clear()
-    return out, cache.allocator.num_used
-
-
-def check_warm_equals_cold(model, prompts, results, atol=1e-4):
-    """Every prompt's logits and landed KV equal a cold single-process run; the cached part is
-    bit-identical to the KV of the request that stored it; counters equal the cache's holdings."""
-    stored: dict[bytes, torch.Tensor] = {}
-    for ids, r in zip(prompts, results):
-        ref_logits = run_chunks(model, ids, [len(ids)], block_size=BLOCK)[-1]
-        torch.testing.assert_close(r["logits"], ref_logits, atol=atol, rtol=atol)
-        assert r["logits"].argmax() == ref_logits.argmax()
-        torch.testing.assert_close(r["kv"], single_process_kv(model, ids), atol=atol, rtol=atol)
-        hashes = block_hashes(ids, BLOCK)
-        for j in range(r["plan"].hit_blocks):
-            assert torch.equal(r["kv"][:, :, j * BLOCK : (j + 1) * BLOCK], stored[hashes[j]]), f"cached block {j}"
-        for j, _ in r["plan"].store:
-            stored[hashes[j]] = r["kv"][:, :, j * BLOCK : (j + 1) * BLOCK]
-        assert r["used"] == r["cached"] == r["held"], "blocks held beyond the cache after a job"
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_warm_prefills_equal_cold(world):
-    hf = tiny_hf(8, 2, False, seed=world)
-    config = ModelConfig.from_hf(hf.config.to_dict())
-    state = {k: v.clone() for k, v in hf.state_dict().items()}
-    model = Llama.from_state_dict(config, state)
-    doc = tokens(61, world)
-    answer = [int(run_chunks(model, doc, [len(doc)], block_size=BLOCK)[-1].argmax())] + tokens(5, 10)
-    exact = tokens(48, 11)
-    cases = [  # (prompt, cached blocks expected)
-        (doc, 0),  # cold: keeps its 7 full blocks
-        (doc, 7),  # the same prompt: 56 cached tokens, 5 computed
-        (doc[:45] + tokens(20, 12), 5),  # a question about the first 45 tokens: a hit inside doc
-        (doc[:45] + tokens(14, 13), 5),  # another question: diverges after the same shared prefix
-        (doc + answer + tokens(12, 14), 7),  # turn 2: turn 1's prompt and answer, then more
-        (exact, 0),  # six full blocks
-        (exact, 5),  # again: the last block is computed, so its logits exist
-    ]
-    prompts = [ids for ids, _ in cases]
-    results, cleared = values(run_ranks(world, serve_prompts, hf.config.to_dict(), state, prompts, 64))[0]
-    assert [r["plan"].hit_blocks for r in results] == [hit for _, hit in cases]
-    check_warm_equals_cold(model, prompts, results)
-    assert cleared == 0, "blocks left after the cache was cleared"
-
-
-def test_eviction_under_memory_pressure():
-    """8 blocks per rank: the third prompt evicts the first's deepest block; the first, asked
-    again, reuses what is left of it, and what it reads is not evicted although it is the oldest."""
-    world = 2
-    hf = tiny_hf(8, 2, False, seed=5)
-    config = ModelConfig.from_hf(hf.config.to_dict())
-    state = {k: v.clone() for k, v in hf.state_dict().items()}
-    model = Llama.from_state_dict(config, state)
-    p1, p2, p3 = tokens(40, 20), tokens(40, 21), tokens(40, 22)  # 5 blocks: 3 on rank 0, 2 on rank 1
-    prompts = [p1, p2, p3, p1]
-    results, cleared = values(run_ranks(world, serve_prompts, hf.config.to_dict(), state, prompts, 8))[0]
-    h1, h2 = block_hashes(p1, BLOCK), block_hashes(p2, BLOCK)
-    plans = [r["plan"] for r in results]
-    assert [p.evict for p in plans] == [(), (), (h1[4],), (h2[4],)]
-    assert plans[3].hit_blocks == 4
-    assert [r["held"] for r in results] == [[3, 2], [6, 4], [8, 6], [8, 6]]
-    check_warm_equals_cold(model, prompts, results)
-    assert cleared == 0
+def test_chunked_prompt_stores_blocks_where_its_chunks_put_them():
+    """Chunks of whole (block x ranks) units give each rank the same number of blocks as one
+    pass, but different ones; the store records the chunked owners."""
+    index = PrefixIndex(world=2, kv_blocks=16, capacity=16, block_size=4)
+    ids = tokens(40, 40)  # 10 blocks
+    one, _ = run_index(index, ids)
+    index.clear()
+    chunked, _ = run_index(index, ids, [16, 8, 16])
+    assert sorted(one.store) != sorted(chunked.store)
+    per_rank = [[sum(r == k for _, r in plan.store) for k in range(2)] for plan in (one, chunked)]
+    assert per_rank[0] == per_rank[1] == [5, 5]
+    # Chunk 1 (blocks 0-3): rank 0 holds blocks 0 and 3, rank 1 blocks 1 and 2.
+    assert dict(chunked.store)[0] == 0 and dict(chunked.store)[1] == 1 and dict(chunked.store)[3] == 0

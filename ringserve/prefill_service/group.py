@@ -367,7 +367,11 @@ class PrefillGroup:
                 raise Unavailable("prefill group is broken (a rank died) or stopping; send the request elsewhere")
             cached = self.index.cached_tokens(hashes, len(job.token_ids))
             now = time.monotonic()
-            self.scheduler.add(job.request_id, len(job.token_ids), cached, now, job.ttft_s)
+            try:
+                self.scheduler.add(job.request_id, len(job.token_ids), cached, now, job.ttft_s)
+            except DeadlineExceeded:
+                PREFILL_DEADLINES.labels("rejected").inc()
+                raise
             future: Future = Future()
             self._requests[job.request_id] = _InFlight(job, hashes, future, now)
             PREFILL_QUEUE.set(len(self._requests))
@@ -663,3 +667,8 @@ class PrefillGroup:
                 p.kill()
         if self.endpoint is not None:
             self.endpoint.close()
+            self.endpoint = None
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # the leader's process may start another group later
+            dist.destroy_process_group()
