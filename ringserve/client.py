@@ -19,9 +19,11 @@ def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.Ge
     given = [x is not None for x in (prompt, messages, token_ids)]
     if sum(given) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
+    ttft_slo_seconds = sampling.pop("ttft_slo_seconds", None) or 0.0
     req = router_pb2.GenerateRequest(
         request_id=request_id or "",
         sampling=common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+        ttft_slo_seconds=ttft_slo_seconds,
     )
     if prompt is not None:
         req.prompt = prompt
@@ -34,7 +36,8 @@ def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.Ge
 
 class Client:
     """Blocking client. Sampling keywords: max_tokens, temperature, top_p, top_k, seed, stop,
-    stop_token_ids, ignore_eos."""
+    stop_token_ids, ignore_eos; and ttft_slo_seconds, the time-to-first-token budget the prefill
+    scheduler orders requests by (0 or absent: the prefill group's default)."""
 
     def __init__(self, address: str, timeout: float | None = None):
         self.channel = grpc.insecure_channel(address)

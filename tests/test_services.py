@@ -29,20 +29,23 @@ PROMPTS = [
 def clusters(tmp_path_factory, redis_server):
     """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module; they
     share the session's Redis, each under its own cluster name. With KVP, requests spread over the
-    decode ranks from 32 tokens on, so the test prompts do."""
+    decode ranks from 32 tokens on, so the test prompts do. With CP=2, the prefill group runs
+    prompts over 128 tokens in chunks and packs concurrent requests into shared passes."""
     started = {}
 
     def get(cp: int, kvp: int = 1, transport: str = "auto"):
         key = (cp, kvp, transport)
         if key not in started:
             flags = ["--kv-transfer", transport]
+            # CP=2 runs prompts over 128 tokens in chunks, and packs concurrent ones.
+            scheduling = ["--max-pass-tokens", "128"] if cp == 2 else []
             started[key] = start_cluster(
                 cp=cp,
                 kvp=kvp,
                 log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}")),
                 metrics=True,
                 redis_url=redis_server.url,
-                extra={"decode": ["--shard-tokens", "32", *flags], "prefill": flags},
+                extra={"decode": ["--shard-tokens", "32", *flags], "prefill": [*flags, *scheduling]},
             )
         return started[key]
 
@@ -194,6 +197,7 @@ def test_cancelled_stream_releases_blocks_on_both_tiers(clusters):
         (dict(prompt="hi", max_tokens=0), "max_tokens"),
         (dict(prompt="hi", stop=[""]), "stop"),
         (dict(prompt="hi", stop_token_ids=[10**6]), "vocabulary"),
+        (dict(prompt="hi", ttft_slo_seconds=-1.0), "ttft_slo_seconds"),
     ],
 )
 def test_bad_input_is_invalid_argument(clusters, kwargs, message):

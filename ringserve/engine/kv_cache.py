@@ -39,10 +39,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 class BlockAllocator:
-    """Hands out block ids, lowest free first; ``num_used`` returns to zero when every request is done.
+    """Hands out block ids; ``num_used`` returns to zero when every request is done.
 
-    Lowest first keeps a long sequence's blocks in one consecutive run as often as possible, and a
-    run is read in place rather than gathered (``KVCache.read``)."""
+    Several blocks at once come as the lowest run of consecutive free ids when there is one (else
+    the lowest free ids): a sequence whose blocks form one run is read in place rather than
+    gathered (``KVCache.read``), and moves in one transfer descriptor."""
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
@@ -66,7 +67,12 @@ class BlockAllocator:
                 f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_blocks} free; "
                 "retry later, shorten the request, or give the worker more KV memory"
             )
-        blocks = [heapq.heappop(self._free) for _ in range(n)]
+        if n == 1:
+            blocks = [heapq.heappop(self._free)]
+        else:  # the lowest run of n consecutive free blocks if there is one, else the lowest n
+            free = sorted(self._free)  # a sorted list is a valid heap
+            at = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), 0)
+            blocks, self._free = free[at : at + n], free[:at] + free[at + n :]
         self._used.update(blocks)
         return blocks
 
