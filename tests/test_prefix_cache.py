@@ -2,7 +2,6 @@
 test_prefill_group.py)."""
 
 import random
-
 from typing import NamedTuple
 
 import pytest
