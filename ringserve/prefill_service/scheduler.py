@@ -287,8 +287,8 @@ class Scheduler:
     def next_pass(self, now: float, try_start: Callable[[Request], bool] = lambda r: True) -> list[Chunk]:
         """Plan the next pass; [] when nothing can run.
 
-        1. Order: ``lrs`` by slack ascending (ties: arrival), first the requests that can still meet
-           their deadline (slack >= 0), then the late ones; ``fcfs`` by arrival.
+        1. Order: ``lrs`` by slack ascending (ties: arrival), except for late requests (slack < 0),
+           see ``_lrs_order``; ``fcfs`` by arrival.
         2. Walk that order. Each request gets the largest chunk c that is its whole rest or a
            multiple of ``chunk_unit`` below it, such that the pass's predicted time stays within
            its limit and its new tokens within ``max_pass_tokens``. A request for which no chunk
@@ -311,11 +311,7 @@ class Scheduler:
         cfg = self.cfg
         if cfg.policy == "lrs":
             slack = {r.request_id: self.slack(r, now) for r in self._requests.values()}
-            # Late requests (slack < 0) go after those that can still make it: ordered by slack alone,
-            # one late long prompt would make every short request behind it late as well.
-            order = sorted(
-                self._requests.values(), key=lambda r: (slack[r.request_id] < 0, slack[r.request_id], r.arrival)
-            )
+            order = self._lrs_order(slack)
         else:
             order = self.requests
         chunks: list[Chunk] = []
@@ -342,6 +338,30 @@ class Scheduler:
             if cfg.policy == "lrs" and slack[request.request_id] > 0:
                 limit = min(limit, slack[request.request_id])
         return chunks
+
+    def _lrs_order(self, slack: dict[str, float]) -> list[Request]:
+        """Requests that can still meet their deadline, least slack first; late ones go first only
+        as far as the on-time ones' slack pays for them.
+
+        Ordered by slack alone, one late long prompt (most negative slack) would run first and make
+        every short request behind it late too. Put after all on-time work, a short request that
+        turned late while one long chunk ran would wait for the whole long prompt. So late requests
+        (most late first) run ahead while their predicted times add up to no more than the smallest
+        slack among on-time requests (nobody on time is made late by them); the rest come last.
+        """
+        by_slack = sorted(self._requests.values(), key=lambda r: (slack[r.request_id], r.arrival))
+        on_time = [r for r in by_slack if slack[r.request_id] >= 0]
+        late = [r for r in by_slack if slack[r.request_id] < 0]
+        budget = slack[on_time[0].request_id] if on_time else float("inf")
+        ahead, behind = [], []
+        for r in late:
+            cost = self.cost.remaining_s(r.num_tokens, r.num_done)
+            if cost <= budget:
+                ahead.append(r)
+                budget -= cost
+            else:
+                behind.append(r)
+        return ahead + on_time + behind
 
     def pass_done(self, chunks: Sequence[Chunk], seconds: float, now: float) -> list[Request]:
         """Record a pass that ran in ``seconds`` (ending at ``now``); returns the requests it finished.
