@@ -43,6 +43,10 @@ def init_group(rank: int, world: int, init_method: str, device: torch.device, ti
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":  # collectives on objects (all_gather_object) use the current device
+        import torch
+
+        torch.cuda.set_device(device)
     try:
         dist.init_process_group(
             backend,
