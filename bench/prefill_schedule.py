@@ -16,7 +16,7 @@ Sections (--sections), in order:
 idle           Short prompts alone, one at a time: short TTFT p50/p99 of an idle group.
 long_alone     One long prompt alone, chunked as the scheduler chooses (--target-pass-s): its TTFT
                and number of passes.
-long_one_pass  The same long prompt alone in one pass (target_pass_s very large, max_pass_tokens >=
+long_one_pass  (Runs last: the most memory.) The long prompt alone in one pass (max_pass_tokens >=
                the prompt): chunking overhead = long_alone / long_one_pass - 1. By default on GPU
                only (on CPU a 16K prefill alone takes minutes; ask with --sections).
 mix            For each policy (--policies, default fcfs then lrs): an open-loop
@@ -83,7 +83,7 @@ LLAMA3_8B = dict(
     rope_theta=500000.0,
     rms_norm_eps=1e-5,
 )
-SECTIONS = ("idle", "long_alone", "long_one_pass", "mix")
+SECTIONS = ("idle", "long_alone", "mix", "long_one_pass")  # the one big pass last: the most memory
 
 
 def log(msg: str) -> None:
@@ -476,15 +476,6 @@ def main() -> None:
             long_s = r["long_alone"]["long_ttft_s"]
             log(f"long_alone: {fmt(long_s)} s in {r['long_alone']['long_passes']} passes")
             save()
-        if "long_one_pass" in sections:
-            use_schedule(group, args, "lrs", one_pass=True)
-            log(f"long_one_pass: {args.long_tokens} tokens in one pass")
-            r["long_one_pass"] = phase_long(b, group)
-            one_s = r["long_one_pass"]["long_ttft_s"]
-            log(f"long_one_pass: {fmt(one_s)} s in {r['long_one_pass']['long_passes']} passes")
-            if long_s and one_s:
-                r["chunking_overhead"] = long_s / one_s - 1
-            save()
         if "mix" in sections:
             lo, hi = short_sizes(args.short_tokens)
             service = service_s or group.cost.predict([((lo + hi) // 2, 0)])
@@ -503,6 +494,15 @@ def main() -> None:
                 log(f"mix ({policy}): short p50 {fmt(m['short_p50_s'])} s p99 {fmt(m['short_p99_s'])} s, "
                     f"long {fmt(m['long_ttft_s'])} s, errors {m['errors']}, {m['wall_s']:.0f} s")
                 save()
+        if "long_one_pass" in sections:
+            use_schedule(group, args, "lrs", one_pass=True)
+            log(f"long_one_pass: {args.long_tokens} tokens in one pass")
+            r["long_one_pass"] = phase_long(b, group)
+            one_s = r["long_one_pass"]["long_ttft_s"]
+            log(f"long_one_pass: {fmt(one_s)} s in {r['long_one_pass']['long_passes']} passes")
+            if long_s and one_s:
+                r["chunking_overhead"] = long_s / one_s - 1
+            save()
     finally:
         group.close()
     save()

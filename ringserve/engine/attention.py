@@ -26,6 +26,11 @@ import torch
 
 from ringserve.errors import InvalidArgument
 
+# cuDNN SDPA otherwise builds a new execution plan for every new sequence length (tenths of a
+# second each); chunked and packed prefill passes see a new length almost every call. With this,
+# PyTorch runs such shapes through cuDNN's ragged path with one plan. Read when attention first runs.
+os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
+
 # A backend kernel: (q [Tq,H,D], k [Tk,Hkv,D], v, causal_square, scale) -> (out, lse [Tq,H] fp32).
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 

@@ -592,18 +592,18 @@ class PrefillGroup:
     def _calibrate(self) -> None:
         """Fit the scheduler's cost model before serving: a few passes of made-up prompts (one
         chunk alone at several sizes, a packed pass, a chunk after a prefix), timed like real
-        ones. The first pass is a warm-up (kernel selection, allocator) and is not counted. The
-        model goes on learning from every real pass."""
+        ones. The model goes on learning from every real pass."""
         bs, world = self.cfg.block_size, self.cfg.cp
         unit = bs * world
         sizes = [n for n in (unit, 4 * unit, 16 * unit, 64 * unit, 256 * unit) if n <= self.cfg.calibrate_tokens]
         sizes = [n for n in sizes if max(new_blocks_per_rank(n, world, bs)) * 4 <= self.cfg.kv_blocks] or [unit]
-        # Each pass as its chunks' (new tokens, tokens before); the first is the warm-up.
-        shapes = [[(sizes[0], 0)]] + [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
+        # Each pass as its chunks' (new tokens, tokens before).
+        shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
         shapes.append([(sizes[-1] // 2, sizes[-1] // 2)])
         vocab = self.model.config.vocab_size
-        log.info("calibrating the prefill scheduler's cost model (%d passes)", len(shapes))
-        for i, shape in enumerate(shapes):
+        log.info("calibrating the prefill scheduler's cost model (%d passes)", 2 * len(shapes))
+        # Every shape twice, timing the second: a first call may pay one-time costs (kernel plans).
+        for i, shape in enumerate(shapes + shapes):
             prefix, work = [], []
             for k, (new, before) in enumerate(shape):
                 name = f"calibration-{i}.{k}"
@@ -617,9 +617,9 @@ class PrefillGroup:
                 self._run_calibration(Pass(tuple(prefix), self.cfg.strategy))
             seconds = self._run_calibration(Pass(tuple(work), self.cfg.strategy))
             self._run_calibration(Pass((), self.cfg.strategy, drop=tuple(self._active)))
-            if i:
+            if i >= len(shapes):
                 self.cost.observe(shape, seconds)
-            log.debug("calibration pass %d/%d %s: %.3f s", i + 1, len(shapes), shape, seconds)
+            log.debug("calibration pass %d/%d %s: %.3f s", i + 1, 2 * len(shapes), shape, seconds)
         log.info("prefill cost model: %s", self.cost)
 
     def _run_calibration(self, p: Pass) -> float:
