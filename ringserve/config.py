@@ -123,6 +123,9 @@ class PrefillConfig(WorkerArgs):
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
     schedule: str = _opt("lrs", "order of prefill work: lrs (least remaining slack first) or fcfs")
     target_pass_s: float = _opt(0.25, "a scheduler pass (one chunk, or several packed) should take about this long")
+    max_pass_overhead: float = _opt(
+        0.05, "but no pass so small that its fixed costs exceed this share of it (this wins over --target-pass-s)"
+    )
     max_pass_tokens: int = _opt(65536, "most new tokens in one pass, all its requests together (activation memory)")
     ttft_min_s: float = _opt(1.0, "default time-to-first-token deadline: at least this many seconds")
     ttft_factor: float = _opt(3.0, "... or this many times the request's predicted prefill time alone, if more")

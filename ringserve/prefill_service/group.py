@@ -304,6 +304,7 @@ class PrefillGroup:
         sched_cfg = SchedulerConfig(
             policy=cfg.schedule,
             target_pass_s=cfg.target_pass_s,
+            max_overhead=cfg.max_pass_overhead,
             chunk_unit=cfg.block_size * cfg.cp,
             max_pass_tokens=cfg.max_pass_tokens,
             ttft_min_s=cfg.ttft_min_s,
