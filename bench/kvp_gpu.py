@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from shapes import LLAMA3_8B  # noqa: E402
 
 from ringserve.decode_service.kvp import KVPRank, StepEntry  # noqa: E402
 from ringserve.engine.attention import attend  # noqa: E402
@@ -51,17 +52,6 @@ from ringserve.engine.model import Llama  # noqa: E402
 from ringserve.engine.paged_decode import DecodeBatch, decode_attention, paged_decode_kernel  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares  # noqa: E402
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=1 << 21,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 BLOCK = 64
 K_TOKEN = 1024
 

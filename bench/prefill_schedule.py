@@ -66,23 +66,13 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import LLAMA3_8B  # noqa: E402
+
 from ringserve.config import PrefillConfig  # noqa: E402
 from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup  # noqa: E402
 from ringserve.prefill_service.prefix_cache import new_blocks_per_rank  # noqa: E402
 from ringserve.prefill_service.scheduler import Scheduler  # noqa: E402
 
-# As in bench/kvp_gpu.py (not imported: that module needs the GPU kernels).
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=1 << 21,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 SECTIONS = ("idle", "long_alone", "mix", "long_one_pass")  # the one big pass last: the most memory
 
 

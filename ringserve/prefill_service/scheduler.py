@@ -10,10 +10,11 @@ Who goes first: ``lrs`` orders by slack, ``deadline - now - predicted time of th
 requests, whose rest is small, pass ahead of long ones that still have time to spare, and a long
 request near its deadline passes ahead of everyone. Waiting lowers slack 1:1 with time, so a
 waiting request moves up until it goes first or its slack turns negative. Requests already late
-(slack < 0) queue behind all that can still be on time, most late first: a burst of long prompts
-that misses its deadlines then does not drag every short request behind it past theirs too (with
-plain slack order it does: EDF's domino effect). Late work still runs in every pass the on-time
-work leaves room in, so it waits only while the group is overloaded by on-time work alone.
+(slack < 0), most late first, run ahead of the on-time ones only as far as the smallest on-time
+slack pays for their predicted time; the rest queue behind all on-time work. So a burst of long
+prompts that misses its deadlines does not drag every short request behind it past theirs too
+(with plain slack order it does: EDF's domino effect), and a short request made late by one long
+chunk still goes next instead of waiting for the whole long prompt.
 ``fcfs`` (arrival order, for comparison) runs a long prompt to the end before anyone behind it.
 
 How big a chunk: a ``CostModel`` fitted to measured pass times predicts a pass's time, and each
