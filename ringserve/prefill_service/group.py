@@ -452,6 +452,14 @@ class PrefillGroup:
         return Pass(tuple(work), strategy, self.index.take_evictions(), drop)
 
     def _run_pass(self, p: Pass) -> tuple[list[torch.Tensor], list[PassReport]]:
+        """Run a scheduled pass on every rank, then check every rank's block count."""
+        logits, reports = self._run_on_ranks(p)
+        self._check_blocks(reports)
+        return logits, reports
+
+    def _run_on_ranks(self, p: Pass) -> tuple[list[torch.Tensor] | None, list[PassReport]]:
+        """Send a pass to every rank, run rank 0's part, collect every report; any rank's error
+        (or a dead rank) breaks the group and is raised."""
         for inbox in self.inboxes:
             inbox.put(p)
         try:
@@ -466,6 +474,9 @@ class PrefillGroup:
             if r.error:
                 self.broken = True
                 raise error_from_code(*r.error)
+        return logits, reports
+
+    def _check_blocks(self, reports: list[PassReport]) -> None:
         # A rank holds exactly what the index says: cached blocks plus those of requests in flight.
         # Any other count means a rank did not carry out a decision; the group is out of step.
         # (Requests started by the scheduler but not yet sent to the ranks have their blocks
@@ -479,7 +490,6 @@ class PrefillGroup:
                     f"prefill rank {r.rank} holds {r.blocks_used} KV blocks after a pass, the leader's "
                     f"index says {expected}; restart the prefill group"
                 )
-        return logits, reports
 
     def _pass_done(self, chunks: list[Chunk], p: Pass, logits, reports: list[PassReport]) -> None:
         seconds = max(r.forward_s for r in reports)  # the slowest rank's forward is the pass's
@@ -614,25 +624,16 @@ class PrefillGroup:
                     prefix.append(ChunkWork(name, ids[:before], 0, begin))
                     begin = None
                 work.append(ChunkWork(name, ids[before:], before, begin))
+            # Outside the scheduler and the index: no block check.
             if prefix:
-                self._run_calibration(Pass(tuple(prefix), self.cfg.strategy))
-            seconds = self._run_calibration(Pass(tuple(work), self.cfg.strategy))
-            self._run_calibration(Pass((), self.cfg.strategy, drop=tuple(self._active)))
+                self._run_on_ranks(Pass(tuple(prefix), self.cfg.strategy))
+            _, reports = self._run_on_ranks(Pass(tuple(work), self.cfg.strategy))
+            seconds = max(r.forward_s for r in reports)
+            self._run_on_ranks(Pass((), self.cfg.strategy, drop=tuple(self._active)))
             if i >= len(shapes):
                 self.cost.observe(shape, seconds)
             log.debug("calibration pass %d/%d %s: %.3f s", i + 1, 2 * len(shapes), shape, seconds)
         log.info("prefill cost model: %s", self.cost)
-
-    def _run_calibration(self, p: Pass) -> float:
-        """A pass outside the scheduler and the index; returns its forward time."""
-        for inbox in self.inboxes:
-            inbox.put(p)
-        _, mine = run_pass(self.runner, self.blocks, self._active, p, self.endpoint)
-        reports = [mine, *self._collect()]
-        for r in reports:
-            if r.error:
-                raise error_from_code(*r.error)
-        return max(r.forward_s for r in reports)
 
     # -- the prefix cache ------------------------------------------------------------------------
 
