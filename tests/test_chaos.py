@@ -31,8 +31,15 @@ from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
 from ringserve.process_group import free_port
 from ringserve.registry import Registry, connect
-from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, router_pb2
-from ringserve.v1 import router_pb2_grpc
+from ringserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 
 CHAOS_S = 75.0
 CLIENTS = 6
