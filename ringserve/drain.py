@@ -9,6 +9,8 @@ health checks) keep working until the request is done.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -103,3 +105,13 @@ class Drain:
                 return
             time.sleep(0.05)
         log.info("drained in %.1f s", time.monotonic() - t0)
+
+    def give_up(self, what: str) -> None:
+        """The worker's group broke (a rank died): leave the registry and fail liveness at once, so
+        routers stop sending it requests now rather than after the registry TTL, then stop the
+        process (SIGTERM to itself: the usual drain and shutdown), so that its supervisor (``ringserve
+        up``, or Kubernetes) starts a fresh one."""
+        log.error("%s; leaving the registry and exiting so that a fresh group is started", what)
+        self.registration.deregister()
+        self.health.enter_graceful_shutdown()
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,6 +1,8 @@
 """Groups that join, die and drain while the router runs, and a Redis outage: real service
 processes, real gRPC on loopback, a real (embedded) Redis that the last test stops and restarts."""
 
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -137,6 +139,37 @@ def test_drained_groups_finish_their_requests_and_refuse_new_ones(cluster):
     assert len(results["stream"]) == 120 and len(results["long"]) == 2
     for name in (decode, prefill):
         assert cluster.procs[name].wait(timeout=30) == 0
+
+
+def child_pids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_group_whose_rank_dies_leaves_at_once_and_exits(cluster):
+    """Kill a child rank of an idle CP=2 group: the group leaves the registry at once (not after
+    its TTL), its process exits so that a supervisor starts a fresh one, and requests go on
+    being served by the other group."""
+    name = "prefill-cp2"
+    cluster.add(name, ["prefill", "--cp", "2", "--registry-ttl-s", "600", "--heartbeat-s", "0.25"])
+    registry = Registry(connect(RedisArgs(redis_url=cluster.redis_url)), cluster.name)
+    address = cluster.addresses[name]
+    deadline = time.monotonic() + 30
+    while address not in [g.address for g in registry.groups()]:
+        assert time.monotonic() < deadline, "the CP=2 group registers"
+        time.sleep(0.1)
+    rank1 = [p for p in child_pids(cluster.procs[name].pid) if "spawn" in open(f"/proc/{p}/cmdline").read()]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGKILL)
+    killed = time.monotonic()
+    while address in [g.address for g in registry.groups()]:
+        assert time.monotonic() - killed < 10, "a broken group leaves the registry at once (its TTL is 600 s)"
+        time.sleep(0.1)
+    assert cluster.procs[name].wait(timeout=60) == 0, "the broken group's process exits"
+    with Client(cluster.router, timeout=60) as client:
+        assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
+    with open(f"{cluster.log_dir}/{name}.log") as f:
+        assert "prefill-rank1 (exit code -9) died" in f.read()
 
 
 def test_router_serves_through_a_redis_outage_and_recovers(cluster):

@@ -219,3 +219,20 @@ def test_closing_group_ends_queued_requests_with_unavailable(tiny_dir):
         with pytest.raises(Unavailable):
             group.submit(landing.job("late", tokens(5, 60)))
         assert group.runner.cache.allocator.num_used == 0
+
+
+def test_rank_that_dies_while_idle_breaks_the_group_at_once(tiny_dir):
+    """An idle group must notice a dead child rank by itself (not 120 s later, at the next
+    request's pass): it marks itself broken, tells its owner once, and refuses new work."""
+    broken = []
+    with running_group(tiny_dir, 2) as (group, landing):
+        group.on_broken = broken.append
+        group.submit(landing.job("before", tokens(20, 70))).result(timeout=60)
+        landing.kv("before")
+        group.procs[0].kill()
+        deadline = time.monotonic() + 30
+        while not broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert group.broken and len(broken) == 1 and "prefill-rank1" in broken[0]
+        with pytest.raises(Unavailable, match="broken"):
+            group.submit(landing.job("after", tokens(5, 71)))

@@ -401,3 +401,37 @@ def test_overload_serves_everything_late_and_rejects_with_reject_late():
         f"end {st['end']:.0f} s; reject_late: rejected {rsched.rejected}, late {rsched.late}, "
         f"end {rst['end']:.0f} s"
     )
+
+
+def test_request_that_cannot_start_is_not_starved_by_later_small_ones():
+    """A large prompt that does not fit next to the requests in flight must start eventually,
+    even while small prompts keep arriving that would each fit (they must not keep taking the
+    memory it waits for once it is past its deadline)."""
+    sched = calibrated()
+    capacity, held = 100, {}  # KV blocks: the large request needs 80, each small one 30
+
+    def try_start(r):
+        need = 80 if r.request_id == "large" else 30
+        if sum(held.values()) + need > capacity:
+            return False
+        held[r.request_id] = need
+        return True
+
+    now, k, started_large_at = 0.0, 0, None
+    sched.add("large", 40_000, 0, now)
+    for _ in range(400):  # a short request arrives every pass: memory is never free for the large one
+        sched.add(f"s{k}", 20_000, 0, now)
+        k += 1
+        chunks = sched.next_pass(now, try_start)
+        if any(c.request_id == "large" for c in chunks) and started_large_at is None:
+            started_large_at = now
+        seconds = true_cost([(c.num_tokens, c.start) for c in chunks]) if chunks else 0.01
+        now += seconds
+        for r in sched.pass_done(chunks, seconds, now):
+            held.pop(r.request_id)
+        if started_large_at is not None and "large" not in held:
+            break
+    assert started_large_at is not None, "the large request never started: starved by later small ones"
+    large = alone_s(40_000) * 3  # its default deadline: ttft_factor x its time alone
+    assert started_large_at <= large + 5.0, started_large_at
+    assert "large" not in held, "the large request started but did not finish"

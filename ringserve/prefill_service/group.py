@@ -27,6 +27,7 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -344,6 +345,8 @@ class PrefillGroup:
         self._drop: list[str] = []
         self._closing = False
         self._wake = threading.Condition()  # guards everything above; the loop waits on it for work
+        # Told once, with what happened, when the group breaks (the service leaves the registry and exits).
+        self.on_broken: Callable[[str], None] | None = None
         self._calibrate()
         self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
         self._loop_thread.start()
@@ -402,12 +405,22 @@ class PrefillGroup:
                     for request_id in list(self._requests):
                         self._abandon(request_id, Unavailable("prefill group stopped; retry on another group"))
                 chunks = self.scheduler.next_pass(now, self._try_start)
-                if not chunks and not self._drop:
-                    if self._closing:
-                        return
+                idle = not chunks and not self._drop
+                if idle and self._closing:
+                    return
+                if idle:
                     self._wake.wait(timeout=1.0)
-                    continue
-                p = self._build_pass(chunks)
+                    dead = [f"{proc.name} (exit code {proc.exitcode})" for proc in self.procs if not proc.is_alive()]
+                    if not dead:
+                        continue
+                else:
+                    p = self._build_pass(chunks)
+            if idle:  # a rank died between passes: nothing runs on this group any more
+                for rs in self._active.values():
+                    self.blocks.finish(rs, ())
+                self._active.clear()
+                self._fail_all(Unavailable(f"prefill group: {', '.join(dead)} died; restart the prefill group"))
+                return
             try:
                 logits, reports = self._run_pass(p)
             except RingserveError as e:
@@ -582,6 +595,8 @@ class PrefillGroup:
                     self.index.finish(flight.hashes, flight.start, {}, keep=False)
                 self._end(request_id, error)
             self._drop = []
+        if self.on_broken is not None:
+            self.on_broken(str(error))
 
     def _collect(self) -> list[PassReport]:
         """One report from every other rank; a rank that died or hangs past the timeout fails the group."""

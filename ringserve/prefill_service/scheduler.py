@@ -47,6 +47,7 @@ class Request:
     deadline: float
     started: bool = False
     passes: int = 0
+    waits_for_memory: bool = False  # its last start was refused: its KV did not fit next to the others
 
     @property
     def remaining(self) -> int:
@@ -306,6 +307,9 @@ class Scheduler:
            to what its prefix cache really holds now); its chunk is sized after that. A started
            request that gets no chunk in this pass keeps its memory and runs in a later one.
         6. At most ``max_pass_requests`` chunks per pass.
+        7. No starvation by memory: once a request whose start was refused (its KV did not fit)
+           is past its deadline, requests that arrived after it may not start before it does;
+           requests in flight go on, free their memory as they finish, and it starts.
 
         ``num_done`` does not move here; ``pass_done`` advances it once the pass has run.
         """
@@ -318,6 +322,8 @@ class Scheduler:
         chunks: list[Chunk] = []
         work: list[tuple[int, int]] = []
         limit = cfg.target_pass_s
+        starving = [r.arrival for r in self._requests.values() if r.waits_for_memory and now > r.deadline]
+        first_starving = min(starving, default=math.inf)
         for request in order:
             if len(chunks) >= cfg.max_pass_requests:
                 break
@@ -325,9 +331,12 @@ class Scheduler:
             if chunks and (room < 1 or self.cost.predict([*work, (1, 0)]) > limit):
                 break  # not even one more token fits: the rest of the walk would find nothing
             if not request.started:
+                if request.arrival > first_starving:
+                    continue  # its memory is held back for an older request that could not start
                 if not try_start(request):
+                    request.waits_for_memory = True
                     continue
-                request.started = True
+                request.started, request.waits_for_memory = True, False
             first_limit = limit if chunks else max(limit, self._efficient_time(request, room))
             c = self._largest_chunk(request, work, first_limit, room)
             if c == 0:

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, group: PrefillGroup, cfg: PrefillConfig, health=None):
-        self.group, self.cfg, self.health = group, cfg, health
+    def __init__(self, group: PrefillGroup, cfg: PrefillConfig):
+        self.group, self.cfg = group, cfg
         self.model_desc = model_description(group.model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct")
         self.work = WorkCounter()  # admitted requests and tokens, measured speed: the registry's load
 
@@ -85,17 +85,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def _wait(self, future: Future, request_id: str, context) -> Prefilled:
         """The request's result; if its client goes away (cancelled, deadline passed) first, the
         group drops the request, freeing what it holds."""
-        try:
-            while True:
-                try:
-                    return future.result(timeout=0.05)
-                except FutureTimeout:
-                    if not context.is_active():
-                        self.group.cancel(request_id)
-                        raise Cancelled(f"request {request_id}: the client cancelled or its deadline passed") from None
-        finally:
-            if self.group.broken and self.health is not None:
-                self.health.enter_graceful_shutdown()
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except FutureTimeout:
+                if not context.is_active():
+                    self.group.cancel(request_id)
+                    raise Cancelled(f"request {request_id}: the client cancelled or its deadline passed") from None
 
     def _update_gauges(self) -> None:
         alloc = self.group.runner.cache.allocator
@@ -147,11 +143,12 @@ def serve(cfg: PrefillConfig):
         cfg.port,
         interceptors=[gate],
     )
-    servicer.health = health
     serve_metrics(cfg.metrics_port)
     address = advertised_address(cfg.host, cfg.advertise_host, port)
     registration = Registration(cfg, "prefill", cfg.cp, cfg.block_size, servicer.load, group.cache_changes).start(
         address
     )
+    drain = Drain(registration, gate, health, cfg.drain_timeout_s)
+    group.on_broken = drain.give_up
     log.info("prefill group (cp=%d) serving on %s", cfg.cp, address)
-    return server, port, group, Drain(registration, gate, health, cfg.drain_timeout_s)
+    return server, port, group, drain
