@@ -169,7 +169,7 @@ def run_mixed_batch(worker, model, lengths, max_tokens, seed, nixl=None):
         kv, first = prompt_kv_and_first_token(model, ids)
         targets = worker.reserve(f"r{i}", n, max_tokens)
         push(targets, f"r{i}", kv, nixl)
-        reqs.append((ids, targets, worker.start(f"r{i}", ids, first, params)))
+        reqs.append((ids, targets, worker.start(f"r{i}", len(ids), first, params)))
         time.sleep(0.05 * rnd.random())
     out = []
     for ids, targets, req in reqs:
@@ -211,7 +211,7 @@ def test_kvp_default_model_long_generation(default_model, default_gguf):
             targets = worker.reserve(f"d{i}", len(ids), 64)
             assert [t[0] for t in targets] == [0, 1]
             push(targets, f"d{i}", kv)
-            reqs.append((ids, worker.start(f"d{i}", ids, first, params)))
+            reqs.append((ids, worker.start(f"d{i}", len(ids), first, params)))
         for ids, req in reqs:
             assert [e.token_id for e in drain(req)] == [e.token_id for e in engine.generate(ids, params)]
         assert worker.blocks_used == 0
@@ -241,7 +241,7 @@ def test_a_dying_rank_ends_the_groups_requests_promptly(tiny_checkpoint, default
         ids = list(range(1, 60))
         kv, first = prompt_kv_and_first_token(model, ids)
         push(worker.reserve("long", len(ids), 150), "long", kv)
-        req = worker.start("long", ids, first, SamplingParams(max_tokens=150, ignore_eos=True))
+        req = worker.start("long", len(ids), first, SamplingParams(max_tokens=150, ignore_eos=True))
         req.events.get(timeout=30)
         worker.reserve("waiting", 10, 5)  # reserved, never started: ends too
         worker.group.procs[0].kill()
