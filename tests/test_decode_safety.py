@@ -142,7 +142,7 @@ def test_blocks_grow_on_demand_and_a_full_cache_ends_the_youngest(default_model)
     model, tokenizer = default_model
     worker = make_worker(model, tokenizer, kv_blocks=7)
     try:
-        ids = tokenizer.encode("Write a long story about a dragon who lives in a cave by the sea, and the knight who finds it.")
+        ids = tokenizer.encode("Write a long story about a dragon in a cave by the sea, and the knight who finds it.")
         assert 17 <= len(ids) <= 32  # two blocks of prompt, one of headroom
         kv, first = prompt_kv_and_first_token(model, ids)
         long_a = SamplingParams(max_tokens=112 - len(ids), ignore_eos=True)  # fits 7 blocks alone
@@ -158,3 +158,28 @@ def test_blocks_grow_on_demand_and_a_full_cache_ends_the_youngest(default_model)
         assert worker.blocks_used == 0
     finally:
         worker.close()
+
+
+def test_a_stream_does_not_wait_for_a_loop_that_is_gone(decode_service, default_model):
+    """Whatever stops the loop thread without ending its requests, a waiting Decode stream notices
+    within a poll and ends with UNAVAILABLE (here the loop is told to stop, as close() does)."""
+    from ringserve.v1 import common_pb2, decode_pb2
+
+    worker, stub = decode_service
+    model, tokenizer = default_model
+    ids = tokenizer.encode("Tell me a story.")
+    kv, first = prompt_kv_and_first_token(model, ids)
+    push(worker.reserve("s", len(ids), 500), "s", kv)
+    sampling = common_pb2.SamplingParams(max_tokens=500, ignore_eos=True)
+    stream = stub.Decode(
+        decode_pb2.DecodeRequest(request_id="s", prompt_tokens=len(ids), first_token=first, sampling=sampling),
+        timeout=60,
+    )
+    assert next(stream).token_id == first
+    with worker.lock:
+        worker._stop = True  # the loop returns at its next step, leaving the request running
+        worker.lock.notify_all()
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stream:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "decode loop stopped" in err.value.details()

@@ -223,7 +223,10 @@ def test_admission_is_all_or_nothing(tiny_checkpoint, default_model):
     path, model = tiny_checkpoint
     worker = start_group(model, path, 2, kv_blocks=4, shard_tokens=16, tokenizer=default_model[1])
     try:
+        assert worker.admissible_blocks() == 8  # 4 free on each of 2 ranks: one request can take 8
         worker.reserve("small", 20, 4)  # 23 rows on two ranks: 2 blocks each
+        # 2 free on each rank, 1 of them kept for small's growth: a new request gets 1 per rank.
+        assert worker.admissible_blocks() == 2 and worker.blocks_free == 4
         before = [a.num_free for a in worker.allocators]
         with pytest.raises(ResourceExhausted, match="KV cache full"):
             worker.reserve("big", 40, 10)  # needs 4 blocks on each rank, 2 free on each
