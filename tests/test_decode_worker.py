@@ -105,7 +105,7 @@ def test_requests_joining_a_running_batch_match_the_engine(worker, default_model
         half = len(ids) // 2
         send_kv(address, f"r{i}", 0, kv[:, :, :half])
         send_kv(address, f"r{i}", half, kv[:, :, half:])
-        reqs.append((ids, worker.start(f"r{i}", ids, first, SamplingParams(max_tokens=20, ignore_eos=True))))
+        reqs.append((ids, worker.start(f"r{i}", len(ids), first, SamplingParams(max_tokens=20, ignore_eos=True))))
         time.sleep(0.3)  # the next request joins while this one is decoding
     for ids, req in reqs:
         got = [e.token_id for e in drain(req)]
@@ -133,8 +133,11 @@ def test_bad_reservations_and_transfers(worker, default_model):
     with pytest.raises(InvalidArgument, match="does not match"):
         send_kv(address, "a", 0, torch.zeros(30, 2, 5, 4, 64))
     with pytest.raises(FailedPrecondition, match="0 of 10"):
-        worker.start("a", list(range(10)), 1, SamplingParams())
-    assert worker.cancel("a") and not worker.cancel("a")
+        worker.start("a", 10, 1, SamplingParams())
+    assert not worker.cancel("a")  # a request that cannot start ends there: nothing left to release
+    assert worker.blocks_used == used
+    worker.reserve("b", 10, 5)
+    assert worker.cancel("b") and not worker.cancel("b")
     assert worker.blocks_used == used
 
 
@@ -157,7 +160,7 @@ def test_cancel_while_decoding_frees_blocks(worker, default_model):
     ids = tokenizer.encode("Tell me a story.")
     kv, first = prompt_kv_and_first_token(model, ids)
     push(worker.reserve("c", len(ids), 200), "c", kv)
-    req = worker.start("c", ids, first, SamplingParams(max_tokens=200, ignore_eos=True))
+    req = worker.start("c", len(ids), first, SamplingParams(max_tokens=200, ignore_eos=True))
     req.events.get(timeout=30)
     worker.cancel("c")
     with pytest.raises(Cancelled):

@@ -210,6 +210,11 @@ def test_prompt_must_fit_the_context(tiny_engine):
         tiny_engine.generate([5] * 300, SamplingParams())
 
 
+def test_max_tokens_beyond_the_context_is_refused_at_the_call(tiny_engine):
+    with pytest.raises(InvalidArgument, match="max_tokens is 257 but the model's context is 256"):
+        tiny_engine.generate([5] * 10, SamplingParams(max_tokens=257))
+
+
 def test_generation_stops_at_the_context(tiny_engine):
     events = list(tiny_engine.generate([5] * 250, SamplingParams(max_tokens=100, ignore_eos=True)))
     assert len(events) == 6  # 250 + 6 = 256 tokens: the whole context

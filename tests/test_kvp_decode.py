@@ -152,7 +152,7 @@ def start_group(
     model, model_path, kvp, kv_blocks=64, shard_tokens=16, tokenizer=None, kv_transfer="tcp", **kw
 ) -> DecodeWorker:
     cfg = DecodeConfig(
-        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=20, kv_transfer=kv_transfer
+        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=60, kv_transfer=kv_transfer
     )
     return DecodeWorker(DecodeGroup(cfg, model=model), tokenizer, shard_tokens=shard_tokens, **kw)
 
@@ -169,7 +169,7 @@ def run_mixed_batch(worker, model, lengths, max_tokens, seed, nixl=None):
         kv, first = prompt_kv_and_first_token(model, ids)
         targets = worker.reserve(f"r{i}", n, max_tokens)
         push(targets, f"r{i}", kv, nixl)
-        reqs.append((ids, targets, worker.start(f"r{i}", ids, first, params)))
+        reqs.append((ids, targets, worker.start(f"r{i}", len(ids), first, params)))
         time.sleep(0.05 * rnd.random())
     out = []
     for ids, targets, req in reqs:
@@ -211,7 +211,7 @@ def test_kvp_default_model_long_generation(default_model, default_gguf):
             targets = worker.reserve(f"d{i}", len(ids), 64)
             assert [t[0] for t in targets] == [0, 1]
             push(targets, f"d{i}", kv)
-            reqs.append((ids, worker.start(f"d{i}", ids, first, params)))
+            reqs.append((ids, worker.start(f"d{i}", len(ids), first, params)))
         for ids, req in reqs:
             assert [e.token_id for e in drain(req)] == [e.token_id for e in engine.generate(ids, params)]
         assert worker.blocks_used == 0
@@ -223,7 +223,10 @@ def test_admission_is_all_or_nothing(tiny_checkpoint, default_model):
     path, model = tiny_checkpoint
     worker = start_group(model, path, 2, kv_blocks=4, shard_tokens=16, tokenizer=default_model[1])
     try:
+        assert worker.admissible_blocks() == 8  # 4 free on each of 2 ranks: one request can take 8
         worker.reserve("small", 20, 4)  # 23 rows on two ranks: 2 blocks each
+        # 2 free on each rank, 1 of them kept for small's growth: a new request gets 1 per rank.
+        assert worker.admissible_blocks() == 2 and worker.blocks_free == 4
         before = [a.num_free for a in worker.allocators]
         with pytest.raises(ResourceExhausted, match="KV cache full"):
             worker.reserve("big", 40, 10)  # needs 4 blocks on each rank, 2 free on each
@@ -241,7 +244,7 @@ def test_a_dying_rank_ends_the_groups_requests_promptly(tiny_checkpoint, default
         ids = list(range(1, 60))
         kv, first = prompt_kv_and_first_token(model, ids)
         push(worker.reserve("long", len(ids), 150), "long", kv)
-        req = worker.start("long", ids, first, SamplingParams(max_tokens=150, ignore_eos=True))
+        req = worker.start("long", len(ids), first, SamplingParams(max_tokens=150, ignore_eos=True))
         req.events.get(timeout=30)
         worker.reserve("waiting", 10, 5)  # reserved, never started: ends too
         worker.group.procs[0].kill()

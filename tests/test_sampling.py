@@ -1,12 +1,13 @@
 """SamplingParams validation and next-token sampling (greedy, temperature, top-k, top-p, seeds)."""
 
 import math
+import random
 from collections import Counter
 
 import pytest
 import torch
 
-from ringserve.engine.sampling import SamplingParams, sample
+from ringserve.engine.sampling import SamplingParams, sample, sample_batch
 from ringserve.errors import InvalidArgument
 
 # -- validation ------------------------------------------------------------------------------------
@@ -34,6 +35,8 @@ BAD = [
     ({"stop": [3]}, "stop"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"stop_token_ids": ["2"]}, "stop_token_ids"),
+    ({"stop": [str(i) for i in range(17)]}, "at most 16 stop strings"),
+    ({"stop": ["x" * 1025]}, "at most 1024 characters long, got one of 1025"),
 ]
 
 
@@ -60,6 +63,16 @@ def test_stop_token_ids_checked_against_the_vocabulary():
     p.validate_for(101)
     with pytest.raises(InvalidArgument, match=r"stop_token_ids \[100\].*size 100"):
         p.validate_for(100)
+
+
+def test_stop_limits_are_inclusive():
+    SamplingParams(stop=["x" * 1024] + [str(i) for i in range(15)])
+
+
+def test_max_tokens_checked_against_the_context():
+    SamplingParams(max_tokens=8192).validate_for(100, 8192)
+    with pytest.raises(InvalidArgument, match="max_tokens is 1000000000 but the model's context is 8192"):
+        SamplingParams(max_tokens=10**9).validate_for(100, 8192)
 
 
 def test_params_are_immutable():
@@ -165,3 +178,68 @@ def test_top_k_and_top_p_renormalize_the_kept_tokens():
     counts = Counter(draw(logits, SamplingParams(temperature=1.0, top_p=0.6, seed=7), DRAWS))
     assert set(counts) == {0, 1}
     assert chi_square(counts, [4 / 7, 3 / 7, 0.0, 0.0], DRAWS) < CHI2_BOUND
+
+
+# -- batched sampling: the same tokens as one row at a time ----------------------------------------
+
+
+def mixed_params(rnd: random.Random, n: int) -> list[SamplingParams]:
+    """Greedy and sampled rows, every knob and its edge values, each row with its own seed."""
+    out = []
+    for _ in range(n):
+        kind = rnd.choice(["greedy", "plain", "top_k", "top_p", "both", "tiny_t", "top_k1", "tiny_p"])
+        t = {"greedy": 0.0, "tiny_t": 1e-30}.get(kind, rnd.choice([0.3, 0.7, 1.0, 2.0, 50.0]))
+        out.append(
+            SamplingParams(
+                temperature=t,
+                top_k={"top_k": rnd.randint(2, 40), "both": rnd.randint(2, 40), "top_k1": 1}.get(kind, 0),
+                top_p={"top_p": rnd.uniform(0.05, 0.99), "both": rnd.uniform(0.05, 0.9), "tiny_p": 1e-9}.get(kind, 1.0),
+                seed=rnd.randrange(2**63),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_sampling_equals_one_row_at_a_time(seed):
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    batch, vocab = 24, 300
+    logits = torch.randn(batch, vocab, generator=g) * rnd.choice([0.5, 3.0, 10.0])
+    logits[0] = 0.0  # every token tied
+    logits[1, 5] = logits[1, 9] = logits[1].max() + 1  # a tie for the best token
+    logits[2] = torch.randn(vocab, generator=g).round()  # many ties at each value
+    params = mixed_params(rnd, batch)
+    for step in range(5):
+        got = sample_batch(logits, params, [p.generator(step) for p in params])
+        want = [sample(logits[i], p, p.generator(step)) for i, p in enumerate(params)]
+        assert got[:, 1].tolist() == [1] * batch
+        assert got[:, 0].tolist() == want
+
+
+def test_batched_edge_cases_match_their_definition():
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 200, generator=g) * 4
+    params = [
+        SamplingParams(),  # greedy
+        SamplingParams(temperature=0.8, top_k=1, seed=1),
+        SamplingParams(temperature=0.8, top_p=1e-9, seed=2),
+        SamplingParams(temperature=1e-30, seed=3),
+        SamplingParams(temperature=5.0, top_k=1, top_p=0.5, seed=4),
+        SamplingParams(temperature=1.0, seed=5),
+    ]
+    got = sample_batch(logits, params, [p.generator(0) for p in params])[:, 0].tolist()
+    assert got[:5] == logits[:5].argmax(-1).tolist()
+    assert got[5] == sample(logits[5], params[5], params[5].generator(0))
+
+
+def test_rows_that_cannot_be_sampled_are_reported_not_raised():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    logits[1, 7] = float("nan")
+    logits[2] = float("-inf")
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(4)]
+    got = sample_batch(logits, params, [p.generator(0) for p in params])
+    assert got[:, 1].tolist() == [1, 0, 0, 1]
+    assert got[3, 0] == sample(logits[3], params[3], params[3].generator(0))
+    with pytest.raises(InvalidArgument, match="not finite"):
+        sample(logits[1], SamplingParams(), torch.Generator())

@@ -108,6 +108,8 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
                     outbox.put(("landed", args[0], early))
             elif kind == "free":
                 kvp.free(*args)
+            elif kind == "extend":
+                kvp.extend(*args)
             elif kind == "step":
                 kvp.step(args[0], group_wide=True)
     except RingserveError as e:

@@ -89,6 +89,12 @@ class KVPRank:
                 shard.length = max(shard.length, start + count)
             return sum(count for _, _, count in early)
 
+    def extend(self, request_id: str, blocks: list[int]) -> None:
+        """More blocks for a request's generated tokens (the leader grows a shard as it decodes)."""
+        with self.lock:
+            shard = self.shards[request_id]
+            shard.block_table = shard.block_table + blocks
+
     def free(self, request_id: str) -> None:
         with self.lock:
             self.shards.pop(request_id, None)
@@ -170,9 +176,9 @@ class KVPRank:
         return shard.block_table[shard.length // bs] * bs + shard.length % bs
 
     def _tables(self, entries: list[StepEntry], shards: list[Shard | None]) -> torch.Tensor:
-        """The batch's block tables as one padded tensor, rebuilt only when the batch changes
-        (a million-token request has thousands of blocks: no per-step host work on them)."""
-        key = tuple(id(s) for s in shards)
+        """The batch's block tables as one padded tensor, rebuilt only when the batch or a table
+        changes (a million-token request has thousands of blocks: no per-step host work on them)."""
+        key = tuple((id(s), len(s.block_table) if s is not None else 0) for s in shards)
         if self._batch is None or self._batch[0] != key:
             width = max([len(s.block_table) for s in shards if s is not None], default=1)
             tables = [s.block_table if s is not None else [] for s in shards]

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import queue
 
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.drain import Drain, DrainGate
-from ringserve.errors import RingserveError
+from ringserve.engine.engine import TokenEvent
+from ringserve.errors import RingserveError, Unavailable
 from ringserve.metrics import serve_metrics
 from ringserve.registry import Load, Registration, advertised_address
 from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+EVENT_POLL_S = 1.0  # how often a waiting stream checks that the worker still runs
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -35,26 +39,47 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @rpc_errors("decode")
     def Decode(self, request, context):
         rid = request.request_id
-        params = sampling_from_proto(request.sampling)
-        req = self.worker.start(rid, list(request.prompt_token_ids), request.first_token, params)
+        try:
+            params = sampling_from_proto(request.sampling)
+        except RingserveError as e:
+            self.worker.fail_reserved(rid, e)  # the router handed the reservation to us: free it now
+            raise
+        # start() ends the reservation itself if the request cannot start.
+        req = self.worker.start(rid, request.prompt_tokens, request.first_token, params)
         context.add_callback(lambda: self.worker.cancel(rid))  # the caller went away
         log.info("request_id=%s decoding prompt_tokens=%d", rid, req.prompt_len)
         try:
+            sent = 0
             while True:
-                event = req.events.get()
-                if isinstance(event, RingserveError):
-                    raise event
+                event = self._next_event(req)
+                sent += 1
                 yield decode_pb2.DecodeResponse(
                     token_id=event.token_id,
                     text=event.text,
                     finish_reason=FINISH_REASONS[event.finish_reason],
-                    completion_tokens=req.generated,
+                    completion_tokens=sent,
                 )
                 if event.finish_reason:
-                    log.info("request_id=%s finished reason=%s tokens=%d", rid, event.finish_reason, req.generated)
+                    log.info("request_id=%s finished reason=%s tokens=%d", rid, event.finish_reason, sent)
                     return
         finally:
             self.worker.cancel(rid)  # no-op once finished
+
+    def _next_event(self, req) -> TokenEvent:
+        """The stream's next event; raises the request's error, or UNAVAILABLE once the worker
+        can no longer produce events (its loop or output thread died): never waits forever."""
+        while True:
+            try:
+                event = req.events.get(timeout=EVENT_POLL_S)
+            except queue.Empty:
+                if not self.worker.serving:
+                    raise Unavailable(
+                        f"decode group failed: {self.worker.failure or 'its decode loop stopped'}"
+                    ) from None
+                continue
+            if isinstance(event, RingserveError):
+                raise event
+            return event
 
     @rpc_errors("decode")
     def Release(self, request, context):
@@ -70,7 +95,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 active_requests=len(w.active),
                 reserved_requests=len(w.requests) - len(w.active),
                 kv_blocks_used=w.blocks_used,
-                kv_blocks_free=w.blocks_free,
+                kv_blocks_free=w.admissible_blocks(),
                 transport=w.group.transport,
             )
 
@@ -103,8 +128,8 @@ def serve(cfg: DecodeConfig):
         with worker.lock:  # a reserved request counts: its Decode call is still to come
             return Load(
                 active_requests=len(worker.requests),
-                free_blocks=worker.blocks_free,
-                total_blocks=worker.blocks_free + worker.blocks_used,
+                free_blocks=worker.admissible_blocks(),  # what one new request can get, not a sum
+                total_blocks=worker.blocks_total,
             )
 
     address = advertised_address(cfg.host, cfg.advertise_host, port)

@@ -3,11 +3,21 @@
 A request goes through three states here:
 
 1. reserved: ``reserve`` picks the ranks that will hold its KV (one for short requests, more as
-   the context grows), takes blocks on each for its share of the prompt and of its whole
-   generation (so it can never run out mid-stream), and says where the prompt's KV goes;
+   the context grows), takes blocks on each for its share of the prompt plus a bounded headroom
+   (one block's worth per rank: a generation budget never pins blocks it has not used), and says
+   where the prompt's KV goes;
 2. landing: each rank's KV receiver writes its share into those blocks and reports it;
 3. active: ``start`` adds it to the running batch; every step decodes one token for each active
-   request in one forward over the group, and new requests join between steps.
+   request in one forward over the group, and new requests join between steps. A request's blocks
+   grow as it generates (the rank that stores the new token takes a block when its last is full);
+   a request with no free slot on any of its ranks sits out steps until blocks free up, and when
+   every running request is stuck the youngest ends with RESOURCE_EXHAUSTED (no deadlock).
+   Admission keeps one free block per request on a rank for that growth (the watermark).
+
+Each step samples the whole batch in one call and copies the tokens to the host once; text,
+stop strings and stream events are the output stage's (decode_service/stream.py), off the step.
+A request whose logits cannot be sampled (NaN) ends alone with an error; if the loop itself fails,
+every request ends with UNAVAILABLE and the group is marked failed (``on_failure``: liveness).
 
 Whatever ends a request (finish, cancel, release, an error, a reservation never claimed) frees
 its blocks, in one place: ``_finish``.
@@ -27,10 +37,10 @@ import torch
 
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.kvp import StepEntry
-from ringserve.engine.engine import TokenEvent
+from ringserve.decode_service.stream import OutputStage
 from ringserve.engine.kv_cache import BlockAllocator, blocks_needed
 from ringserve.engine.output import TextOutput
-from ringserve.engine.sampling import SamplingParams, sample
+from ringserve.engine.sampling import SamplingParams, sample_batch
 from ringserve.engine.tokenizer import Tokenizer
 from ringserve.errors import (
     Cancelled,
@@ -60,12 +70,15 @@ class Request:
     reserved_at: float
     landed: int = 0  # prompt tokens whose KV has arrived, over all ranks
     # Set by start():
-    token_ids: list[int] = field(default_factory=list)
+    last_token: int = 0  # the newest token: the next step's input
     generated: int = 0
+    started_at: float = 0.0
     params: SamplingParams | None = None
     output: TextOutput | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
+    stopped: bool = False  # the output stage saw a stop token or string: end it before its next step
+    closed: bool = False  # the stream's last event is out (the output stage's)
 
 
 class DecodeWorker:
@@ -99,6 +112,7 @@ class DecodeWorker:
         self.on_failure: Callable[[], None] | None = None  # e.g. fail the liveness probe: restart us
         self.lock = threading.Condition()
         self._stop = False
+        self.output = OutputStage()
         group.start_monitor(self._landed, self._group_failed)
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
@@ -111,6 +125,27 @@ class DecodeWorker:
     @property
     def blocks_free(self) -> int:
         return sum(a.num_free for a in self.allocators)
+
+    @property
+    def blocks_total(self) -> int:
+        return sum(a.num_blocks for a in self.allocators)
+
+    @property
+    def serving(self) -> bool:
+        """False once the group failed or the loop or output thread is gone (streams must end)."""
+        return self.failure is None and self._thread.is_alive() and self.output.alive
+
+    def admissible_blocks(self) -> int:
+        """The largest reservation, in blocks over all its ranks, that ``reserve`` could admit now
+        (what the registry and GetInfo report as free): a request on d ranks takes the same share
+        on each of the d ranks with the most free blocks, less each rank's growth watermark, so it
+        can have d x the d-th largest of those (caller holds the lock)."""
+        free = sorted((a.num_free - self._growth_watermark(r) for r, a in enumerate(self.allocators)), reverse=True)
+        return max(0, max(d * f for d, f in enumerate(free, start=1)))
+
+    def _growth_watermark(self, rank: int) -> int:
+        """Blocks admission leaves free on a rank: one per request there, for its next block."""
+        return sum(rank in req.tables for req in self.requests.values())
 
     # --- reservations and KV landing --------------------------------------------------------
 
@@ -130,6 +165,8 @@ class DecodeWorker:
             )
         if max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
+        if max_tokens > self.max_context:
+            raise InvalidArgument(f"max_tokens is {max_tokens} but the model's context is {self.max_context} tokens")
         budget = min(max_tokens, self.max_context - prompt_tokens)
         request_id = request_id or uuid.uuid4().hex
         # The last generated token is never fed back, so prompt + budget - 1 rows suffice.
@@ -142,13 +179,16 @@ class DecodeWorker:
             d = self.degree(rows)
             # The d ranks with the most free blocks, in rank order (shares are laid out in it).
             ranks = sorted(sorted(range(self.group.world), key=lambda r: -self.allocators[r].num_free)[:d])
-            needs = [blocks_needed(n, self.block_size) for n in balanced_shares(rows, d)]
-            short = [(r, n) for r, n in zip(ranks, needs) if n > self.allocators[r].num_free]
+            held = prompt_tokens + min(budget - 1, d * self.block_size)  # the rest grows on demand
+            needs = [blocks_needed(n, self.block_size) for n in balanced_shares(held, d)]
+            kept = {r: self._growth_watermark(r) for r in ranks}
+            short = [(r, n) for r, n in zip(ranks, needs) if n + kept[r] > self.allocators[r].num_free]
             if short:  # check every rank before taking anything: never half-admitted
                 r, n = short[0]
                 raise ResourceExhausted(
                     f"KV cache full: request {request_id} needs {n} blocks on decode rank {r}, "
-                    f"{self.allocators[r].num_free} free; retry later or shorten the request"
+                    f"{self.allocators[r].num_free} free of which {kept[r]} are kept for running requests' "
+                    "growth; retry later or shorten the request"
                 )
             tables = {r: self.allocators[r].allocate(n) for r, n in zip(ranks, needs)}
             shares = balanced_shares(prompt_tokens, d)
@@ -185,36 +225,56 @@ class DecodeWorker:
 
     # --- decoding ---------------------------------------------------------------------------
 
-    def start(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams) -> Request:
-        """Begin decoding a reserved request whose KV has landed; read events from ``request.events``."""
-        params.validate_for(self.model.config.vocab_size)
+    def start(self, request_id: str, prompt_tokens: int, first_token: int, params: SamplingParams) -> Request:
+        """Begin decoding a reserved request whose KV has landed; read events from ``request.events``.
+        ``prompt_tokens`` must be what was reserved; the prefill tier sampled ``first_token``. If the
+        request cannot start, its reservation ends here (the router has handed it to us)."""
         with self.lock:
             req = self.requests.get(request_id)
             if req is None:
                 raise NotFound(f"no reservation for request {request_id} (expired or released?)")
             if req.params is not None:
                 raise FailedPrecondition(f"request {request_id} is already decoding")
-            if len(prompt_ids) != req.prompt_len:
-                raise InvalidArgument(f"{len(prompt_ids)} prompt tokens given, {req.prompt_len} reserved")
-            # The last rank's "landed" message may trail the prefill tier's answer by a moment.
-            deadline = time.monotonic() + self.landing_timeout_s
-            while req.landed < req.prompt_len and self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
-                pass
-            if self.requests.get(request_id) is not req:
-                raise NotFound(f"request {request_id} ended while its KV was landing")
-            if req.landed != req.prompt_len:
-                raise FailedPrecondition(
-                    f"only {req.landed} of {req.prompt_len} prompt tokens' KV arrived for request {request_id}"
-                )
-            req.params = params
+            try:
+                self._check_start(req, prompt_tokens, first_token, params)
+            except RingserveError as e:
+                self._finish(req, e)
+                raise
+            req.params, req.started_at = params, time.monotonic()
             req.max_tokens = min(req.max_tokens, params.max_tokens)
             req.output = TextOutput(self.tokenizer, params)
-            req.token_ids = list(prompt_ids)
             if not self._emit(req, first_token):
                 self.active.append(req)
                 self.lock.notify_all()
             self._update_gauges()
         return req
+
+    def fail_reserved(self, request_id: str, error: RingserveError) -> None:
+        """End a reservation whose Decode call failed before it could start (no-op once decoding)."""
+        with self.lock:
+            req = self.requests.get(request_id)
+            if req is not None and req.params is None:
+                self._finish(req, error)
+
+    def _check_start(self, req: Request, prompt_tokens: int, first_token: int, params: SamplingParams) -> None:
+        """Everything start() needs, waiting for the prompt's KV (caller holds the lock)."""
+        if self.failure:
+            raise Unavailable(f"this decode group is broken ({self.failure}); restart it")
+        params.validate_for(self.model.config.vocab_size, self.max_context)
+        if prompt_tokens != req.prompt_len:
+            raise InvalidArgument(f"{prompt_tokens} prompt tokens given, {req.prompt_len} reserved")
+        if not 0 <= first_token < self.model.config.vocab_size:
+            raise InvalidArgument(f"first_token {first_token} is outside the vocabulary")
+        # The last rank's "landed" message may trail the prefill tier's answer by a moment.
+        deadline = time.monotonic() + self.landing_timeout_s
+        while req.landed < req.prompt_len and self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+            pass
+        if self.requests.get(req.request_id) is not req:
+            raise NotFound(f"request {req.request_id} ended while its KV was landing")
+        if req.landed != req.prompt_len:
+            raise FailedPrecondition(
+                f"only {req.landed} of {req.prompt_len} prompt tokens' KV arrived for request {req.request_id}"
+            )
 
     def cancel(self, request_id: str) -> bool:
         """End a request however far it got; its blocks are freed (by the loop if it is running)."""
@@ -229,14 +289,12 @@ class DecodeWorker:
             return True
 
     def _emit(self, req: Request, token: int) -> bool:
-        """Record a sampled token and queue its event; returns True if the request is done."""
-        text, stopped = req.output.push(token)
-        req.token_ids.append(token)
+        """Record a sampled token and hand it to the output stage; True if the request is done (at
+        its budget or the context: stop tokens and strings are the output stage's to find)."""
+        req.last_token = token
         req.generated += 1
-        done = stopped or req.generated >= req.max_tokens or len(req.token_ids) >= self.max_context
-        if done and not stopped:
-            text += req.output.finish()
-        req.events.put(TokenEvent(token, text, ("stop" if stopped else "length") if done else None))
+        done = req.generated >= req.max_tokens or req.prompt_len + req.generated >= self.max_context
+        self.output.token(req, token, "length" if done else None)
         if done:
             self._finish(req, None)
         return done
@@ -252,54 +310,104 @@ class DecodeWorker:
             self.group.rank0.free(req.request_id) if r == 0 else self.group.send(r, ("free", req.request_id))
         req.tables = {}
         if error is not None:
-            req.events.put(error)
+            self.output.error(req, error)  # after the tokens already queued for the stream
         self._update_gauges()
 
     def _loop(self) -> None:
-        while True:
-            with self.lock:
-                self._drop_cancelled_and_expired()
-                while not self.active and not self._stop:
-                    self.lock.wait(timeout=1.0)
-                    self._drop_cancelled_and_expired()
-                if self._stop:
-                    return
-                batch = self.active[: self.max_batch]
-            try:
-                logits = self._forward(batch)
-            except Exception as e:
-                if self.group.world > 1:  # the ranks may be out of step now: the group is done
-                    log.exception("decode step failed")
-                    self._group_failed(f"a decode step failed: {type(e).__name__}: {e}")
-                    continue
-                # One rank: fail the batch, keep the worker alive.
-                log.exception("decode step failed")
-                with self.lock:
-                    for req in batch:
-                        self._finish(req, RingserveError(f"decode step failed: {type(e).__name__}: {e}"))
-                continue
-            with self.lock:
-                for i, req in enumerate(batch):
-                    if req.request_id not in self.requests:  # ended during the step (group failure)
-                        continue
-                    if req.cancelled:
-                        self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
-                        continue
-                    self._emit(req, sample(logits[i], req.params, req.params.generator(req.generated)))
-                # Rotate so that more requests than max_batch take turns.
-                stepped = {id(r) for r in batch}
-                self.active = [r for r in self.active if id(r) not in stepped] + [
-                    r for r in self.active if id(r) in stepped
-                ]
+        try:
+            while self._step():
+                pass
+        except Exception as e:  # the loop cannot go on: nothing would ever end the streams otherwise
+            log.exception("decode loop failed")
+            self._group_failed(f"the decode loop failed: {type(e).__name__}: {e}")
 
-    def _forward(self, batch: list[Request]) -> torch.Tensor:
-        """One decode step over the group. Each token's K and V go to the request's rank with the
-        fewest rows (ties: the lowest), which keeps shards balanced as generation goes on."""
-        entries = []
-        for r in batch:
-            owner = min(r.rows, key=lambda rank: (r.rows[rank], rank))
-            r.rows[owner] += 1
-            entries.append(StepEntry(r.request_id, r.token_ids[-1], len(r.token_ids) - 1, owner))
+    def _step(self) -> bool:
+        """Plan, run and sample one step; False when the worker stops."""
+        with self.lock:
+            self._drop_cancelled_and_expired()
+            while not self.active and not self._stop:
+                self.lock.wait(timeout=1.0)
+                self._drop_cancelled_and_expired()
+            if self._stop or self.failure:
+                return False
+            batch, entries = self._plan()
+        if not batch:
+            return True
+        try:
+            logits = self._forward(batch, entries)
+        except Exception as e:
+            log.exception("decode step failed")
+            if self.group.world > 1:  # the ranks may be out of step now: the group is done
+                self._group_failed(f"a decode step failed: {type(e).__name__}: {e}")
+                return True
+            with self.lock:  # one rank: fail the batch, keep the worker alive
+                for req in batch:
+                    self._finish(req, RingserveError(f"decode step failed: {type(e).__name__}: {e}"))
+            return True
+        generators = [r.params.generator(r.generated) for r in batch]
+        sampled = sample_batch(logits, [r.params for r in batch], generators).tolist()  # one copy to the host
+        with self.lock:
+            for req, (token, ok) in zip(batch, sampled):
+                if self.requests.get(req.request_id) is not req:  # ended during the step (group failure)
+                    continue
+                if req.cancelled:
+                    self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
+                elif not ok:
+                    why = "the model's logits are not finite (NaN or inf); it cannot go on"
+                    self._finish(req, RingserveError(f"request {req.request_id}: {why}"))
+                else:
+                    self._emit(req, token)
+            # Rotate so that more requests than max_batch (and paused ones) take turns.
+            stepped = {id(r) for r in batch}
+            self.active = [r for r in self.active if id(r) not in stepped] + [
+                r for r in self.active if id(r) in stepped
+            ]
+        return True
+
+    def _plan(self) -> tuple[list[Request], list[StepEntry]]:
+        """The next step's requests and their entries (caller holds the lock): ends stopped and
+        cancelled requests, picks each request's owner rank for its new token, growing its blocks
+        there; skips requests with no free slot; ends the youngest when none can step."""
+        for req in list(self.active):
+            if req.cancelled:
+                self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
+            elif req.stopped:
+                self._finish(req, None)
+        batch, entries = [], []
+        for req in self.active:
+            if len(batch) == self.max_batch:
+                break
+            owner = self._owner(req)
+            if owner is None:
+                continue  # paused until blocks free up
+            req.rows[owner] += 1
+            batch.append(req)
+            entries.append(StepEntry(req.request_id, req.last_token, req.prompt_len + req.generated - 1, owner))
+        if self.active and not batch:
+            youngest = max(self.active, key=lambda r: r.started_at)
+            log.warning("request_id=%s ended: every running request is out of KV blocks", youngest.request_id)
+            self._finish(youngest, ResourceExhausted("decode KV cache full; retry"))
+        return batch, entries
+
+    def _owner(self, req: Request) -> int | None:
+        """The rank that stores a request's next token: the one with the fewest of its rows (ties:
+        the lowest), keeping shards balanced, that has a free slot or can take a block for one."""
+        for rank in sorted(req.rows, key=lambda r: (req.rows[r], r)):
+            if req.rows[rank] < len(req.tables[rank]) * self.block_size:
+                return rank
+            if self.allocators[rank].num_free:
+                block = self.allocators[rank].allocate(1)
+                req.tables[rank] = req.tables[rank] + block  # a new list: rank 0's shard keeps its own
+                if rank == 0:
+                    self.group.rank0.extend(req.request_id, block)
+                else:
+                    self.group.send(rank, ("extend", req.request_id, block))
+                self._update_gauges()
+                return rank
+        return None
+
+    def _forward(self, batch: list[Request], entries: list[StepEntry]) -> torch.Tensor:
+        """One decode step over the group."""
         # A step whose requests all live on rank 0 alone needs no other rank and no communication.
         group_wide = any(set(r.rows) != {0} for r in batch)
         if group_wide:
@@ -343,4 +451,5 @@ class DecodeWorker:
                 self._finish(req, Cancelled("the decode worker is shutting down"))
             self.lock.notify_all()
         self._thread.join(timeout=10)
+        self.output.close()
         self.group.close()

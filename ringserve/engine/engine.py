@@ -144,7 +144,7 @@ class Engine:
         before it starts streaming anything. Blocks are only taken once iteration starts.
         """
         prompt_ids = self.check_prompt(prompt_ids)
-        params.validate_for(self.config.vocab_size)
+        params.validate_for(self.config.vocab_size, self.max_context)
         return self._generate(prompt_ids, params)
 
     def _generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[TokenEvent]:

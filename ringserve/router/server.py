@@ -131,7 +131,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             stream = decision.decode.stub.Decode(
                 decode_pb2.DecodeRequest(
                     request_id=rid,
-                    prompt_token_ids=ids,
+                    prompt_tokens=len(ids),
                     first_token=first.first_token,
                     sampling=request.sampling,
                 ),
