@@ -146,6 +146,7 @@ def serve(cfg: PrefillConfig):
         cfg.host,
         cfg.port,
         interceptors=[gate],
+        limits=cfg,
     )
     servicer.health = health
     serve_metrics(cfg.metrics_port)
