@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # delay before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a service that ran this long before dying starts its backoff over
 SHUTDOWN_MARGIN_S = 30.0  # beyond the longest drain: servers stopping, ranks exiting
+LIVENESS_EVERY_S = 5.0  # how often a running service is asked whether it gave up (ringserve.live)
 
 
 class Signals:
@@ -105,6 +106,7 @@ class Supervisor:
         self.failures = dict.fromkeys(cluster.procs, 0)  # deaths in a row, each soon after its start
         self.due: dict[str, float] = {}  # service (or "redis") -> when to restart it
         self.starting: set[str] = set()  # restarted, not yet serving again
+        self.next_liveness = time.monotonic() + LIVENESS_EVERY_S
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(0.5):
@@ -112,12 +114,15 @@ class Supervisor:
                 if proc.poll() is not None and name not in self.due:
                     self._schedule(name, f"the {name} service (pid {proc.pid}) exited with code {proc.returncode}")
             redis = self.cluster.redis
-            if redis is not None and "redis" not in self.due and redis.proc.poll() is not None:
-                self._schedule("redis", f"the embedded redis-server exited with code {redis.proc.returncode}")
+            if redis is not None and "redis" not in self.due and (redis.proc is None or redis.proc.poll() is not None):
+                code = None if redis.proc is None else redis.proc.returncode
+                self._schedule("redis", f"the embedded redis-server stopped (exit code {code})")
             for name, when in list(self.due.items()):
                 if time.monotonic() >= when:
                     self._restart(name)
             self._check_started()
+            if time.monotonic() >= self.next_liveness:
+                self._check_liveness()
 
     def _schedule(self, name: str, what: str) -> None:
         lived = time.monotonic() - self.started.get(name, 0.0)
@@ -151,6 +156,27 @@ class Supervisor:
                 continue
             self.starting.discard(name)
             log.info("%s is serving again at %s", name, self.cluster.addresses[name])
+
+    def _check_liveness(self) -> None:
+        """Kill a service that runs but has given up (a group whose rank died): the next round
+        restarts it, as Kubernetes' liveness probe would."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from ringserve.rpc import LIVE, channel
+
+        self.next_liveness = time.monotonic() + LIVENESS_EVERY_S
+        for name, proc in self.cluster.procs.items():
+            if name in self.due or name in self.starting or proc.poll() is not None:
+                continue
+            with channel(self.cluster.addresses[name]) as ch:
+                try:
+                    reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=LIVE), timeout=2)
+                except grpc.RpcError:
+                    continue  # busy or still starting: only an explicit NOT_SERVING counts
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                log.error("the %s service (pid %d) reports %s NOT_SERVING (broken): killing it", name, proc.pid, LIVE)
+                self.cluster.kill(name)
 
 
 def up(args: argparse.Namespace) -> int:

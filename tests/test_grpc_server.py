@@ -3,6 +3,7 @@ long calls that leaves health and control calls answered, a port it refuses to s
 for million-token prompts, Health.List, and reflection under v1 and v1alpha."""
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -18,7 +19,8 @@ LIMIT = 3
 
 
 class HeldStreams(router_pb2_grpc.RouterServicer):
-    """Generate streams one chunk, then holds its server thread until ``release`` is set;
+    """Generate streams one chunk, then holds its server thread until ``release`` is set or the
+    client goes away;
     Tokenize answers one id per 4 bytes of text (a large request, and a large answer)."""
 
     def __init__(self):
@@ -26,7 +28,8 @@ class HeldStreams(router_pb2_grpc.RouterServicer):
 
     def Generate(self, request, context):
         yield router_pb2.GenerateResponse(text="held")
-        self.release.wait(timeout=120)
+        while context.is_active() and not self.release.wait(timeout=0.05):
+            pass
 
     def Tokenize(self, request, context):
         return router_pb2.TokenizeResponse(token_ids=[i % 100 for i in range(len(request.text) // 4)])
@@ -54,21 +57,32 @@ def test_long_calls_are_bounded_and_health_still_answers(server):
         held = [router.Generate(router_pb2.GenerateRequest(), timeout=120) for _ in range(LIMIT)]
         for stream in held:  # each is running: it holds a server thread
             assert next(stream).text == "held"
-        for _ in range(3 * LIMIT):  # more than the pool would have had without its control threads
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+        SERVING = health_pb2.HealthCheckResponse.SERVING
+        for _ in range(3 * LIMIT):  # answered while the long calls hold their threads
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
         with pytest.raises(grpc.RpcError) as refused:
             next(router.Generate(router_pb2.GenerateRequest(), timeout=30))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-concurrent-requests" in refused.value.details()
 
+        held[0].cancel()  # a client that goes away frees its place
+        deadline = time.monotonic() + 30
+        while True:
+            replacement = router.Generate(router_pb2.GenerateRequest(), timeout=120)
+            try:
+                assert next(replacement).text == "held"
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+
         servicer.release.set()
-        for stream in held:
+        for stream in [*held[1:], replacement]:
             assert list(stream) == []  # ended cleanly
         servicer.release.clear()
-        again = router.Generate(router_pb2.GenerateRequest(), timeout=120)
-        assert next(again).text == "held"
+        again = [router.Generate(router_pb2.GenerateRequest(), timeout=120) for _ in range(LIMIT)]
+        assert [next(s).text for s in again] == ["held"] * LIMIT  # all places free again
         servicer.release.set()
-        assert list(again) == []
 
 
 def test_a_port_in_use_is_refused(server):

@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import pytest
 
 from ringserve.client import Client
 from ringserve.process_group import free_port
@@ -38,7 +37,7 @@ def marked_pids(mark: str) -> list[int]:
 def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, Path, str]:
     mark = uuid.uuid4().hex
     log = tmp_path / "up.log"
-    env = {**os.environ, MARK: mark}
+    env = {**os.environ, MARK: mark, "RINGSERVE_CALIBRATE_TOKENS": "64"}  # a short prefill calibration
     cmd = [sys.executable, "-m", "ringserve.cli", "up", "--port", "0", "--redis-port", "0", *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, env=env, text=True)
