@@ -126,18 +126,20 @@ def message_options(max_message_mb: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+def _channel_options(max_message_mb: int | None) -> list[tuple[str, int]]:
+    return message_options(max_message_mb or int(os.environ.get("RINGSERVE_MAX_MESSAGE_MB", MAX_MESSAGE_MB)))
+
+
 def channel(address: str, max_message_mb: int | None = None) -> grpc.Channel:
     """A plaintext channel to ``address`` with ringserve's message limits (``max_message_mb``, else
     RINGSERVE_MAX_MESSAGE_MB, else ``config.MAX_MESSAGE_MB``): gRPC's 4 MiB default would refuse
     million-token prompts and their token ids."""
-    mb = max_message_mb or int(os.environ.get("RINGSERVE_MAX_MESSAGE_MB", MAX_MESSAGE_MB))
-    return grpc.insecure_channel(address, options=message_options(mb))
+    return grpc.insecure_channel(address, options=_channel_options(max_message_mb))
 
 
 def aio_channel(address: str, max_message_mb: int | None = None) -> grpc.aio.Channel:
     """``channel`` for asyncio clients."""
-    mb = max_message_mb or int(os.environ.get("RINGSERVE_MAX_MESSAGE_MB", MAX_MESSAGE_MB))
-    return grpc.aio.insecure_channel(address, options=message_options(mb))
+    return grpc.aio.insecure_channel(address, options=_channel_options(max_message_mb))
 
 
 class CallLimit(grpc.ServerInterceptor):
@@ -231,11 +233,10 @@ def start_server(
     is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """
     limits = limits or GrpcArgs()
-    if limits.max_concurrent_requests < 1 or limits.max_message_mb < 1:
-        raise InvalidArgument(
-            "--max-concurrent-requests and --max-message-mb must be >= 1, got "
-            f"{limits.max_concurrent_requests} and {limits.max_message_mb}"
-        )
+    if limits.max_concurrent_requests < 1:
+        raise InvalidArgument(f"--max-concurrent-requests must be >= 1, got {limits.max_concurrent_requests}")
+    if not 1 <= limits.max_message_mb <= 2047:  # gRPC takes a 32-bit signed byte count
+        raise InvalidArgument(f"--max-message-mb must be 1 to 2047, got {limits.max_message_mb}")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_requests + CONTROL_THREADS),
         interceptors=[CallLimit(limits.max_concurrent_requests), *(interceptors or [])],
