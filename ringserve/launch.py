@@ -58,7 +58,7 @@ class Cluster:
 
     Each service runs in a process group of its own (its ranks included), so stopping one kills all
     of it, and a Ctrl-C at the terminal reaches only the process that owns the cluster, which then
-    drains the services in order."""
+    decides how they stop (``stop``)."""
 
     router: str
     prefill: str
@@ -95,6 +95,8 @@ class Cluster:
         self.procs[name] = subprocess.Popen(
             args, stderr=out or None, stdout=out or subprocess.DEVNULL, start_new_session=True
         )
+        if out:
+            out.close()  # the child has its own copy
         log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(args[3:]))
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
