@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -120,8 +121,31 @@ def test_a_killed_decode_group_is_restarted_and_up_keeps_serving(tmp_path, defau
                 time.sleep(1)
         assert "Paris" in text
 
-        proc.send_signal(signal.SIGTERM)  # drains, then exits cleanly
-        assert proc.wait(timeout=240) == 0
+        # The first SIGTERM drains: a running stream goes on (past the 15 s `up` used to allow);
+        # a second one kills everything at once.
+        chunks, errors = [], []
+
+        def stream():
+            try:
+                with Client(router, timeout=600) as client:
+                    chunks.extend(client.generate("Tell me a story.", max_tokens=2000, ignore_eos=True))
+            except grpc.RpcError as e:
+                errors.append(e)
+
+        reader = threading.Thread(target=stream, daemon=True)
+        reader.start()
+        while not chunks:
+            assert reader.is_alive() and proc.poll() is None, errors
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(20)
+        streamed = len(chunks)
+        time.sleep(2)
+        assert proc.poll() is None and not errors and len(chunks) > streamed, "the stream goes on while up drains"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(timeout=60)
+        assert errors, "killed: the stream ends"
     finally:
         proc.kill()
     assert_none_left(mark)
