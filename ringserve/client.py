@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
-
+from ringserve import rpc
 from ringserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
@@ -40,7 +39,7 @@ class Client:
     scheduler orders requests by (0 or absent: the prefill group's default)."""
 
     def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+        self.channel = rpc.channel(address)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 
@@ -84,7 +83,7 @@ class AsyncClient:
     """asyncio client with the same methods as ``Client``."""
 
     def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = rpc.aio_channel(address)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 

@@ -58,6 +58,23 @@ def _opt(default, help: str, type=None):
     return field(default=default, metadata={"help": help, **({"type": type} if type else {})})
 
 
+# 10M-token contexts: token ids travel as packed varints (3 bytes each for vocabularies up to 2M,
+# 5 at most), text at ~4 bytes a token; 64 MiB carries either (gRPC's default is 4 MiB).
+MAX_MESSAGE_MB = 64
+
+
+@dataclass
+class GrpcArgs:
+    """What every gRPC server takes: how much concurrent work it admits, and how large a message."""
+
+    max_concurrent_requests: int = _opt(
+        256,
+        "most concurrent streams and prefills this server runs; more are refused with RESOURCE_EXHAUSTED "
+        "(health and control calls have threads of their own)",
+    )
+    max_message_mb: int = _opt(MAX_MESSAGE_MB, "largest gRPC message sent or received, in MiB (prompts of 10M tokens)")
+
+
 @dataclass
 class ModelArgs:
     """What every model-serving service needs to load its model."""
@@ -88,7 +105,7 @@ class RedisArgs:
 
 
 @dataclass
-class WorkerArgs(ModelArgs, RedisArgs):
+class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     """What prefill and decode groups share: loading a model, and their entry in the registry."""
 
     heartbeat_s: float = _opt(1.0, "seconds between registry heartbeats (load, residency, TTL renewal)")
@@ -134,7 +151,7 @@ class PrefillConfig(WorkerArgs):
 
 
 @dataclass
-class RouterConfig(RedisArgs):
+class RouterConfig(RedisArgs, GrpcArgs):
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50050, "gRPC port (0: pick a free one)")
     policy: str = _opt("cache_aware", "prefill group choice: cache_aware, least_loaded or round_robin")

@@ -1,4 +1,5 @@
-"""Running the services: one per process (`ringserve router|prefill|decode`) or all at once (`up`)."""
+"""Running the services: one per process (`ringserve router|prefill|decode`), or all at once as a
+``Cluster`` of child processes (tests, benchmarks, and `up`, supervised in supervise.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig
-from ringserve.errors import Unavailable
+from ringserve.errors import Cancelled, Unavailable
 from ringserve.process_group import free_port
 from ringserve.redis_server import EmbeddedRedis
 
@@ -52,7 +54,11 @@ def run_router(cfg: RouterConfig) -> int:
 @dataclass
 class Cluster:
     """Processes of a local deployment: one decode group, one prefill group and one router at first,
-    all registered in one Redis under one cluster name; ``add`` starts more groups."""
+    all registered in one Redis under one cluster name; ``add`` starts more groups.
+
+    Each service runs in a process group of its own (its ranks included), so stopping one kills all
+    of it, and a Ctrl-C at the terminal reaches only the process that owns the cluster, which then
+    decides how they stop (``stop``)."""
 
     router: str
     prefill: str
@@ -62,7 +68,9 @@ class Cluster:
     host: str = "127.0.0.1"
     log_dir: str | None = None
     redis: EmbeddedRedis | None = None  # the embedded Redis, when the cluster started its own
+    cancel: threading.Event | None = None  # set: stop waiting for services to become ready
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    argv: dict[str, list[str]] = field(default_factory=dict)  # service -> its full command line
     addresses: dict[str, str] = field(default_factory=dict)  # service -> gRPC address
     metrics: dict[str, str] = field(default_factory=dict)  # service -> host:port of /metrics
 
@@ -75,11 +83,21 @@ class Cluster:
         if metrics:
             self.metrics[name] = f"{self.host}:{free_port()}"
             args += ["--metrics-port", self.metrics[name].rsplit(":", 1)[1]]
-        out = open(os.path.join(self.log_dir, f"{name}.log"), "w") if self.log_dir else None  # noqa: SIM115
-        self.procs[name] = subprocess.Popen(args, stderr=out or None, stdout=out or subprocess.DEVNULL)
+        self.argv[name] = args
         self.addresses[name] = f"{self.host}:{port}"
-        log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(args[3:]))
+        self.respawn(name)
         return self.addresses[name]
+
+    def respawn(self, name: str) -> None:
+        """(Re)start service ``name`` with the command line it was spawned with, logging to its log."""
+        out = open(os.path.join(self.log_dir, f"{name}.log"), "a") if self.log_dir else None  # noqa: SIM115
+        args = self.argv[name]
+        self.procs[name] = subprocess.Popen(
+            args, stderr=out or None, stdout=out or subprocess.DEVNULL, start_new_session=True
+        )
+        if out:
+            out.close()  # the child has its own copy
+        log.info("started %s (pid %d): %s", name, self.procs[name].pid, " ".join(args[3:]))
 
     def wait_ready(self, name: str, timeout_s: float) -> None:
         """Return once service ``name`` answers health checks; raise if it exits or takes too long."""
@@ -92,6 +110,8 @@ class Cluster:
                     f"the {name} service exited with code {self.procs[name].returncode} during start-up; "
                     "see its log above"
                 )
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled(f"start-up interrupted while waiting for the {name} service")
             try:
                 wait_ready(self.addresses[name], timeout_s=1.0)
                 break
@@ -106,18 +126,31 @@ class Cluster:
         self.wait_ready(name, ready_timeout_s)
         return address
 
-    def stop(self) -> None:
-        """SIGTERM everyone (they drain and shut down gracefully), then kill stragglers; stop Redis."""
+    def kill(self, name: str) -> None:
+        """SIGKILL service ``name``'s whole process group: its leader and every rank it started."""
+        try:
+            os.killpg(self.procs[name].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        self.procs[name].wait()
+
+    def stop(self, grace_s: float = 15.0, abort: threading.Event | None = None) -> None:
+        """SIGTERM every service (they drain and shut down), wait up to ``grace_s`` (or until
+        ``abort`` is set), then SIGKILL every process group, finished or not, so no rank outlives
+        its service; stop Redis last (draining workers deregister there)."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        deadline = time.monotonic() + grace_s
+        while any(p.poll() is None for p in self.procs.values()) and time.monotonic() < deadline:
+            if abort is not None and abort.is_set():
+                break
+            time.sleep(0.1)
+        running = [name for name, p in self.procs.items() if p.poll() is None]
+        if running:
+            log.warning("killing %s: still running %.0f s after SIGTERM", ", ".join(running), grace_s)
+        for name in self.procs:
+            self.kill(name)
         if self.redis is not None:
             self.redis.stop()
 
@@ -136,13 +169,14 @@ def start_cluster(
     redis_url: str | None = None,
     redis_port: int = 0,
     name: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> Cluster:
     """Start decode (KVP = ``kvp``), prefill (CP = ``cp``) and router as child processes; return
     once all serve.
 
     They register in Redis at ``redis_url``, or in an embedded Redis started here on ``redis_port``
     (0: a free one; stopped with the cluster), under cluster ``name`` (default: a fresh one, so
-    clusters can share a Redis).
+    clusters can share a Redis). Setting ``cancel`` interrupts the start-up (``Cancelled``).
     With ``metrics``, each service also serves Prometheus /metrics on a free port."""
     redis = None
     if redis_url is None:
@@ -155,7 +189,7 @@ def start_cluster(
         "prefill": ["prefill", "--cp", str(cp), *common],
         "router": ["router", *(["--model", model] if model else [])],
     }
-    cluster = Cluster("", "", "", redis_url, name or f"local-{uuid.uuid4().hex[:8]}", host, log_dir, redis)
+    cluster = Cluster("", "", "", redis_url, name or f"local-{uuid.uuid4().hex[:8]}", host, log_dir, redis, cancel)
     try:
         for service in ("decode", "prefill", "router"):
             port = router_port if service == "router" else 0
@@ -164,45 +198,9 @@ def start_cluster(
         for service in ("decode", "prefill", "router"):
             cluster.wait_ready(service, ready_timeout_s)
     except BaseException:
-        cluster.stop()
+        cluster.stop(grace_s=5.0)
         raise
     return cluster
-
-
-def up(
-    cp: int, kvp: int, model: str | None, dtype: str, host: str, port: int, redis_url: str | None, redis_port: int
-) -> int:
-    """`ringserve up`: start Redis (embedded unless ``redis_url``), the groups and the router; print
-    the router's address; stop all on Ctrl-C."""
-    cluster = start_cluster(
-        cp=cp, kvp=kvp, model=model, dtype=dtype, host=host, router_port=port, metrics=True,
-        redis_url=redis_url, redis_port=redis_port, name="ringserve",
-    )  # fmt: skip
-    print(cluster.router, flush=True)
-
-    def terminate(*_):  # SIGTERM stops everything as Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    log.info(
-        "ringserve is up: router at %s, Redis at %s (Ctrl-C or SIGTERM stops everything); metrics at %s",
-        cluster.router,
-        cluster.redis_url,
-        ", ".join(f"{k} http://{v}/metrics" for k, v in cluster.metrics.items()),
-    )
-    try:
-        while True:
-            for name, p in cluster.procs.items():
-                if p.poll() is not None:
-                    log.error("the %s service exited with code %d; stopping the others", name, p.returncode)
-                    return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        log.info("stopping")
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the shutdown short
-        cluster.stop()
 
 
 def add_service_commands(sub) -> None:
@@ -218,7 +216,10 @@ def add_service_commands(sub) -> None:
     service("prefill", PrefillConfig, run_prefill, "run a prefill group: this process leads, ranks 1..N-1 are children")
     service("router", RouterConfig, run_router, "run the client-facing router")
 
-    p = sub.add_parser("up", help="start Redis, a prefill group, a decode group and a router on this machine")
+    p = sub.add_parser(
+        "up",
+        help="start Redis, a prefill group, a decode group and a router on this machine; restart any that dies",
+    )
     p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
     p.add_argument("--kvp", type=int, default=1, help="KV-parallel ranks in the decode group")
     p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
@@ -229,6 +230,10 @@ def add_service_commands(sub) -> None:
                    "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
     p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "
                    "6379 lets services started by hand with default flags join")  # fmt: skip
-    p.set_defaults(
-        func=lambda a: up(a.cp, a.kvp, a.model, a.dtype, a.host, a.port, a.redis_url, a.redis_port), role="up"
-    )
+    p.set_defaults(func=_up, role="up")
+
+
+def _up(args) -> int:
+    from ringserve.supervise import up
+
+    return up(args)

@@ -67,7 +67,8 @@ class EmbeddedRedis:
         if self.password is not None:
             args += ["--requirepass", self.password]
         out = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        # A session of its own: a Ctrl-C at the terminal must not stop Redis before the services drain.
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=1)
         deadline = time.monotonic() + timeout_s
         while True:

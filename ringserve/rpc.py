@@ -1,4 +1,5 @@
-"""What every gRPC service shares: server setup (health, reflection) and the one error mapping.
+"""What every gRPC service shares: server setup (health, reflection, limits), channels, and the one
+error mapping.
 
 Servicer methods raise ``RingserveError`` for anything a caller should see; ``rpc_errors`` turns
 it into the matching gRPC status with its message. A status from a downstream service passes
@@ -11,16 +12,19 @@ import functools
 import inspect
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from ringserve.config import MAX_MESSAGE_MB, GrpcArgs
 from ringserve.engine.sampling import SamplingParams
-from ringserve.errors import InvalidArgument, RingserveError, grpc_status
+from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, grpc_status
 from ringserve.metrics import REQUESTS
 from ringserve.v1 import common_pb2
 
@@ -53,6 +57,13 @@ class HealthServicer(health.HealthServicer):
             live = health_pb2.HealthCheckResponse.NOT_SERVING if self.broken else health_pb2.HealthCheckResponse.SERVING
             return health_pb2.HealthCheckResponse(status=live)
         return super().Check(request, context)
+
+    def List(self, request, context):
+        """Every health name this server knows, with its status (``LIVE`` included)."""
+        with self._lock:
+            statuses = {name: health_pb2.HealthCheckResponse(status=s) for name, s in self._server_status.items()}
+        statuses[LIVE] = self.Check(health_pb2.HealthCheckRequest(service=LIVE), context)
+        return health_pb2.HealthListResponse(statuses=statuses)
 
 
 def _abort_for(context: grpc.ServicerContext, e: BaseException, service: str, method: str):
@@ -101,30 +112,149 @@ def rpc_errors(service: str) -> Callable:
     return wrap
 
 
+# Threads kept free of long calls, so health checks and control calls (Reserve, Release, GetInfo,
+# refusals of over-limit calls) always find one at once.
+CONTROL_THREADS = 16
+# Unary calls that last as long as the work they start (a whole prefill); streams count too.
+LONG_UNARY_CALLS = frozenset({"/ringserve.v1.Prefill/Prefill"})
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def message_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """gRPC options that set the largest message sent and received, in both directions."""
+    limit = max_message_mb * 1024 * 1024
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def _channel_options(max_message_mb: int | None) -> list[tuple[str, int]]:
+    return message_options(max_message_mb or int(os.environ.get("RINGSERVE_MAX_MESSAGE_MB", MAX_MESSAGE_MB)))
+
+
+def channel(address: str, max_message_mb: int | None = None) -> grpc.Channel:
+    """A plaintext channel to ``address`` with ringserve's message limits (``max_message_mb``, else
+    RINGSERVE_MAX_MESSAGE_MB, else ``config.MAX_MESSAGE_MB``): gRPC's 4 MiB default would refuse
+    million-token prompts and their token ids."""
+    return grpc.insecure_channel(address, options=_channel_options(max_message_mb))
+
+
+def aio_channel(address: str, max_message_mb: int | None = None) -> grpc.aio.Channel:
+    """``channel`` for asyncio clients."""
+    return grpc.aio.insecure_channel(address, options=_channel_options(max_message_mb))
+
+
+class CallLimit(grpc.ServerInterceptor):
+    """Counts the calls that hold a server thread for a request's life (ringserve's streams and
+    ``LONG_UNARY_CALLS``) and refuses those beyond ``limit`` at once with RESOURCE_EXHAUSTED, so the
+    thread pool (sized ``limit + CONTROL_THREADS``) always has threads for health and control calls."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.running = 0
+
+    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            admitted = self.running < self.limit
+            self.running += admitted
+        if not admitted:
+            service, name = method.rsplit("/", 1)
+            REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, "RESOURCE_EXHAUSTED").inc()
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server is running its limit of {self.limit} concurrent requests "
+                "(--max-concurrent-requests): retry later or elsewhere",
+            )
+
+    def _exit(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith("/ringserve."):
+            return handler
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+
+            def stream(request, context):
+                self._enter(method, context)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    self._exit()
+
+            return handler._replace(unary_stream=stream)
+        if handler.unary_unary is not None and method in LONG_UNARY_CALLS:
+            behavior = handler.unary_unary
+
+            def unary(request, context):
+                self._enter(method, context)
+                try:
+                    return behavior(request, context)
+                finally:
+                    self._exit()
+
+            return handler._replace(unary_unary=unary)
+        return handler
+
+
+def _add_reflection(server: grpc.Server, service_names: list[str]) -> None:
+    """Server reflection under both names clients ask for: v1 and v1alpha. grpcio-reflection ships
+    only v1alpha; the two protocols' messages are the same on the wire, so v1 is served by the same
+    servicer through a handler of its own name."""
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1, health.SERVICE_NAME]
+    servicer = reflection.ReflectionServicer(names)
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        handlers = {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
 def start_server(
     add_servicers: list[tuple[Callable, object]],
     service_names: list[str],
     host: str,
     port: int,
-    max_workers: int = 64,
     interceptors: list[grpc.ServerInterceptor] | None = None,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
+    limits: GrpcArgs | None = None,
+) -> tuple[grpc.Server, int, HealthServicer]:
     """A started gRPC server with the given servicers, standard health checking and reflection.
 
+    ``limits`` (a service's config) bounds the concurrent long calls (``CallLimit``) and the message
+    size. The port must be free: gRPC's default SO_REUSEPORT would let a second server share it and
+    take some of the first one's connections.
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
     is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors)
+    limits = limits or GrpcArgs()
+    if limits.max_concurrent_requests < 1:
+        raise InvalidArgument(f"--max-concurrent-requests must be >= 1, got {limits.max_concurrent_requests}")
+    if not 1 <= limits.max_message_mb <= 2047:  # gRPC takes a 32-bit signed byte count
+        raise InvalidArgument(f"--max-message-mb must be 1 to 2047, got {limits.max_message_mb}")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_requests + CONTROL_THREADS),
+        interceptors=[CallLimit(limits.max_concurrent_requests), *(interceptors or [])],
+        options=[("grpc.so_reuseport", 0), *message_options(limits.max_message_mb)],
+    )
     for add, servicer in add_servicers:
         add(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *service_names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    _add_reflection(server, service_names)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise RingserveError(f"could not listen on {host}:{port}: is the port in use?")
+        raise FailedPrecondition(f"could not listen on {host}:{port}: the port is in use, or not an address here")
     server.start()
     return server, bound, health_servicer
 
@@ -134,9 +264,9 @@ def wait_ready(address: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         # A fresh channel per try: a long-lived one backs off for up to minutes after early failures.
-        with grpc.insecure_channel(address) as channel:
+        with channel(address) as ch:
             try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:

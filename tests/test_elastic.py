@@ -172,6 +172,16 @@ def test_group_whose_rank_dies_leaves_at_once_and_exits(cluster):
         assert "prefill-rank1 (exit code -9) died" in f.read()
 
 
+def test_a_prompt_over_grpc_default_message_size_gets_a_clean_too_long(cluster):
+    """1.5M token ids (4.5 MB packed, over gRPC's 4 MiB default) pass the transport; the router
+    then refuses the prompt as longer than the model's context, not gRPC as too large a message."""
+    ids = [20000] * 1_500_000
+    with Client(cluster.router, timeout=120) as client, pytest.raises(grpc.RpcError) as err:
+        client.complete(token_ids=ids, max_tokens=1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "context" in err.value.details()
+
+
 def test_router_serves_through_a_redis_outage_and_recovers(cluster):
     fallback = 'ringserve_router_decisions_total{policy="least_loaded_fallback"}'
     redis_up = 'ringserve_redis_up{service="router"}'

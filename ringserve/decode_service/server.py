@@ -120,6 +120,7 @@ def serve(cfg: DecodeConfig):
         cfg.host,
         cfg.port,
         interceptors=[gate],
+        limits=cfg,
     )
     worker.on_failure = health.enter_graceful_shutdown  # a broken group fails liveness: restart it
     serve_metrics(cfg.metrics_port)

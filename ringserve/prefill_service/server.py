@@ -142,6 +142,7 @@ def serve(cfg: PrefillConfig):
         cfg.host,
         cfg.port,
         interceptors=[gate],
+        limits=cfg,
     )
     serve_metrics(cfg.metrics_port)
     address = advertised_address(cfg.host, cfg.advertise_host, port)

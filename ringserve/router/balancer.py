@@ -23,9 +23,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-import grpc
 import redis
 
+from ringserve import rpc
 from ringserve.config import RouterConfig
 from ringserve.engine.kv_cache import block_hashes, blocks_needed
 from ringserve.errors import InvalidArgument, Unavailable
@@ -61,7 +61,7 @@ class Group:
     def stub(self):
         """The gRPC stub, connected on first use (the benchmark's groups are never called)."""
         if self._stub is None:
-            self._stub = _STUBS[self.record.role](grpc.insecure_channel(self.address))
+            self._stub = _STUBS[self.record.role](rpc.channel(self.address))
         return self._stub
 
 

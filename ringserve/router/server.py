@@ -220,6 +220,7 @@ def serve(cfg: RouterConfig):
             ["ringserve.v1.Router"],
             cfg.host,
             cfg.port,
+            limits=cfg,
         )
     except BaseException:
         balancer.close()
