@@ -259,51 +259,50 @@ def test_a_dying_rank_ends_the_groups_requests_promptly(tiny_checkpoint, default
         worker.close()
 
 
-def test_a_broken_decode_service_fails_liveness(redis_server, tmp_path):
-    """The service as Kubernetes runs it: a decode group of 2 whose child rank is killed turns its
-    liveness probe NOT_SERVING (so the pod is restarted) and refuses reservations."""
+def test_a_broken_decode_service_leaves_the_registry_and_exits(redis_server, tmp_path):
+    """The service as Kubernetes (or `ringserve up`) runs it: a decode group of 2 whose child rank
+    is killed leaves the registry at once, fails liveness and exits, so a fresh one is started."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from ringserve.config import RedisArgs
     from ringserve.process_group import free_port
+    from ringserve.registry import Registry, connect
     from ringserve.rpc import LIVE
-    from ringserve.v1 import decode_pb2, decode_pb2_grpc
 
     port = free_port()
     argv = ["decode", "--kvp", "2", "--kv-transfer", "tcp", "--port", str(port), "--redis-url", redis_server.url]
+    argv += ["--registry-ttl-s", "600", "--heartbeat-s", "0.25"]
     log = open(tmp_path / "decode.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "ringserve.cli", *argv, "--cluster", "broken-decode"], stderr=log)
+    registry = Registry(connect(RedisArgs(redis_url=redis_server.url)), "broken-decode")
+    address = f"127.0.0.1:{port}"
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-
-            def live():
-                return health.Check(health_pb2.HealthCheckRequest(service=LIVE), timeout=5).status
-
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    if live() == health_pb2.HealthCheckResponse.SERVING:
+                    live = health.Check(health_pb2.HealthCheckRequest(service=LIVE), timeout=5).status
+                    if live == health_pb2.HealthCheckResponse.SERVING and registry.groups():
                         break
                 except grpc.RpcError:
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "decode.log").read_text()
                 time.sleep(0.2)
-            children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
-            # Rank 1 is the spawned child that is not multiprocessing's resource tracker.
-            rank1 = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
-            assert len(rank1) == 1, children
-            os.kill(int(rank1[0]), 9)
-            deadline = time.monotonic() + 10
-            while live() != health_pb2.HealthCheckResponse.NOT_SERVING:
-                assert time.monotonic() < deadline, "liveness still SERVING 10 s after a rank died"
-                time.sleep(0.1)
-            with pytest.raises(grpc.RpcError) as err:
-                decode_pb2_grpc.DecodeStub(channel).Reserve(
-                    decode_pb2.ReserveRequest(request_id="x", prompt_tokens=10, max_tokens=5), timeout=10
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "broken" in err.value.details()
+        children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+        # Rank 1 is the spawned child that is not multiprocessing's resource tracker.
+        rank1 = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        assert len(rank1) == 1, children
+        os.kill(int(rank1[0]), 9)
+        killed = time.monotonic()
+        while [g for g in registry.groups() if g.address == address]:
+            assert time.monotonic() - killed < 10, "a broken group leaves the registry at once (its TTL is 600 s)"
+            time.sleep(0.1)
+        assert proc.wait(timeout=60) == 0, "the broken group's process exits"
+        assert "leaving the registry and exiting" in (tmp_path / "decode.log").read_text()
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(timeout=30)
         log.close()

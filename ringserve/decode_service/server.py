@@ -122,7 +122,6 @@ def serve(cfg: DecodeConfig):
         interceptors=[gate],
         limits=cfg,
     )
-    worker.on_failure = health.enter_graceful_shutdown  # a broken group fails liveness: restart it
     serve_metrics(cfg.metrics_port)
 
     def load() -> Load:
@@ -135,5 +134,7 @@ def serve(cfg: DecodeConfig):
 
     address = advertised_address(cfg.host, cfg.advertise_host, port)
     registration = Registration(cfg, "decode", cfg.kvp, cfg.block_size, load).start(address)
+    drain = Drain(registration, gate, health, cfg.drain_timeout_s)
+    worker.on_failure = lambda: drain.give_up(f"decode group failed: {worker.failure}")
     log.info("decode group (kvp=%d) serving on %s, KV receivers at %s", cfg.kvp, address, ", ".join(group.addresses))
-    return server, port, worker, Drain(registration, gate, health, cfg.drain_timeout_s)
+    return server, port, worker, drain
