@@ -17,7 +17,7 @@ from test_model import run_chunks, tiny_hf
 
 from ringserve.config import PrefillConfig
 from ringserve.engine.model import Llama
-from ringserve.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from ringserve.errors import Aborted, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from ringserve.kv_transfer.tcp import KVReceiver
 from ringserve.prefill_service.group import Job, PrefillGroup, Target
 
@@ -42,11 +42,11 @@ class Landing:
     def __init__(self):
         self.rows: dict[str, list] = {}
         self.lock = threading.Lock()
-        self.receiver = KVReceiver(self._sink)
+        self.receiver = KVReceiver(lambda frame: None, self._sink)
 
-    def _sink(self, request_id, first, kv):
+    def _sink(self, frame, kv):
         with self.lock:
-            self.rows.setdefault(request_id, []).append((first, kv.clone()))
+            self.rows.setdefault(frame.request_id, []).append((frame.first_position, kv.clone()))
 
     def job(self, request_id: str, ids: list[int], **kw) -> Job:
         return Job(request_id, ids, "auto", [Target(self.receiver.address, 0, len(ids))], **kw)
@@ -89,7 +89,11 @@ def assert_exact(model: Llama, landing: Landing, request_id: str, ids: list[int]
 
 def assert_nothing_held_but_the_cache(group: PrefillGroup) -> None:
     """Between requests a rank holds only its cached blocks (the group checks every rank after
-    every pass and breaks if one differs; here the leader's counters are checked directly)."""
+    every pass and breaks if one differs; here the leader's counters are checked directly). A
+    request is answered before the pass that frees its blocks: wait for that pass."""
+    deadline = time.monotonic() + 30
+    while (group._finishing or group._active) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not group.broken
     assert group.index.reserved == [0] * group.cfg.cp and not group.index.pins
     assert group.runner.cache.allocator.num_used == group.index.held[0]
@@ -169,10 +173,11 @@ def test_cancelled_and_failed_requests_free_their_blocks(tiny_dir):
         group.cancel("started")
         with pytest.raises(Cancelled, match="cancelled by its client"):
             started.result(timeout=30)
-        # A push to a decode rank that is not there fails that request only; its pass-mate lands.
+        # A push to a decode rank that is not there fails that request only (ABORTED, naming the
+        # decode rank: the decode side's fault); its pass-mate lands.
         bad = group.submit(Job("bad", tokens(20, 31), "auto", [Target("127.0.0.1:1", 0, 20)]))
         good = group.submit(landing.job("good", tokens(20, 32)))
-        with pytest.raises(Unavailable):
+        with pytest.raises(Aborted, match="KV transfer to decode rank at 127.0.0.1:1 failed"):
             bad.result(timeout=60)
         assert good.result(timeout=60).passes >= 1
         landing.kv("good")
