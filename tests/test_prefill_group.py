@@ -6,6 +6,7 @@ single-process prefill of the same weights, and no request leaves a block behind
 """
 
 import random
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -224,3 +225,53 @@ def test_closing_group_ends_queued_requests_with_unavailable(tiny_dir):
         with pytest.raises(Unavailable):
             group.submit(landing.job("late", tokens(5, 60)))
         assert group.runner.cache.allocator.num_used == 0
+
+
+@contextmanager
+def hanging_receiver():
+    """A decode rank that accepts connections and then never reads or answers (stuck, not dead)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
+        server.close()
+
+
+def test_a_stuck_decode_rank_fails_only_its_request_and_stalls_no_pass(tiny_dir):
+    """Defect 6: a push to a decode rank that hangs runs beside the passes, not inside them: the
+    next request is prefilled and answered meanwhile, and the stuck one fails alone, ABORTED,
+    naming the decode rank (before: the whole group waited for it, then answered UNAVAILABLE)."""
+    with running_group(tiny_dir, 2, kv_push_timeout_s=10.0) as (group, landing), hanging_receiver() as stuck:
+        t0 = time.monotonic()
+        hung = group.submit(Job("hung", tokens(20, 70), "auto", [Target(stuck, 0, 20)]))
+        deadline = time.monotonic() + 60
+        while group.scheduler.passes == 0 and time.monotonic() < deadline:  # its pass is over: it is pushing
+            time.sleep(0.001)
+        passes = group.scheduler.passes
+        other = group.submit(landing.job("other", tokens(20, 71)))  # a pass of its own
+        assert other.result(timeout=60).passes == 1 and group.scheduler.passes > passes
+        assert not hung.done(), "the stuck push ended before its timeout"
+        with pytest.raises(Aborted, match=f"KV transfer to decode rank at {stuck} failed"):
+            hung.result(timeout=120)
+        assert time.monotonic() - t0 >= 10.0
+        landing.kv("other")
+        group.submit(landing.job("after", tokens(9, 72))).result(timeout=60)
+        landing.kv("after")
+        assert_nothing_held_but_the_cache(group)
