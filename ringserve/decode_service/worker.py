@@ -265,6 +265,15 @@ class DecodeWorker:
                 self.dropped["stale"] += 1
                 log.info("request_id=%s epoch=%d: a done notice for no live reservation", request_id, epoch)
 
+    def _ending(self) -> bool:
+        """The group is broken or stopping: nothing will reuse its blocks, quarantine is moot."""
+        return self.failure is not None or self._stop
+
+    def _release_quarantine_if_ending(self) -> None:
+        if self._ending():
+            for held in list(self.quarantine.values()):
+                self._unquarantine(held, "the decode worker is stopping" if self._stop else "the group failed")
+
     def _unquarantine(self, req: Request, why: str) -> None:
         """Free a quarantined reservation's blocks (caller holds the lock)."""
         del self.quarantine[req.epoch]
@@ -344,8 +353,7 @@ class DecodeWorker:
         for r in req.tables:
             msg = (req.request_id, req.epoch)
             self.group.rank0.free(*msg) if r == 0 else self.group.send(r, ("free", *msg))
-        ending = self.failure is not None or self._stop
-        if req.nixl and req.landed < req.prompt_len and not req.prefill_done and not ending:
+        if req.nixl and req.landed < req.prompt_len and not req.prefill_done and not self._ending():
             req.quarantined_at = time.monotonic()
             self.quarantine[req.epoch] = req
             log.info(
@@ -359,9 +367,7 @@ class DecodeWorker:
             for r, table in req.tables.items():
                 self.allocators[r].free(table)
             req.tables = {}
-        if ending:
-            for held in list(self.quarantine.values()):
-                self._unquarantine(held, "the decode worker is stopping" if self._stop else "the group failed")
+        self._release_quarantine_if_ending()
         if error is not None:
             req.events.put(error)
         self._update_gauges()
@@ -431,6 +437,7 @@ class DecodeWorker:
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
+        self._release_quarantine_if_ending()
         for req in list(self.requests.values()):
             if req.cancelled and req not in self.active:
                 self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
@@ -465,6 +472,7 @@ class DecodeWorker:
             self._stop = True
             for req in list(self.requests.values()):
                 self._finish(req, Cancelled("the decode worker is shutting down"))
+            self._release_quarantine_if_ending()
             self.lock.notify_all()
         self._thread.join(timeout=10)
         self.group.close()
