@@ -250,3 +250,54 @@ def test_malformed_frame_headers_are_refused():
         Frame.parse({**_header("a", 1, 1, 4), "dtype": "__class__"})
     with pytest.raises(InvalidArgument, match="malformed"):
         Frame.parse({"request_id": "a"})
+
+
+def test_the_prefill_group_tells_nixl_targets_it_is_done(tmp_path, default_model):
+    """The prefill leader sends "done" to every NIXL target of a request it ends without pushing
+    (here: cancelled between chunks), so a decode reservation released meanwhile leaves quarantine
+    at once, with no row landed; a request it pushes lands over NIXL and its KV is exact."""
+    pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl)")
+    from test_model import tiny_hf
+    from test_prefill_group import tokens
+
+    from ringserve.config import PrefillConfig
+    from ringserve.engine.model import Llama
+    from ringserve.prefill_service.group import Job, PrefillGroup, Target
+
+    tiny_hf(8, 2, False, seed=7).save_pretrained(tmp_path)
+    model = Llama.load(str(tmp_path), progress=False)
+    decode = DecodeWorker(
+        DecodeGroup(DecodeConfig(kv_blocks=64, block_size=8, kv_transfer="nixl"), model=model), default_model[1]
+    )
+    cfg = PrefillConfig(model=str(tmp_path), cp=2, kv_blocks=64, block_size=8, kv_transfer="nixl", port=0)
+    prefill = PrefillGroup(PrefillConfig(**{**cfg.__dict__, "max_pass_tokens": 16, "prefix_cache": 0.0}))
+
+    def job(request_id: str, ids: list[int], res) -> Job:
+        [(_, address, first, count, landing)] = res.targets
+        return Job(request_id, ids, "auto", [Target(address, first, count, landing, res.epoch)], ttft_s=600.0)
+
+    try:
+        ids = tokens(200, 80)
+        res = decode.reserve("gone", len(ids), 4)
+        flight = prefill.submit(job("gone", ids, res))
+        while prefill.scheduler.passes == 0:  # its first chunk runs; nothing pushed yet
+            time.sleep(0.001)
+        decode.cancel("gone")  # the router's Release after, say, a timeout
+        assert decode.quarantined_blocks > 0
+        prefill.cancel("gone")
+        with pytest.raises(Exception, match="cancelled"):
+            flight.result(timeout=60)
+        assert _wait(lambda: decode.quarantined_blocks == 0), "no done notice reached the decode side"
+        assert decode.blocks_used == 0 and decode.dropped["stale"] == 0
+
+        ids = tokens(30, 81)
+        res = decode.reserve("kept", len(ids), 4)
+        done = prefill.submit(job("kept", ids, res)).result(timeout=120)
+        assert sum(r.bytes_sent for r in done.results) > 0
+        assert _wait(lambda: decode.requests["kept"].landed == len(ids))  # notifications trail the WRITEs
+        assert _wait(lambda: decode.requests["kept"].prefill_done)  # pushed, then done
+        decode.cancel("kept")
+        assert decode.quarantined_blocks == 0 and decode.blocks_used == 0
+    finally:
+        prefill.close()
+        decode.close()
