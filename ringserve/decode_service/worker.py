@@ -49,7 +49,7 @@ from ringserve.errors import (
     Unavailable,
 )
 from ringserve.kv_transfer.plan import balanced_shares
-from ringserve.metrics import KV_BLOCKS, QUEUE_DEPTH
+from ringserve.metrics import KV_BLOCKS, KV_DROPPED, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -233,16 +233,16 @@ class DecodeWorker:
             if req is None or req.epoch != epoch:
                 req = self.quarantine.get(epoch)
             if req is None or req.request_id != request_id:
-                self.dropped["stale"] += 1
+                self._count_dropped("stale")
                 log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
                 return
             if first < 0 or first + count > req.shares.get(rank, 0):
-                self.dropped["outside_share"] += 1
+                self._count_dropped("outside_share")
                 log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
                 return
             new = req.landed_rows.setdefault(rank, LandedRows()).add(first, first + count)
             if new < count:
-                self.dropped["repeated"] += 1
+                self._count_dropped("repeated")
                 log.info("%s: %d of %d KV rows had landed already (a repeated push)", where, count - new, count)
             req.landed += new
             if req.quarantined_at is None:  # rows arriving: the prefill side is at work, keep the lease
@@ -262,8 +262,12 @@ class DecodeWorker:
             if req is not None and req.epoch == epoch:
                 req.prefill_done = True
             else:
-                self.dropped["stale"] += 1
+                self._count_dropped("stale")
                 log.info("request_id=%s epoch=%d: a done notice for no live reservation", request_id, epoch)
+
+    def _count_dropped(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        KV_DROPPED.labels(reason).inc()
 
     def _ending(self) -> bool:
         """The group is broken or stopping: nothing will reuse its blocks, quarantine is moot."""

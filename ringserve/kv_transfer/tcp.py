@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from ringserve.errors import InvalidArgument, RingserveError, Unavailable, error_from_code
+from ringserve.metrics import KV_DROPPED
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class KVReceiver:
     def _drop(self, reason: str, what: str) -> None:
         with self._lock:
             self.dropped[reason] += 1
+        KV_DROPPED.labels(reason).inc()
         log.warning("KV receiver: %s", what)
 
     def _serve(self, sock: socket.socket) -> None:
