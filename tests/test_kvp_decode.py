@@ -152,7 +152,7 @@ def start_group(
     model, model_path, kvp, kv_blocks=64, shard_tokens=16, tokenizer=None, kv_transfer="tcp", **kw
 ) -> DecodeWorker:
     cfg = DecodeConfig(
-        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=20, kv_transfer=kv_transfer
+        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=90, kv_transfer=kv_transfer
     )
     return DecodeWorker(DecodeGroup(cfg, model=model), tokenizer, shard_tokens=shard_tokens, **kw)
 
