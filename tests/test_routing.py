@@ -207,3 +207,25 @@ def test_redis_outage_falls_back_to_least_loaded_and_recovers(caplog):
     finally:
         d.close()
         server.stop()
+
+
+def test_router_starts_and_routes_beside_a_malformed_record(redis_server):
+    """One broken record in the registry does not stop the router's view: it starts and routes to
+    the good groups."""
+    import redis
+
+    cluster = f"test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"ringserve:{cluster}:group:broken", mapping={"role": "prefill", "address": "x:1"})
+    client.sadd(f"ringserve:{cluster}:groups", "broken")
+    worker = WorkerArgs(redis_url=redis_server.url, cluster=cluster, heartbeat_s=0.05, registry_ttl_s=1.0)
+    regs = [Registration(worker, role, 1, BLOCK, Load).start(f"{role}:1") for role in ("prefill", "decode")]
+    balancer = Balancer(RouterConfig(redis_url=redis_server.url, cluster=cluster, refresh_s=0.05)).start()
+    try:
+        balancer.wait_for_groups(5.0)
+        decision = balancer.pick(DOC, 8)
+        assert (decision.prefill.id, decision.decode.id) == (regs[0].id, regs[1].id)
+    finally:
+        balancer.close()
+        for reg in regs:
+            reg.stop()
