@@ -18,10 +18,14 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("targets",)
+    __slots__ = ("targets", "epoch", "lease_seconds")
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[_common_pb2.KVTarget]
-    def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.KVTarget, _Mapping]]] = ...) -> None: ...
+    epoch: int
+    lease_seconds: float
+    def __init__(self, targets: _Optional[_Iterable[_Union[_common_pb2.KVTarget, _Mapping]]] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "first_token", "sampling")
@@ -80,3 +84,17 @@ class GetDecodeInfoResponse(_message.Message):
     kv_blocks_free: int
     transport: str
     def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., kvp_size: _Optional[int] = ..., active_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+
+class RenewRequest(_message.Message):
+    __slots__ = ("request_id", "epoch")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("renewed",)
+    RENEWED_FIELD_NUMBER: _ClassVar[int]
+    renewed: bool
+    def __init__(self, renewed: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,11 @@ class DecodeStub:
                 request_serializer=ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoRequest.SerializeToString,
                 response_deserializer=ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/ringserve.v1.Decode/Renew',
+                request_serializer=ringserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+                response_deserializer=ringserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -87,6 +92,13 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Keep a reservation alive while its prefill runs (the router sends it every lease_seconds / 3).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +121,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoRequest.FromString,
                     response_serializer=ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=ringserve_dot_v1_dot_decode__pb2.RenewRequest.FromString,
+                    response_serializer=ringserve_dot_v1_dot_decode__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Decode:
             '/ringserve.v1.Decode/GetInfo',
             ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoRequest.SerializeToString,
             ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringserve.v1.Decode/Renew',
+            ringserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+            ringserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,
