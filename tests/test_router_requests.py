@@ -51,6 +51,7 @@ class PrefillFront(prefill_pb2_grpc.PrefillServicer):
 
     def __init__(self, cluster: str, redis_url: str, real: str, mode: str = "forward"):
         self.calls: list[str] = []  # request ids, one per Prefill call
+        self.delay_s = 0.0  # wait this long before forwarding: a prefill that outlasts a lease
         self.real = prefill_pb2_grpc.PrefillStub(grpc.insecure_channel(real))
         self.server, self.address, self.health = _server(prefill_pb2_grpc.add_PrefillServicer_to_server, self)
         self.set_mode(mode)
@@ -70,6 +71,7 @@ class PrefillFront(prefill_pb2_grpc.PrefillServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"prefill group is broken (a rank died): {GLOO_DETAIL}")
         if self.mode == "abort_first" and first:
             context.abort(grpc.StatusCode.ABORTED, "KV push to decode rank 0 at 127.0.0.1:1 failed")
+        time.sleep(self.delay_s)
         call = self.real.Prefill.future(request, timeout=_remaining(context))
         context.add_callback(call.cancel)  # the router cancelled: so does the real group
         try:
@@ -99,6 +101,44 @@ class FullDecode(decode_pb2_grpc.DecodeServicer):
     def Release(self, request, context):
         self.releases += 1
         return decode_pb2.ReleaseResponse(released=False)
+
+    def close(self) -> None:
+        self.registration.deregister()
+        self.server.stop(0)
+
+
+class LeasedDecode(decode_pb2_grpc.DecodeServicer):
+    """The real decode group behind a front whose reservations carry a lease (0.3 s, epoch 7): the
+    router must renew them while the prefill runs. Renewals are counted per request id."""
+
+    LEASE_S, EPOCH = 0.3, 7
+
+    def __init__(self, cluster: str, redis_url: str, real: str):
+        self.renewals: dict[str, int] = {}
+        self.reserved: list[str] = []
+        self.real = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(real))
+        self.server, self.address, _ = _server(decode_pb2_grpc.add_DecodeServicer_to_server, self)
+        worker = WorkerArgs(redis_url=redis_url, cluster=cluster, heartbeat_s=0.1, registry_ttl_s=1.0)
+        load = Load(free_blocks=512, total_blocks=512)
+        self.registration = Registration(worker, "decode", 1, 64, lambda: load).start(self.address)
+
+    def Reserve(self, request, context):
+        reply = self.real.Reserve(request, timeout=_remaining(context))
+        self.reserved.append(request.request_id)
+        return decode_pb2.ReserveResponse(targets=reply.targets, epoch=self.EPOCH, lease_seconds=self.LEASE_S)
+
+    def Renew(self, request, context):
+        if request.epoch == self.EPOCH:
+            self.renewals[request.request_id] = self.renewals.get(request.request_id, 0) + 1
+        return decode_pb2.RenewResponse(renewed=request.epoch == self.EPOCH)
+
+    def Decode(self, request, context):
+        stream = self.real.Decode(request, timeout=_remaining(context))
+        context.add_callback(stream.cancel)
+        yield from stream
+
+    def Release(self, request, context):
+        return self.real.Release(request, timeout=_remaining(context))
 
     def close(self) -> None:
         self.registration.deregister()
@@ -262,6 +302,26 @@ def test_aborted_kv_push_reserves_again_on_the_same_prefill_group(deployment, en
         assert len(front.calls) >= 2 and front.calls[-1] == front.calls[-2], "retried on the same group"
     finally:
         front.set_mode("forward")
+    deployment.wait_idle()
+
+
+def test_reservation_is_renewed_while_the_prefill_runs(deployment, engine):
+    """A reservation with a lease is renewed (with its epoch) every lease / 3 while its prefill runs."""
+    leased = LeasedDecode(deployment.name, deployment.redis_url, deployment.decode)
+    prompt = "The capital of France is"
+    deployment.front.delay_s = 4 * LeasedDecode.LEASE_S
+    try:
+        deployment.wait_groups(prefill=1, decode=2)
+        with Client(deployment.router, timeout=120) as client:
+            deadline = time.monotonic() + 60
+            while not leased.reserved:  # equal loads take turns: soon one request goes there
+                assert time.monotonic() < deadline, "the leased decode group got no request"
+                assert tokens(client.generate(prompt, max_tokens=4)) == greedy(engine, prompt, 4)
+        assert leased.renewals.get(leased.reserved[0], 0) >= 1, "the prefill outlasted a lease without a renewal"
+    finally:
+        deployment.front.delay_s = 0.0
+        leased.close()
+    deployment.wait_groups(prefill=1, decode=1)
     deployment.wait_idle()
 
 
