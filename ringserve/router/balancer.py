@@ -5,10 +5,11 @@ Groups come only from the registry in Redis, re-read with their load in the back
 drops out (dead ones after their TTL), except the last of its role, which stays until another
 registers. A group that fails a call as unavailable (dead, broken, draining) is marked down at
 once and skipped while other groups of its role are up, until a health probe (each refresh) sees
-it SERVING again; a restarted group registers under a new id, so it is a new, up group. Under cache_aware each decision
-asks Redis once for every prefill group's cached prefix of the prompt (``registry.Registry.probe``),
-then scores (``router.policy``). Load is what the groups last reported plus what this router sent
-them since, so a burst of one hot prefix does not pile onto one group.
+it SERVING again; a restarted group registers under a new id, so it is a new, up group. Under
+cache_aware each decision asks Redis once for every prefill group's cached prefix of the prompt
+(``registry.Registry.probe``), then scores (``router.policy``). Load is what the groups last
+reported plus what this router sent them since, so a burst of one hot prefix does not pile onto
+one group.
 
 Redis is advisory. When it cannot be reached the router keeps serving: the last known groups and
 loads, cache_aware falls back to least_loaded (``ringserve_router_decisions_total{policy=
@@ -70,6 +71,7 @@ class Group:
 
     @property
     def stub(self):
+        """The role's stub (Prefill or Decode) over ``channel``."""
         if self._stub is None:
             self._stub = _STUBS[self.record.role](self.channel)
         return self._stub
