@@ -8,7 +8,8 @@ Stages, each owning its cleanup:
   RESOURCE_EXHAUSTED (full) is left by this request; either way the next decode group is tried.
 - prefill: ``Prefill.Prefill`` on the picked prefill group; while it runs, the reservation is
   renewed every lease_seconds / 3. UNAVAILABLE: the prefill group is marked down and the request
-  moves to another. ABORTED (the KV push to the decode group failed: that group's fault): the
+  moves to another, with a new reservation (one reservation is only ever given to one prefill
+  group: a failed group's late WRITE or "done" must not meet the next one's). ABORTED (the KV push to the decode group failed: that group's fault): the
   reservation is released, another decode group reserves, and the same prefill group (which now
   holds the prompt in its prefix cache) runs it again.
 - decode: the ``Decode.Decode`` stream, relayed to the client. A decode group that dies
@@ -264,6 +265,9 @@ class RequestRun:
                     self._release_reservation()
                     self._failed("decode", e, keep_if_alone=True)
                 elif e.code() == grpc.StatusCode.UNAVAILABLE:
+                    # One reservation, one prefill group: the failed group's late "done" or WRITE
+                    # must not meet the next group's, so the retry gets a new reservation (epoch).
+                    self._release_reservation()
                     self._failed("prefill", e)
                 else:
                     raise self._downstream("prefill", e) from None
