@@ -221,6 +221,11 @@ def serve(cfg: RouterConfig):
             cfg.host,
             cfg.port,
         )
+        if cfg.http_port is not None:  # the OpenAI-compatible door, calling this server's Generate
+            from ringserve.router.http import HttpServer
+
+            http = HttpServer(cfg.host, cfg.http_port, port, servicer.model).start()
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", cfg.host, http.port)
     except BaseException:
         balancer.close()
         raise
