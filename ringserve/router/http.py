@@ -150,7 +150,8 @@ class OpenAIApp:
             call = self.stub.Generate(parsed.generate, timeout=parsed.timeout)
             header = {
                 "id": ("chatcmpl-" if chat else "cmpl-") + rid,
-                "object": ("chat.completion" if chat else "text_completion") + (".chunk" if chat and parsed.stream else ""),
+                "object": ("chat.completion" if chat else "text_completion")
+                + (".chunk" if chat and parsed.stream else ""),
                 "created": int(time.time()),
                 "model": self.model.name,
             }
@@ -174,7 +175,11 @@ class OpenAIApp:
         async for msg in call:  # the last message carries the finish reason and usage
             texts.append(msg.text)
         finish = FINISH_NAMES[msg.finish_reason]
-        return {**header, "choices": [choice(chat, "".join(texts), finish, delta=False)], "usage": usage_body(msg.usage)}
+        return {
+            **header,
+            "choices": [choice(chat, "".join(texts), finish, delta=False)],
+            "usage": usage_body(msg.usage),
+        }
 
     @staticmethod
     async def _events(call, first, header: dict, parsed: ParsedRequest, chat: bool):

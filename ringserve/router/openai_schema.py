@@ -248,6 +248,11 @@ def choice(chat: bool, text: str, finish: str | None, delta: bool, first: bool =
     if not chat:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     if not delta:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
     piece = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
     return {"index": 0, "delta": piece, "logprobs": None, "finish_reason": finish}
