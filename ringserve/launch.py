@@ -170,13 +170,14 @@ def start_cluster(
 
 
 def up(
-    cp: int, kvp: int, model: str | None, dtype: str, host: str, port: int, redis_url: str | None, redis_port: int
-) -> int:
-    """`ringserve up`: start Redis (embedded unless ``redis_url``), the groups and the router; print
-    the router's address; stop all on Ctrl-C."""
+    cp: int, kvp: int, model: str | None, dtype: str, host: str, port: int, redis_url: str | None, redis_port: int,
+    http_port: int,
+) -> int:  # fmt: skip
+    """`ringserve up`: start Redis (embedded unless ``redis_url``), the groups and the router (its
+    OpenAI-compatible HTTP API on ``http_port``); print the router's address; stop all on Ctrl-C."""
     cluster = start_cluster(
         cp=cp, kvp=kvp, model=model, dtype=dtype, host=host, router_port=port, metrics=True,
-        redis_url=redis_url, redis_port=redis_port, name="ringserve",
+        redis_url=redis_url, redis_port=redis_port, name="ringserve", extra={"router": ["--http-port", str(http_port)]},
     )  # fmt: skip
     print(cluster.router, flush=True)
 
@@ -225,10 +226,12 @@ def add_service_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=50050, help="the router's port")
+    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port")
     p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
                    "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
     p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "
                    "6379 lets services started by hand with default flags join")  # fmt: skip
     p.set_defaults(
-        func=lambda a: up(a.cp, a.kvp, a.model, a.dtype, a.host, a.port, a.redis_url, a.redis_port), role="up"
+        func=lambda a: up(a.cp, a.kvp, a.model, a.dtype, a.host, a.port, a.redis_url, a.redis_port, a.http_port),
+        role="up",
     )
