@@ -39,7 +39,12 @@ def cluster(tmp_path_factory, redis_server):
     c.http = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60  # the HTTP server starts just after the router's gRPC one
-        while request("GET", c.http + "/health")[0] != 200:
+        while True:
+            try:
+                if request("GET", c.http + "/health")[0] == 200:
+                    break
+            except urllib.error.URLError:  # not listening yet
+                pass
             assert time.monotonic() < deadline, "the HTTP API did not come up"
             time.sleep(0.2)
         yield c
@@ -159,6 +164,16 @@ def test_cancelled_stream_frees_blocks_on_both_tiers(cluster, client):
         pass
     assert blocks_used(cluster)[1] > 0, "the decode tier holds the request while it streams"
     stream.close()  # the client disconnects mid-stream
+    wait_blocks_free(cluster)
+
+
+def test_client_gone_before_a_whole_reply_frees_blocks(cluster, client):
+    """Not streamed: the client gives up (its timeout) while the request decodes; the router cancels it."""
+    wait_blocks_free(cluster)
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=4).completions.create(
+            model=MODEL, prompt="Tell me a long story.", max_tokens=1000, extra_body={"ignore_eos": True}
+        )
     wait_blocks_free(cluster)
 
 

@@ -92,7 +92,7 @@ class OpenAIApp:
                 Route("/v1/models/{model:path}", self.model_card, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
             ],
-            exception_handlers={HTTPException: self._http_exception},
+            exception_handlers={HTTPException: self._http_exception, Exception: self._internal_error},
             lifespan=self._lifespan,
         )
 
@@ -110,6 +110,12 @@ class OpenAIApp:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return _error_response(ApiError(exc.status_code, message, kind))
+
+    @staticmethod
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """A bug: OpenAI's shape still (uvicorn logs the traceback)."""
+        message = f"internal error in {request.url.path}: {type(exc).__name__}: {exc}"
+        return _error_response(ApiError(500, message, "server_error"))
 
     def _card(self) -> dict:
         return {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "ringserve",
@@ -211,7 +217,10 @@ class HttpServer:
     def __init__(self, host: str, port: int, grpc_port: int, model: common_pb2.ModelDescription):
         # The router's gRPC server listens on the same host; a wildcard address is reached on loopback.
         target = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
-        self.sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self.sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError as e:
+            raise RingserveError(f"the HTTP API could not listen on {host}:{port}: {e}") from e
         self.port = self.sock.getsockname()[1]
         self.app = OpenAIApp(f"{target}:{grpc_port}", model)
         config = uvicorn.Config(self.app.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import grpc
 
@@ -140,11 +141,14 @@ def _list_of(v, kind: type) -> bool:
     return isinstance(v, list) and all(check(x) for x in v)
 
 
+@dataclass
 class ParsedRequest:
     """What an HTTP request asks for: the gRPC request, and how to run and answer it."""
 
-    def __init__(self, generate: router_pb2.GenerateRequest, stream: bool, include_usage: bool, timeout: float | None):
-        self.generate, self.stream, self.include_usage, self.timeout = generate, stream, include_usage, timeout
+    generate: router_pb2.GenerateRequest
+    stream: bool
+    include_usage: bool
+    timeout: float | None  # seconds: the gRPC call's deadline
 
 
 def parse_request(body: dict, served_model: str, chat: bool) -> ParsedRequest:
