@@ -34,7 +34,12 @@ def cluster(tmp_path_factory, redis_server):
         cp=1,
         log_dir=str(tmp_path_factory.mktemp("openai-api")),
         redis_url=redis_server.url,
-        extra={"decode": ["--kv-blocks", "24"], "router": ["--http-port", str(port)]},
+        # A short calibration: the scheduler's cost model does not matter here, start-up time does.
+        extra={
+            "decode": ["--kv-blocks", "24"],
+            "prefill": ["--calibrate-tokens", "256"],
+            "router": ["--http-port", str(port)],
+        },
     )
     c.http = f"http://127.0.0.1:{port}"
     try:
