@@ -145,11 +145,12 @@ def test_stop_strings_end_the_text_before_them(client, grpc_client):
 
 def test_same_seed_same_text(client, grpc_client):
     prompt = "Write a haiku about the sea."
-    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.875)
+    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.875, extra_body={"top_k": 40})
     texts = {seed: client.completions.create(**kwargs, seed=seed).choices[0].text for seed in (1, 2, 3)}
     assert client.completions.create(**kwargs, seed=2).choices[0].text == texts[2]
     assert len(set(texts.values())) > 1, "different seeds sample differently"
-    assert texts[2] == grpc_reply(grpc_client, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.875, seed=2)[0]
+    over_grpc = grpc_reply(grpc_client, prompt=prompt, max_tokens=8, temperature=1.0, top_p=0.875, top_k=40, seed=2)
+    assert texts[2] == over_grpc[0]
 
 
 def test_repeated_prefix_reports_cached_tokens(client, grpc_client):
@@ -259,6 +260,30 @@ BAD_BODIES = [  # (path, body, status, type, param, a phrase of the message)
         "invalid_request_error",
         "messages",
         "string role",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "ttft_slo_seconds": "soon"},
+        400,
+        "invalid_request_error",
+        "ttft_slo_seconds",
+        "finite number",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]},
+        400,
+        "invalid_request_error",
+        "stop_token_ids",
+        "list of token ids",
+    ),
+    (
+        "completions",
+        {"model": MODEL, "prompt": "hi", "timeout_seconds": 0},
+        400,
+        "invalid_request_error",
+        "timeout_seconds",
+        "> 0",
     ),
     # From the router, over gRPC (INVALID_ARGUMENT): the same messages as the gRPC door's.
     (
