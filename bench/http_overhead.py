@@ -48,7 +48,9 @@ def main() -> None:
     http_port = free_port()
     log("starting a local cluster (cp=1) with the HTTP API")
     cluster = start_cluster(cp=1, extra={"router": ["--http-port", str(http_port)]})
-    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    print(f"HTTP (openai client, SSE) vs gRPC, median of {args.repeats}, {args.tokens} tokens greedy, CP=1, fp32, CPU")
+    head = ["prompt", "gRPC TTFT ms", "HTTP TTFT ms", "TTFT +ms", "gRPC TPOT ms", "HTTP TPOT ms", "TPOT +ms"]
+    print("  ".join(f"{h:>13}" for h in head), flush=True)
     try:
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=600)
         with Client(cluster.router, timeout=600) as grpc_client:
@@ -61,13 +63,10 @@ def main() -> None:
                 def http(i: int) -> tuple[float, float]:
                     return timed_stream(
                         api.completions.create(
-                            model=model,
-                            prompt=prompt(i),
-                            max_tokens=args.tokens,
-                            stream=True,
+                            model=model, prompt=prompt(i), max_tokens=args.tokens, stream=True,
                             extra_body={"ignore_eos": True},
-                        )  # fmt: skip
-                    )
+                        )
+                    )  # fmt: skip
 
                 def grpc(i: int) -> tuple[float, float]:
                     return timed_stream(
@@ -75,25 +74,22 @@ def main() -> None:
                     )
 
                 http(0), grpc(1)  # warm-up: connections, first passes
+                runs: dict[str, list[tuple[float, float]]] = {"http": [], "grpc": []}
                 for r in range(args.repeats):
                     pair = [("http", http), ("grpc", grpc)]
                     for door, run in pair if r % 2 == 0 else pair[::-1]:
-                        runs.setdefault((door, n), []).append(run(2 + 2 * r + (door == "grpc")))
-                log(f"{n} tokens done")
+                        runs[door].append(run(2 + 2 * r + (door == "grpc")))
+                print_row(n, runs)
     finally:
         cluster.stop()
 
-    print(
-        f"\nHTTP (openai client, SSE) vs gRPC, median of {args.repeats}, {args.tokens} tokens greedy, CP=1, fp32, CPU"
-    )
-    head = ["prompt", "gRPC TTFT ms", "HTTP TTFT ms", "TTFT +ms", "gRPC TPOT ms", "HTTP TPOT ms", "TPOT +ms"]
-    print("  ".join(f"{h:>13}" for h in head))
-    for n in lengths:
-        g, h = runs[("grpc", n)], runs[("http", n)]
-        g_ttft, h_ttft = statistics.median(r[0] for r in g), statistics.median(r[0] for r in h)
-        g_tpot, h_tpot = statistics.median(r[1] for r in g), statistics.median(r[1] for r in h)
-        row = [g_ttft, h_ttft, h_ttft - g_ttft, g_tpot, h_tpot, h_tpot - g_tpot]
-        print(f"{n:>13}  " + "  ".join(f"{x * 1e3:>13.1f}" for x in row))
+
+def print_row(n: int, runs: dict[str, list[tuple[float, float]]]) -> None:
+    g, h = runs["grpc"], runs["http"]
+    g_ttft, h_ttft = statistics.median(r[0] for r in g), statistics.median(r[0] for r in h)
+    g_tpot, h_tpot = statistics.median(r[1] for r in g), statistics.median(r[1] for r in h)
+    row = [g_ttft, h_ttft, h_ttft - g_ttft, g_tpot, h_tpot, h_tpot - g_tpot]
+    print(f"{n:>13}  " + "  ".join(f"{x * 1e3:>13.1f}" for x in row), flush=True)
 
 
 if __name__ == "__main__":
