@@ -26,12 +26,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed_stream(events) -> tuple[float, float]:
-    """(TTFT s, mean time per output token after the first, s) of an iterator of one-token chunks."""
+def timed_stream(start) -> tuple[float, float]:
+    """(TTFT s, mean time per output token after the first, s) of ``start()``, a call that returns an
+    iterator of one-token chunks (timed from the call: the HTTP door answers it once the first token is there)."""
     t0 = time.perf_counter()
     first = last = None
     n = 0
-    for _ in events:
+    for _ in start():
         last = time.perf_counter()
         first = first or last
         n += 1
@@ -62,7 +63,7 @@ def main() -> None:
 
                 def http(i: int) -> tuple[float, float]:
                     return timed_stream(
-                        api.completions.create(
+                        lambda: api.completions.create(
                             model=model, prompt=prompt(i), max_tokens=args.tokens, stream=True,
                             extra_body={"ignore_eos": True},
                         )
@@ -70,7 +71,7 @@ def main() -> None:
 
                 def grpc(i: int) -> tuple[float, float]:
                     return timed_stream(
-                        grpc_client.generate(token_ids=prompt(i), max_tokens=args.tokens, ignore_eos=True)
+                        lambda: grpc_client.generate(token_ids=prompt(i), max_tokens=args.tokens, ignore_eos=True)
                     )
 
                 http(0), grpc(1)  # warm-up: connections, first passes

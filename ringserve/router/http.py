@@ -212,31 +212,28 @@ class OpenAIApp:
 
 
 class HttpServer:
-    """uvicorn serving an ``OpenAIApp`` in a daemon thread with its own event loop."""
+    """uvicorn serving an ``OpenAIApp`` in a daemon thread with its own event loop. The port is bound at
+    construction, so a taken port fails before the router serves anything; ``start`` needs the gRPC port."""
 
-    def __init__(self, host: str, port: int, grpc_port: int, model: common_pb2.ModelDescription):
-        # The router's gRPC server listens on the same host; a wildcard address is reached on loopback.
-        target = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)
+    def __init__(self, host: str, port: int, model: common_pb2.ModelDescription):
+        self.host, self.model = host, model
         try:
             self.sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as e:
             raise RingserveError(f"the HTTP API could not listen on {host}:{port}: {e}") from e
         self.port = self.sock.getsockname()[1]
-        self.app = OpenAIApp(f"{target}:{grpc_port}", model)
-        config = uvicorn.Config(self.app.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="http-api")  # fmt: skip
 
-    def start(self, timeout_s: float = 30.0) -> HttpServer:
-        self.thread.start()
+    def start(self, grpc_port: int, timeout_s: float = 30.0) -> HttpServer:
+        # The router's gRPC server listens on the same host; a wildcard address is reached on loopback.
+        target = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(self.host, self.host)
+        app = OpenAIApp(f"{target}:{grpc_port}", self.model)
+        config = uvicorn.Config(app.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio")
+        self.server = uvicorn.Server(config)
+        thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="http-api")
+        thread.start()
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
+            if not thread.is_alive() or time.monotonic() > deadline:
                 raise RingserveError(f"the HTTP API did not start on port {self.port}; see the log above")
             time.sleep(0.02)
         return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

@@ -215,16 +215,18 @@ def serve(cfg: RouterConfig):
     try:
         balancer.wait_for_groups(cfg.ready_timeout_s)
         servicer = RouterServicer(balancer, Tokenizer.from_checkpoint(cfg.model), _model_description(balancer))
+        if cfg.http_port is not None:  # the OpenAI-compatible door: its port now, its start once Generate serves
+            from ringserve.router.http import HttpServer
+
+            http = HttpServer(cfg.host, cfg.http_port, servicer.model)
         server, port, _ = start_server(
             [(router_pb2_grpc.add_RouterServicer_to_server, servicer)],
             ["ringserve.v1.Router"],
             cfg.host,
             cfg.port,
         )
-        if cfg.http_port is not None:  # the OpenAI-compatible door, calling this server's Generate
-            from ringserve.router.http import HttpServer
-
-            http = HttpServer(cfg.host, cfg.http_port, port, servicer.model).start()
+        if cfg.http_port is not None:
+            http.start(port)
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", cfg.host, http.port)
     except BaseException:
         balancer.close()
