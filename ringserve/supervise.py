@@ -67,7 +67,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if args.model and not os.path.exists(args.model):
         raise InvalidArgument(f"--model {args.model}: no such file or directory")
-    ports = {"--port": args.port} | ({} if args.redis_url else {"--redis-port": args.redis_port})
+    ports = {"--port": args.port, "--http-port": args.http_port}
+    ports |= {} if args.redis_url else {"--redis-port": args.redis_port}
     for flag, port in ports.items():
         if not 0 <= port <= 65535:
             raise InvalidArgument(f"{flag} {port} is not a TCP port (0 to 65535)")
@@ -189,7 +190,8 @@ def up(args: argparse.Namespace) -> int:
         cluster = start_cluster(
             cp=args.cp, kvp=args.kvp, model=args.model, dtype=args.dtype, host=args.host, router_port=args.port,
             metrics=True, redis_url=args.redis_url, redis_port=args.redis_port, name="ringserve",
-            extra={"router": ["--drain-timeout-s", str(drain_s)]}, cancel=signals.first,
+            extra={"router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port)]},
+            cancel=signals.first,
         )  # fmt: skip
         print(cluster.router, flush=True)
         log.info(

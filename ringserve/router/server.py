@@ -133,6 +133,10 @@ def serve(cfg: RouterConfig):
             raise InvalidArgument(f"--migration-limit must be >= 0 (0: off), got {cfg.migration_limit}")
         tokenizer = Tokenizer.from_checkpoint(cfg.model)
         servicer = RouterServicer(balancer, tokenizer, _model_description(balancer), cfg.migration_limit)
+        if cfg.http_port is not None:  # the OpenAI-compatible door: its port now, its start once Generate serves
+            from ringserve.router.http import HttpServer
+
+            http = HttpServer(cfg.host, cfg.http_port, servicer.model)
         server, port, _ = start_server(
             [(add_router_servicer, servicer)],
             ["ringserve.v1.Router"],
@@ -140,6 +144,9 @@ def serve(cfg: RouterConfig):
             cfg.port,
             limits=cfg,
         )
+        if cfg.http_port is not None:
+            http.start(port)
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", cfg.host, http.port)
     except BaseException:
         balancer.close()
         raise
