@@ -82,8 +82,9 @@ def _environ_has(pid: int, tag: str) -> bool:
         return False
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Every live process whose environment carries ``tag`` (children inherit it)."""
+def tagged_pids(tag: str, redis_port: int) -> list[int]:
+    """Every live process of the deployment: whose environment carries ``tag`` (children inherit
+    it), and the redis-server on ``redis_port`` (it rewrites its process title over its environment)."""
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     alive = []
     for pid in pids:
@@ -93,7 +94,8 @@ def tagged_pids(tag: str) -> list[int]:
                     continue
         except OSError:
             continue
-        if _environ_has(pid, tag):
+        line = cmdline(pid)
+        if _environ_has(pid, tag) or "redis-server" in line and f":{redis_port}" in line:
             alive.append(pid)
     return alive
 
@@ -106,10 +108,10 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def victim_pid(tag: str, victim: str) -> int | None:
+def victim_pid(tag: str, redis_port: int, victim: str) -> int | None:
     """The pid of a process to kill: a prefill or decode group's rank 1 (a spawned child of the
     service), the router service, or redis-server."""
-    for pid in tagged_pids(tag):
+    for pid in tagged_pids(tag, redis_port):
         line = cmdline(pid)
         if victim == "redis" and "redis-server" in line:
             return pid
@@ -231,7 +233,7 @@ def test_chaos_under_ringserve_up(tmp_path, references):
         killed = []
         for victim, at in zip(victims, moments):
             time.sleep(max(0.0, at - (time.monotonic() - t0)))
-            pid = wait_until(f"a live {victim} to kill", lambda v=victim: victim_pid(tag, v), 120)
+            pid = wait_until(f"a live {victim} to kill", lambda v=victim: victim_pid(tag, redis_port, v), 120)
             os.kill(pid, signal.SIGKILL)
             killed.append((round(time.monotonic() - t0, 1), victim, pid))
         time.sleep(max(0.0, CHAOS_S - (time.monotonic() - t0)))
@@ -278,7 +280,7 @@ def test_chaos_under_ringserve_up(tmp_path, references):
             up.wait()
         log.close()
     deadline = time.monotonic() + 30
-    while (left := tagged_pids(tag)) and time.monotonic() < deadline:
+    while (left := tagged_pids(tag, redis_port)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes outlived ringserve up: {[cmdline(p) for p in left]}"
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
