@@ -73,6 +73,10 @@ class GrpcArgs:
         "(health and control calls have threads of their own)",
     )
     max_message_mb: int = _opt(MAX_MESSAGE_MB, "largest gRPC message sent or received, in MiB (prompts of 10M tokens)")
+    tls_cert: str | None = _opt(None, "this service's TLS certificate (PEM file; names its role as a SPIFFE URI SAN)", str)
+    tls_key: str | None = _opt(None, "key of --tls-cert (PEM file)", str)
+    tls_ca: str | None = _opt(None, "the deployment CA (PEM file): peers' certificates must chain to it", str)
+    insecure: bool = _opt(False, "allow plaintext gRPC on a non-loopback address (said in the log)")
 
 
 @dataclass
@@ -160,3 +164,9 @@ class RouterConfig(RedisArgs, GrpcArgs):
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
     ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, refuse new requests and let running ones finish for this long")
+    tls_client_ca: str | None = _opt(
+        None, "require client certificates signed by this CA (PEM file) on the client port (needs --tls-cert)", str
+    )
+    api_keys_file: str | None = _opt(
+        None, "API keys clients must send as `authorization: Bearer <key>` (file re-read on change; see README)", str
+    )
