@@ -73,7 +73,7 @@ class GrpcArgs:
         "(health and control calls have threads of their own)",
     )
     max_message_mb: int = _opt(MAX_MESSAGE_MB, "largest gRPC message sent or received, in MiB (prompts of 10M tokens)")
-    tls_cert: str | None = _opt(None, "this service's TLS certificate (PEM file; names its role as a SPIFFE URI SAN)", str)
+    tls_cert: str | None = _opt(None, "this service's TLS certificate (PEM; its role as a SPIFFE URI SAN)", str)
     tls_key: str | None = _opt(None, "key of --tls-cert (PEM file)", str)
     tls_ca: str | None = _opt(None, "the deployment CA (PEM file): peers' certificates must chain to it", str)
     insecure: bool = _opt(False, "allow plaintext gRPC on a non-loopback address (said in the log)")

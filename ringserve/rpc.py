@@ -251,8 +251,8 @@ def start_server(
     size, and sets TLS (``tls.py``): an ``internal`` server requires client certificates of the
     deployment CA and serves its API to the router role only; the router's client port
     (``internal=False``) requires client certificates only under ``--tls-client-ca``. Without TLS
-    a non-loopback ``host`` needs ``--insecure``. The port must be free: gRPC's default SO_REUSEPORT would let a second server share it and
-    take some of the first one's connections.
+    a non-loopback ``host`` needs ``--insecure``. The port must be free: gRPC's default SO_REUSEPORT
+    would let a second server share it and take some of the first one's connections.
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
     is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """

@@ -148,4 +148,4 @@ def test_plaintext_on_a_network_address_needs_insecure(caplog):
     server.stop(None)
     assert "WITHOUT TLS (--insecure)" in caplog.text
     with pytest.raises(Exception, match="all of --tls-cert, --tls-key and --tls-ca"):
-        rpc.start_server([(add, InfoOnly())], ["ringserve.v1.Decode"], "127.0.0.1", 0, limits=RouterConfig(tls_cert="x"))
+        rpc.start_server([(add, InfoOnly())], ["ringserve.v1.Decode"], "::1", 0, limits=RouterConfig(tls_cert="x"))
