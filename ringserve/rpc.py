@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from ringserve.auth import ApiKeyAuth
 from ringserve.config import MAX_MESSAGE_MB, GrpcArgs
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, grpc_status
@@ -250,7 +251,8 @@ def start_server(
     ``limits`` (a service's config) bounds the concurrent long calls (``CallLimit``) and the message
     size, and sets TLS (``tls.py``): an ``internal`` server requires client certificates of the
     deployment CA and serves its API to the router role only; the router's client port
-    (``internal=False``) requires client certificates only under ``--tls-client-ca``. Without TLS
+    (``internal=False``) requires client certificates only under ``--tls-client-ca``, and API keys
+    under ``--api-keys-file`` (``auth.py``). Without TLS
     a non-loopback ``host`` needs ``--insecure``. The port must be free: gRPC's default SO_REUSEPORT
     would let a second server share it and take some of the first one's connections.
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
@@ -264,7 +266,11 @@ def start_server(
     service = service_names[0].rsplit(".", 1)[-1] if service_names else "server"
     check_bind(host, limits, service)
     secure = check_tls_args(limits)
-    checks = [RoleCheck(limits.cluster, ("router",), service)] if secure and internal else []
+    if secure and internal:
+        checks = [RoleCheck(limits.cluster, ("router",), service)]
+    else:
+        keys_file = getattr(limits, "api_keys_file", None)
+        checks = [ApiKeyAuth(keys_file)] if keys_file else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_requests + CONTROL_THREADS),
         interceptors=[*checks, CallLimit(limits.max_concurrent_requests), *(interceptors or [])],

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import grpc
 
+from ringserve import rpc
 from ringserve.config import RouterConfig
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.tokenizer import Tokenizer
@@ -211,6 +212,9 @@ def _model_description(balancer: Balancer) -> common_pb2.ModelDescription:
 
 def serve(cfg: RouterConfig):
     """Wait for a prefill and a decode group to register, then start the router; returns (server, port, balancer)."""
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise InvalidArgument("--tls-client-ca needs TLS on the client port: give --tls-cert, --tls-key and --tls-ca")
+    rpc.configure_channels(cfg)  # the router's channels to the groups present its certificate (mTLS)
     balancer = Balancer(cfg).start()
     try:
         balancer.wait_for_groups(cfg.ready_timeout_s)
@@ -221,6 +225,7 @@ def serve(cfg: RouterConfig):
             cfg.host,
             cfg.port,
             limits=cfg,
+            internal=False,
         )
     except BaseException:
         balancer.close()
