@@ -1,7 +1,7 @@
 """Moving one request's KV between paged caches on CPU: NIXL vs the TCP path vs an in-process copy.
 
 Two real processes: this one plays a prefill rank (source cache), a spawned one a decode worker
-(destination cache, a NixlEndpoint with a LandingTally, and the TCP ``KVReceiver`` whose sink
+(destination cache, a NixlEndpoint, and the TCP ``KVReceiver`` whose sink
 writes into the cache as the decode worker's does). Per KV shape, request length and block size:
 
 - ``nixl``: ``NixlEndpoint.push`` of all rows (block runs -> descriptors, one WRITE with a
@@ -82,19 +82,19 @@ def digest(t: torch.Tensor) -> str:
 
 def decode_main(conn) -> None:
     """The decode side: answers commands on ``conn`` until told to stop."""
-    from ringserve.kv_transfer.nixl import LandingTally, NixlEndpoint
+    from ringserve.kv_transfer.nixl import NixlEndpoint
     from ringserve.kv_transfer.tcp import KVReceiver
 
     torch.set_num_threads(1)
     state: dict = {}
 
-    def sink(request_id: str, first: int, kv: torch.Tensor) -> None:
+    def sink(frame, kv: torch.Tensor) -> None:
         cache, table = state["cache"], state["table"]
-        slots = cache.slots(table, first, first + kv.shape[2])
+        slots = cache.slots(table, frame.first_position, frame.first_position + kv.shape[2])
         for layer in range(kv.shape[0]):
             cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
 
-    receiver = KVReceiver(sink)
+    receiver = KVReceiver(lambda frame: None, sink)
     while (msg := conn.recv()) is not None:
         cmd, args = msg
         if cmd == "setup":  # a fresh cache and endpoint per configuration
@@ -104,9 +104,8 @@ def decode_main(conn) -> None:
             shape, layers, tokens, block_size, layout = args
             state["cache"] = make_cache(shape, layers, tokens, block_size)
             state["table"] = block_table(tokens // block_size, layout, seed=2)
-            state["tally"] = LandingTally()
-            state["endpoint"] = NixlEndpoint(state["cache"], on_landed=state["tally"])
-            conn.send((state["endpoint"].landing("bench", state["table"], tokens), receiver.address))
+            state["endpoint"] = NixlEndpoint(state["cache"])
+            conn.send((state["endpoint"].landing("bench", 1, state["table"], tokens), receiver.address))
         elif cmd == "zero":
             state["cache"].k.zero_()
             state["cache"].v.zero_()
@@ -129,7 +128,8 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
     src.v.normal_()
     table = block_table(tokens // block_size, args.layout, seed=1)
     landing, address = conn.recv()
-    from ringserve.kv_transfer.nixl import Landing, NixlEndpoint
+    from ringserve.kv_transfer.landing import Landing
+    from ringserve.kv_transfer.nixl import NixlEndpoint
     from ringserve.kv_transfer.tcp import send_kv
 
     endpoint = NixlEndpoint(src) if "nixl" in args.methods else None
@@ -142,7 +142,7 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
         if method == "nixl":
             endpoint.push(table, 0, tokens, parsed, 0, transfer_id=uuid.uuid4().hex[:8], timeout_s=600)
         elif method == "tcp":
-            send_kv(address, "bench", 0, gather(src, table, tokens), timeout_s=600)
+            send_kv(address, "bench", 1, "t", [(0, gather(src, table, tokens))], timeout_s=600)
         else:  # copy: gather and scatter in this process
             s_slots = src.slots(table, 0, tokens)
             d_slots = copy_dst.slots(copy_table, 0, tokens)

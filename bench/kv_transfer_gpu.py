@@ -31,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 import traceback
 
@@ -94,15 +95,15 @@ def slowest(times: list[float], ctrl) -> list[float]:
 
 def bench_nixl(args, cache: KVCache, layout: str, ctrl, rank: int) -> dict:
     """One NIXL layout; every rank returns the same result dict."""
-    from ringserve.kv_transfer.nixl import LandingTally, NixlEndpoint
+    from ringserve.kv_transfer.nixl import NixlEndpoint
 
     if rank == 1:  # so that the check below sees only what NIXL wrote
         cache.k.zero_()
         cache.v.zero_()
-    tally = LandingTally()
-    endpoint = NixlEndpoint(cache, on_landed=tally)
+    landed = threading.Semaphore(0)  # one release per WRITE notification
+    endpoint = NixlEndpoint(cache, on_landed=lambda note: landed.release())
     table = block_table(args.tokens // args.block_size, layout, seed=rank + 1)
-    box = [endpoint.landing("bench", table, args.tokens) if rank == 1 else None]
+    box = [endpoint.landing("bench", 1, table, args.tokens) if rank == 1 else None]
     dist.broadcast_object_list(box, src=1, group=ctrl)
     pushes = [0]
 
@@ -113,7 +114,8 @@ def bench_nixl(args, cache: KVCache, layout: str, ctrl, rank: int) -> dict:
 
     times = timed(push, args.warmup, args.iters, ctrl)
     if rank == 1:
-        tally.wait("bench", args.tokens * (args.warmup + args.iters), timeout_s=60)
+        for _ in range(args.warmup + args.iters):
+            assert landed.acquire(timeout=60), "a NIXL notification did not arrive"
     identical = check_rows(cache, table, args.tokens, rank)
     endpoint.close()
     return {"times": slowest(times, ctrl), "bit_identical": identical}

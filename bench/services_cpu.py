@@ -64,14 +64,14 @@ def main() -> None:
 
     # The KV bytes of each prompt, moved alone: what the disaggregated path must pay anyway.
     c = engine.config
-    receiver = KVReceiver(lambda *a: None)
+    receiver = KVReceiver(lambda frame: None, lambda frame, kv: None)
     for n in lengths:
         kv = torch.randn(c.num_hidden_layers, 2, n, c.num_key_value_heads, c.head_dim)
-        send_kv(receiver.address, "warm", 0, kv)
+        send_kv(receiver.address, "warm", 1, "t", [(0, kv)])
         t = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            send_kv(receiver.address, "bench", 0, kv)
+            send_kv(receiver.address, "bench", 1, "t", [(0, kv)])
             t.append(time.perf_counter() - t0)
         results[("transfer", n)] = statistics.median(t)
     receiver.close()

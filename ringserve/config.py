@@ -125,7 +125,13 @@ class DecodeConfig(WorkerArgs):
     kv_blocks: int = _opt(512, "KV cache blocks per rank")
     block_size: int = _opt(64, "tokens per KV block")
     max_batch: int = _opt(64, "most requests decoded in one step")
-    reservation_ttl_s: float = _opt(120.0, "free reserved blocks never claimed after this many seconds")
+    reservation_ttl_s: float = _opt(
+        120.0, "a reservation's lease: it expires unless claimed or renewed (Decode.Renew) within this many seconds"
+    )
+    quarantine_timeout_s: float = _opt(
+        600.0, "blocks a NIXL WRITE may still reach after their reservation ended are freed after this at the latest"
+    )
+    kv_idle_timeout_s: float = _opt(60.0, "the KV receiver closes a TCP connection idle for this many seconds")
     kvp: int = _opt(1, "KV-parallel ranks in this decode group (one process and device each)")
     shard_tokens: int = _opt(32768, "a request spreads its KV over one more rank per this many tokens")
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
@@ -152,6 +158,7 @@ class PrefillConfig(WorkerArgs):
     ttft_factor: float = _opt(3.0, "... or this many times the request's predicted prefill time alone, if more")
     reject_late: bool = _opt(False, "refuse (DEADLINE_EXCEEDED) requests that cannot meet their deadline")
     calibrate_tokens: int = _opt(2048, "largest pass timed at start to fit the scheduler's cost model")
+    kv_push_timeout_s: float = _opt(30.0, "a KV push to a decode rank that does not complete in this long fails")
 
 
 @dataclass

@@ -50,6 +50,13 @@ class DeadlineExceeded(RingserveError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Aborted(RingserveError):
+    """A peer failed this request's part of the work (e.g. a KV push to a decode rank): the request
+    ended, and retrying it elsewhere may help."""
+
+    code = "ABORTED"
+
+
 def grpc_status(err: RingserveError):
     """The ``grpc.StatusCode`` for an error (imported lazily: the engine does not need grpc)."""
     import grpc
@@ -73,6 +80,7 @@ _BY_CODE = {
         Unavailable,
         DeadlineExceeded,
         Cancelled,
+        Aborted,
     )
 }
 

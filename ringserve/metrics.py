@@ -20,6 +20,9 @@ TPOT = Histogram(
 QUEUE_DEPTH = Gauge("ringserve_queue_depth", "Requests admitted and not yet finished", ["service"])
 KV_BLOCKS = Gauge("ringserve_kv_blocks", "KV cache blocks by state", ["service", "state"])
 KV_BYTES = Counter("ringserve_kv_transfer_bytes_total", "KV bytes moved between tiers", ["service", "direction"])
+KV_DROPPED = Counter(
+    "ringserve_kv_dropped_total", "KV frames, connections and notices the decode side refused or ignored", ["reason"]
+)
 
 
 PREFILL_QUEUE = Gauge("ringserve_prefill_requests", "Prefill group: requests queued or being prefilled")

@@ -21,15 +21,20 @@ def make_worker(model, tokenizer, kv_blocks=64, reservation_ttl_s=60.0, **kw) ->
     return DecodeWorker(group, tokenizer, reservation_ttl_s=reservation_ttl_s, **kw)
 
 
-def push(targets, request_id, kv, nixl=None):
+def send(address, request_id, epoch, first, kv, transfer_id="t0"):
+    """One TCP push of rows [first, first + n) of a request's reservation ``epoch``."""
+    return send_kv(address, request_id, epoch, transfer_id, [(first, kv)])
+
+
+def push(reservation, request_id, kv, nixl=None):
     """Send each rank its share, as the prefill tier would: through the real TCP path, or with
     ``nixl`` (a NixlSender) a NIXL WRITE into the landing the reservation answered."""
-    for _, address, first, count, landing in targets:
+    for _, address, first, count, landing in reservation.targets:
         if count and nixl is not None:
             assert landing, "the decode group offers no NIXL landing"
             nixl.push(request_id, kv[:, :, first : first + count], landing)
         elif count:
-            send_kv(address, request_id, first, kv[:, :, first : first + count])
+            send(address, request_id, reservation.epoch, first, kv[:, :, first : first + count])
 
 
 class NixlSender:
@@ -99,12 +104,13 @@ def test_requests_joining_a_running_batch_match_the_engine(worker, default_model
     for i, p in enumerate(prompts):
         ids = tokenizer.encode(p)
         kv, first = prompt_kv_and_first_token(model, ids)
-        [(rank, address, start, count, _)] = worker.reserve(f"r{i}", len(ids), 20)
+        res = worker.reserve(f"r{i}", len(ids), 20)
+        [(rank, address, start, count, _)] = res.targets
         assert (rank, start, count) == (0, 0, len(ids))
         # Two transfers, as two prefill ranks would send them (any split works: KV is a set).
         half = len(ids) // 2
-        send_kv(address, f"r{i}", 0, kv[:, :, :half])
-        send_kv(address, f"r{i}", half, kv[:, :, half:])
+        send(address, f"r{i}", res.epoch, 0, kv[:, :, :half], "0.0")
+        send(address, f"r{i}", res.epoch, half, kv[:, :, half:], "1.0")
         reqs.append((ids, worker.start(f"r{i}", len(ids), first, SamplingParams(max_tokens=20, ignore_eos=True))))
         time.sleep(0.3)  # the next request joins while this one is decoding
     for ids, req in reqs:
@@ -122,16 +128,17 @@ def test_bad_reservations_and_transfers(worker, default_model):
     with pytest.raises(ResourceExhausted, match="KV cache full"):
         worker.reserve("huge", 2000, 10)
     assert worker.blocks_used == used
-    [(_, address, _, _, _)] = worker.reserve("a", 10, 5)
+    res = worker.reserve("a", 10, 5)
+    [(_, address, _, _, _)] = res.targets
     with pytest.raises(InvalidArgument, match="already reserved"):
         worker.reserve("a", 10, 5)
     worker.group.rank0.landing_timeout_s = 0.2
     with pytest.raises(NotFound, match="no reservation"):
-        send_kv(address, "nope", 0, torch.zeros(30, 2, 1, 3, 64))
+        send(address, "nope", res.epoch + 1, 0, torch.zeros(30, 2, 1, 3, 64))
     with pytest.raises(InvalidArgument, match="outside decode rank 0's share"):
-        send_kv(address, "a", 8, torch.zeros(30, 2, 5, 3, 64))
+        send(address, "a", res.epoch, 8, torch.zeros(30, 2, 5, 3, 64))
     with pytest.raises(InvalidArgument, match="does not match"):
-        send_kv(address, "a", 0, torch.zeros(30, 2, 5, 4, 64))
+        send(address, "a", res.epoch, 0, torch.zeros(30, 2, 5, 4, 64))
     with pytest.raises(FailedPrecondition, match="0 of 10"):
         worker.start("a", 10, 1, SamplingParams())
     assert not worker.cancel("a")  # a request that cannot start ends there: nothing left to release

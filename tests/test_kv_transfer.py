@@ -2,13 +2,14 @@
 
 import itertools
 import random
+import socket
 
 import pytest
 import torch
 
 from ringserve.errors import InvalidArgument, Unavailable
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves
-from ringserve.kv_transfer.tcp import KVReceiver, send_kv
+from ringserve.kv_transfer.tcp import KVReceiver, row_slices, send_kv
 
 
 @pytest.mark.parametrize("n,k", list(itertools.product([1, 2, 3, 4], [1, 2, 3, 4])))
@@ -29,31 +30,61 @@ def test_plan_rejects_mismatched_totals():
         plan_moves([3, 4], [8])
 
 
-def test_tcp_transfer_is_bit_exact_and_reports_refusals():
+def test_tcp_transfer_is_bit_exact_in_bounded_slices_and_reports_refusals():
     landed = {}
+    sizes = []
 
-    def sink(request_id, first, kv):
-        if request_id == "refuse":
+    def admit(frame):
+        if frame.request_id == "refuse-header":
+            raise InvalidArgument("no such reservation")
+        sizes.append(frame.nbytes)
+
+    def sink(frame, kv):
+        if frame.request_id == "refuse":
             raise InvalidArgument("rows out of range")
-        landed[request_id] = (first, kv.clone())
+        landed.setdefault((frame.request_id, frame.epoch, frame.transfer_id), []).append(
+            (frame.first_position, kv.clone())
+        )
 
-    receiver = KVReceiver(sink)
+    receiver = KVReceiver(admit, sink)
     try:
         for dtype in (torch.float32, torch.bfloat16):
             kv = torch.randn(3, 2, 37, 2, 8).to(dtype)
-            sent = send_kv(receiver.address, f"r-{dtype}", 5, kv)
+            row_bytes = kv[:, :, :1].numel() * kv.element_size()
+            slices = [(5 + a, kv[:, :, a:b]) for a, b in row_slices(37, row_bytes, limit=10 * row_bytes)]
+            sent = send_kv(receiver.address, f"r-{dtype}", 3, "0.0", slices)
             assert sent == kv.numel() * kv.element_size()
-            first, got = landed[f"r-{dtype}"]
-            assert first == 5 and got.dtype == dtype and torch.equal(got, kv)
+            got = landed[(f"r-{dtype}", 3, "0.0")]
+            assert [first for first, _ in got] == [5, 15, 25, 35]  # four frames of at most 10 rows
+            assert torch.equal(torch.cat([rows for _, rows in got], dim=2), kv) and got[0][1].dtype == dtype
+        assert max(sizes) <= 10 * 3 * 2 * 2 * 8 * 4
         with pytest.raises(InvalidArgument, match="rows out of range"):
-            send_kv(receiver.address, "refuse", 0, torch.zeros(1, 2, 1, 1, 1))
+            send_kv(receiver.address, "refuse", 1, "t", [(0, torch.zeros(1, 2, 1, 1, 1))])
+        with pytest.raises(InvalidArgument, match="no such reservation"):
+            send_kv(receiver.address, "refuse-header", 1, "t", [(0, torch.zeros(1, 2, 1, 1, 1))])
+        assert receiver.dropped["refused"] == 2
     finally:
         receiver.close()
 
 
 def test_tcp_transfer_to_a_dead_receiver_is_unavailable():
-    receiver = KVReceiver(lambda *a: None)
+    receiver = KVReceiver(lambda frame: None, lambda frame, kv: None)
     address = receiver.address
     receiver.close()
     with pytest.raises(Unavailable, match="failed"):
-        send_kv(address, "r", 0, torch.zeros(1, 2, 1, 1, 1), timeout_s=2)
+        send_kv(address, "r", 0, "t", [(0, torch.zeros(1, 2, 1, 1, 1))], timeout_s=2)
+
+
+def test_a_wildcard_receiver_advertises_a_reachable_name():
+    """Issue 16 (13): with --host 0.0.0.0 the receiver advertised 0.0.0.0, which no peer can reach."""
+    receiver = KVReceiver(lambda frame: None, lambda frame, kv: None, host="0.0.0.0")
+    try:
+        host = receiver.address.rsplit(":", 1)[0]
+        assert host not in ("0.0.0.0", "") and host == socket.getfqdn()
+    finally:
+        receiver.close()
+    receiver = KVReceiver(lambda frame: None, lambda frame, kv: None, host="0.0.0.0", advertise_host="kv.example")
+    try:
+        assert receiver.address.startswith("kv.example:")
+    finally:
+        receiver.close()

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import struct
+import threading
 import time
 
 import pytest
@@ -24,17 +25,19 @@ pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl
 from ringserve.config import DecodeConfig, PrefillConfig, add_config_args, config_from_args  # noqa: E402
 from ringserve.engine.config import ModelConfig  # noqa: E402
 from ringserve.engine.kv_cache import KVCache, blocks_needed  # noqa: E402
-from ringserve.errors import DeadlineExceeded, InvalidArgument  # noqa: E402
-from ringserve.kv_transfer.nixl import (  # noqa: E402
+from ringserve.errors import InvalidArgument  # noqa: E402
+from ringserve.kv_transfer.descriptors import plan_descriptors  # noqa: E402
+from ringserve.kv_transfer.landing import (  # noqa: E402
     LANDING_VERSION,
+    Done,
     Landed,
     Landing,
-    LandingTally,
-    NixlEndpoint,
     PoolLayout,
-    plan_descriptors,
-    select_transport,
+    done_notif,
+    landed_notif,
+    parse_notif,
 )
+from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves  # noqa: E402
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # loopback only: no stray interfaces in CI
@@ -114,17 +117,11 @@ def test_layouts_that_differ_are_refused():
             plan_descriptors(f32, [0], 0, peer, [0], 0, 2)
 
 
-def test_landing_tally_counts_each_transfer_once_and_times_out():
-    tally = LandingTally()
-    tally(Landed("r", "t0", 0, 5, "peer"))
-    tally(Landed("r", "t0", 0, 5, "peer"))  # a repeated notification
-    tally(Landed("r", "t1", 5, 3, "peer"))
-    assert tally.rows("r") == 8
-    tally.wait("r", 8, timeout_s=0.01)
-    with pytest.raises(DeadlineExceeded, match="only 8 of 9 KV rows of request r"):
-        tally.wait("r", 9, timeout_s=0.01)
-    tally.discard("r")
-    assert tally.rows("r") == 0
+def test_notifications_name_request_epoch_transfer_and_rows():
+    assert parse_notif("peer", landed_notif("r", 7, "0.1", 5, 3)) == Landed("r", 7, "0.1", 5, 3, "peer")
+    assert parse_notif("peer", done_notif("r", 7)) == Done("r", 7, "peer")
+    for foreign in (b"selftest", b"ringserve-kv/2 {not json", b'ringserve-kv/2 {"request_id": "r"}'):
+        assert parse_notif("peer", foreign) is None
 
 
 def test_select_transport_and_config():
@@ -145,6 +142,33 @@ def test_select_transport_and_config():
 # --- actors: real worker processes ------------------------------------------------------------
 
 
+class Tally:
+    """The decode side's counting in miniature: rows per request, once per transfer, waited on."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+        self.seen: set[tuple[str, int, str]] = set()
+        self.cond = threading.Condition()
+
+    def __call__(self, landed: Landed) -> None:
+        with self.cond:
+            key = (landed.request_id, landed.epoch, landed.transfer_id)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.rows[landed.request_id] = self.rows.get(landed.request_id, 0) + landed.count
+                self.cond.notify_all()
+
+    def wait(self, request_id: str, rows: int, timeout_s: float) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.rows.get(request_id, 0) >= rows, timeout_s), (
+                f"{self.rows.get(request_id, 0)} of {rows} rows of {request_id} landed"
+            )
+
+    def discard(self, request_id: str) -> None:
+        with self.cond:
+            self.rows.pop(request_id, None)
+
+
 class _State:
     """What an actor process keeps between commands."""
 
@@ -152,8 +176,9 @@ class _State:
         torch.set_num_threads(1)  # many processes share two cores
         config = dataclasses.replace(CONFIG, num_key_value_heads=heads, num_attention_heads=heads)
         self.cache = KVCache(config, num_blocks, block_size)
-        self.tally = LandingTally()
+        self.tally = Tally()
         self.endpoint = NixlEndpoint(self.cache, name=name, on_landed=self.tally)
+        self.epochs = itertools.count(1)
         self.tables: dict[str, list[int]] = {}
         self.snapshots: dict[str, tuple] = {}
         self.report = report
@@ -243,7 +268,7 @@ def _reserve(state: _State, request_id: str, num_tokens: int) -> bytes:
     table = state.cache.allocator.allocate(blocks_needed(num_tokens, state.cache.block_size))
     state.tables[request_id] = table
     state.snapshots[request_id] = (state.cache.k.clone(), state.cache.v.clone())
-    return state.endpoint.landing(request_id, table, num_tokens)
+    return state.endpoint.landing(request_id, next(state.epochs), table, num_tokens)
 
 
 def _receive(state: _State, request_id: str, expected: torch.Tensor, timeout_s: float = 10.0):
@@ -287,7 +312,7 @@ def _prefill(state: _State, rows: torch.Tensor, prefix: int) -> list[int]:
 
 
 def _push(state: _State, rows: torch.Tensor, prefix: int, moves, timeout_s: float = 10.0):
-    """Prefill side: push this rank's moves; returns (bytes, blocks in use after, transfers in flight)."""
+    """Prefill side: push this rank's moves; returns (bytes, blocks in use after)."""
     table = _prefill(state, rows, prefix)
     sent = 0
     try:
@@ -297,14 +322,14 @@ def _push(state: _State, rows: torch.Tensor, prefix: int, moves, timeout_s: floa
             )
     finally:
         state.cache.allocator.free(table)
-    return sent, state.cache.allocator.num_used, state.endpoint.inflight
+    return sent, state.cache.allocator.num_used
 
 
 def _push_until_failure(state: _State, landing: bytes, timeout_s: float):
     """Prefill side: push the whole pool again and again until a push fails.
 
     Returns (error type, message, when it failed on the monotonic clock, pushes done, blocks in
-    use afterwards, transfers in flight afterwards)."""
+    use afterwards)."""
     table = state.cache.allocator.allocate(state.cache.allocator.num_free)
     n = Landing.from_bytes(landing).num_tokens
     done = 0
@@ -320,7 +345,7 @@ def _push_until_failure(state: _State, landing: bytes, timeout_s: float):
                 state.report("pushing")
     finally:
         state.cache.allocator.free(table)
-    return *error, failed_at, done, state.cache.allocator.num_used, state.endpoint.inflight
+    return *error, failed_at, done, state.cache.allocator.num_used
 
 
 # --- tests between processes ------------------------------------------------------------------
@@ -347,8 +372,8 @@ def test_n_prefill_ranks_to_k_decode_ranks_is_bit_identical(workers, n, k):
         mine = [(m.src_start, m.count, landings[m.dst_rank], m.dst_start) for m in moves if m.src_rank == s]
         prefill[s].send(_push, kv[:, :, start : start + counts[s]], rng.randint(0, 9), mine)
     pushed = [prefill[s].result() for s in range(n)]
-    assert sum(sent for sent, _, _ in pushed) == kv.numel() * kv.element_size()
-    assert [(used, inflight) for _, used, inflight in pushed] == [(0, 0)] * n  # back to baseline
+    assert sum(sent for sent, _ in pushed) == kv.numel() * kv.element_size()
+    assert [used for _, used in pushed] == [0] * n  # back to baseline
     for d, start in enumerate(_prefix_sums(shares)):
         decode[d].send(_receive, rid, kv[:, :, start : start + shares[d]])
     # Per decode rank: rows bit-identical, nothing else in the pool written, blocks back to baseline.
@@ -375,7 +400,7 @@ def test_corrupt_or_foreign_landings_are_refused_and_later_pushes_work(workers):
         assert err == error and message in msg and "Reserve answer" in msg
     err, msg = prefill[0].fails(_push, rows, 0, [(0, 20, landing, 1)])
     assert err == "InvalidArgument" and "outside [0, 20)" in msg
-    assert prefill[0].call(_push, rows, 0, [(0, 20, landing, 0)])[1:] == (0, 0)
+    assert prefill[0].call(_push, rows, 0, [(0, 20, landing, 0)])[1:] == (0,)
     assert decode[0].call(_receive, "corrupt", rows) == (True, True, 0)
 
 
@@ -391,15 +416,15 @@ def test_killed_decode_worker_fails_the_push_within_seconds_and_its_restart_is_u
         time.sleep(0.1)
         killed_at = time.monotonic()
         decode.proc.kill()
-        err, msg, failed_at, done, used, inflight = prefill.result()
+        err, msg, failed_at, done, used = prefill.result()
         assert err == "Unavailable" and "agent test-decode-x" in msg and "retry" in msg
         assert failed_at - killed_at < 5.0, f"the failure took {failed_at - killed_at:.1f} s to surface"
-        assert (used, inflight) == (0, 0)
+        assert used == 0
 
         decode = _start([("test-decode-x", 256, 16, BIG_HEADS)])[0]  # same agent name, new metadata
         rows = torch.randn(LAYERS, 2, 100, BIG_HEADS, DIM)
         fresh = decode.call(_reserve, "after-restart", 100)
-        assert prefill.call(_push, rows, 3, [(0, 100, fresh, 0)])[1:] == (0, 0)
+        assert prefill.call(_push, rows, 3, [(0, 100, fresh, 0)])[1:] == (0,)
         assert decode.call(_receive, "after-restart", rows) == (True, True, 0)
         err, msg = prefill.fails(_push, rows, 3, [(0, 100, old, 0)])
         assert err == "Unavailable" and "earlier run" in msg
@@ -410,14 +435,14 @@ def test_killed_decode_worker_fails_the_push_within_seconds_and_its_restart_is_u
         try:
             started = time.monotonic()
             prefill.send(_push_until_failure, stuck, 1.0)
-            err, msg, failed_at, done, used, inflight = prefill.result()
+            err, msg, failed_at, done, used = prefill.result()
         finally:
             os.kill(decode.proc.pid, signal.SIGCONT)
         assert err == "Unavailable" and "not complete after 1.0 s" in msg
-        assert failed_at - started < 5.0 and (used, inflight) == (0, 0)
+        assert failed_at - started < 5.0 and used == 0
         assert decode.call(_release, "stuck") == 0
         again = decode.call(_reserve, "resumed", 100)
-        assert prefill.call(_push, rows, 0, [(0, 100, again, 0)])[1:] == (0, 0)
+        assert prefill.call(_push, rows, 0, [(0, 100, again, 0)])[1:] == (0,)
         assert decode.call(_receive, "resumed", rows) == (True, True, 0)
     finally:
         _stop([prefill, decode])

@@ -152,7 +152,7 @@ def start_group(
     model, model_path, kvp, kv_blocks=64, shard_tokens=16, tokenizer=None, kv_transfer="tcp", **kw
 ) -> DecodeWorker:
     cfg = DecodeConfig(
-        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=60, kv_transfer=kv_transfer
+        model=model_path, kvp=kvp, kv_blocks=kv_blocks, block_size=8, group_timeout_s=90, kv_transfer=kv_transfer
     )
     return DecodeWorker(DecodeGroup(cfg, model=model), tokenizer, shard_tokens=shard_tokens, **kw)
 
@@ -167,9 +167,9 @@ def run_mixed_batch(worker, model, lengths, max_tokens, seed, nixl=None):
     for i, n in enumerate(lengths):
         ids = [rnd.randrange(model.config.vocab_size) for _ in range(n)]
         kv, first = prompt_kv_and_first_token(model, ids)
-        targets = worker.reserve(f"r{i}", n, max_tokens)
-        push(targets, f"r{i}", kv, nixl)
-        reqs.append((ids, targets, worker.start(f"r{i}", len(ids), first, params)))
+        res = worker.reserve(f"r{i}", n, max_tokens)
+        push(res, f"r{i}", kv, nixl)
+        reqs.append((ids, res.targets, worker.start(f"r{i}", len(ids), first, params)))
         time.sleep(0.05 * rnd.random())
     out = []
     for ids, targets, req in reqs:
@@ -208,9 +208,9 @@ def test_kvp_default_model_long_generation(default_model, default_gguf):
         for i, prompt in enumerate(["The capital of France is", "Write a long story about a dragon."]):
             ids = tokenizer.encode(prompt)
             kv, first = prompt_kv_and_first_token(model, ids)
-            targets = worker.reserve(f"d{i}", len(ids), 64)
-            assert [t[0] for t in targets] == [0, 1]
-            push(targets, f"d{i}", kv)
+            res = worker.reserve(f"d{i}", len(ids), 64)
+            assert [t[0] for t in res.targets] == [0, 1]
+            push(res, f"d{i}", kv)
             reqs.append((ids, worker.start(f"d{i}", len(ids), first, params)))
         for ids, req in reqs:
             assert [e.token_id for e in drain(req)] == [e.token_id for e in engine.generate(ids, params)]

@@ -6,6 +6,7 @@ single-process prefill of the same weights, and no request leaves a block behind
 """
 
 import random
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from test_model import run_chunks, tiny_hf
 
 from ringserve.config import PrefillConfig
 from ringserve.engine.model import Llama
-from ringserve.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from ringserve.errors import Aborted, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from ringserve.kv_transfer.tcp import KVReceiver
 from ringserve.prefill_service.group import Job, PrefillGroup, Target
 
@@ -42,11 +43,11 @@ class Landing:
     def __init__(self):
         self.rows: dict[str, list] = {}
         self.lock = threading.Lock()
-        self.receiver = KVReceiver(self._sink)
+        self.receiver = KVReceiver(lambda frame: None, self._sink)
 
-    def _sink(self, request_id, first, kv):
+    def _sink(self, frame, kv):
         with self.lock:
-            self.rows.setdefault(request_id, []).append((first, kv.clone()))
+            self.rows.setdefault(frame.request_id, []).append((frame.first_position, kv.clone()))
 
     def job(self, request_id: str, ids: list[int], **kw) -> Job:
         return Job(request_id, ids, "auto", [Target(self.receiver.address, 0, len(ids))], **kw)
@@ -89,7 +90,11 @@ def assert_exact(model: Llama, landing: Landing, request_id: str, ids: list[int]
 
 def assert_nothing_held_but_the_cache(group: PrefillGroup) -> None:
     """Between requests a rank holds only its cached blocks (the group checks every rank after
-    every pass and breaks if one differs; here the leader's counters are checked directly)."""
+    every pass and breaks if one differs; here the leader's counters are checked directly). A
+    request is answered before the pass that frees its blocks: wait for that pass."""
+    deadline = time.monotonic() + 30
+    while (group._finishing or group._active) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not group.broken
     assert group.index.reserved == [0] * group.cfg.cp and not group.index.pins
     assert group.runner.cache.allocator.num_used == group.index.held[0]
@@ -169,10 +174,11 @@ def test_cancelled_and_failed_requests_free_their_blocks(tiny_dir):
         group.cancel("started")
         with pytest.raises(Cancelled, match="cancelled by its client"):
             started.result(timeout=30)
-        # A push to a decode rank that is not there fails that request only; its pass-mate lands.
+        # A push to a decode rank that is not there fails that request only (ABORTED, naming the
+        # decode rank: the decode side's fault); its pass-mate lands.
         bad = group.submit(Job("bad", tokens(20, 31), "auto", [Target("127.0.0.1:1", 0, 20)]))
         good = group.submit(landing.job("good", tokens(20, 32)))
-        with pytest.raises(Unavailable):
+        with pytest.raises(Aborted, match="KV transfer to decode rank at 127.0.0.1:1 failed"):
             bad.result(timeout=60)
         assert good.result(timeout=60).passes >= 1
         landing.kv("good")
@@ -236,3 +242,53 @@ def test_rank_that_dies_while_idle_breaks_the_group_at_once(tiny_dir):
         assert group.broken and len(broken) == 1 and "prefill-rank1" in broken[0]
         with pytest.raises(Unavailable, match="broken"):
             group.submit(landing.job("after", tokens(5, 71)))
+
+
+@contextmanager
+def hanging_receiver():
+    """A decode rank that accepts connections and then never reads or answers (stuck, not dead)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
+        server.close()
+
+
+def test_a_stuck_decode_rank_fails_only_its_request_and_stalls_no_pass(tiny_dir):
+    """Defect 6: a push to a decode rank that hangs runs beside the passes, not inside them: the
+    next request is prefilled and answered meanwhile, and the stuck one fails alone, ABORTED,
+    naming the decode rank (before: the whole group waited for it, then answered UNAVAILABLE)."""
+    with running_group(tiny_dir, 2, kv_push_timeout_s=10.0) as (group, landing), hanging_receiver() as stuck:
+        t0 = time.monotonic()
+        hung = group.submit(Job("hung", tokens(20, 70), "auto", [Target(stuck, 0, 20)]))
+        deadline = time.monotonic() + 60
+        while group.scheduler.passes == 0 and time.monotonic() < deadline:  # its pass is over: it is pushing
+            time.sleep(0.001)
+        passes = group.scheduler.passes
+        other = group.submit(landing.job("other", tokens(20, 71)))  # a pass of its own
+        assert other.result(timeout=60).passes == 1 and group.scheduler.passes > passes
+        assert not hung.done(), "the stuck push ended before its timeout"
+        with pytest.raises(Aborted, match=f"KV transfer to decode rank at {stuck} failed"):
+            hung.result(timeout=120)
+        assert time.monotonic() - t0 >= 10.0
+        landing.kv("other")
+        group.submit(landing.job("after", tokens(9, 72))).result(timeout=60)
+        landing.kv("after")
+        assert_nothing_held_but_the_cache(group)

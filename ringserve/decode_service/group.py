@@ -2,7 +2,8 @@
 
 Every rank owns a KV cache and a KV receiver that the prefill tier pushes to. The leader starts
 ranks 1..K-1 as child processes and talks to them through queues: it sends reservations,
-releases and decode steps; they send back "landed" (prompt KV arrived) and failures. Queues, not
+releases and decode steps; they send back what landed (each TCP frame stored, each NIXL
+notification, as they come: the leader alone counts them), NIXL "done" notices, and failures. Queues, not
 collectives, carry these messages so an idle group holds no collective that could time out;
 only a step's attention partials travel over torch.distributed (gloo on CPU, NCCL on GPU).
 """
@@ -26,13 +27,16 @@ from ringserve.decode_service.kvp import KVPRank
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.errors import RingserveError, Unavailable, error_from_code
-from ringserve.kv_transfer.tcp import KVReceiver
+from ringserve.kv_transfer.landing import Landed
+from ringserve.kv_transfer.tcp import Frame, KVReceiver
 from ringserve.metrics import KV_BYTES
 from ringserve.process_group import check_group, free_port, init_group, next_message
 
 log = logging.getLogger(__name__)
 
-OnLanded = Callable[[str, int], None]  # (request_id, rows)
+# (rank, request_id, epoch, transfer_id, first row in the rank's share, rows)
+OnLanded = Callable[[int, str, int, str, int, int], None]
+OnDone = Callable[[str, int], None]  # (request_id, epoch): the prefill side writes nothing more
 OnFailure = Callable[[str], None]  # (what happened)
 
 
@@ -56,30 +60,29 @@ def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: s
     return KVPRank(model, cache, rank, cfg.kvp)
 
 
-def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded):
-    """A rank's ways in for prompt KV: a TCP receiver always, a NIXL endpoint when the group's
-    transport is NIXL (senders WRITE into the cache; the notification says which rows landed).
+def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: OnDone):
+    """A rank's ways in for prompt KV: a TCP receiver always (it stores admitted frames), a NIXL
+    endpoint when the group's transport is NIXL (senders WRITE into the cache; the notification
+    says which rows landed). Either way the rows are reported to the leader, which counts them.
     Returns (receiver, endpoint or None)."""
 
-    def sink(request_id: str, first_position: int, kv: torch.Tensor) -> None:
-        n = rank.write_kv(request_id, first_position, kv)
-        KV_BYTES.labels("decode", "received").inc(kv.numel() * kv.element_size())
-        on_landed(request_id, n)
+    def sink(frame: Frame, kv: torch.Tensor) -> None:
+        local = rank.write_kv(frame, kv)
+        KV_BYTES.labels("decode", "received").inc(frame.nbytes)
+        on_landed(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count)
 
     port = cfg.kv_port + rank.rank if cfg.kv_port else 0
-    receiver = KVReceiver(sink, host=cfg.host, port=port, advertise_host=cfg.advertise_host)
+    receiver = KVReceiver(rank.admit, sink, cfg.host, port, cfg.advertise_host, idle_timeout_s=cfg.kv_idle_timeout_s)
     endpoint = None
     if cfg.kv_transfer == "nixl":
         from ringserve.kv_transfer.nixl import NixlEndpoint
 
-        def landed(note) -> None:
-            n = rank.note_landed(note.request_id, note.first_position, note.count)
-            if n:
-                KV_BYTES.labels("decode", "received").inc(n * rank.cache.bytes_per_token)
-                on_landed(note.request_id, n)
+        def landed(note: Landed) -> None:
+            KV_BYTES.labels("decode", "received").inc(note.count * rank.cache.bytes_per_token)
+            on_landed(rank.rank, note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
 
         try:
-            endpoint = NixlEndpoint(rank.cache, on_landed=landed)
+            endpoint = NixlEndpoint(rank.cache, on_landed=landed, on_done=lambda d: on_done(d.request_id, d.epoch))
         except BaseException:
             receiver.close()
             raise
@@ -94,7 +97,9 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
     torch.set_num_threads(max(1, torch.get_num_threads() // cfg.kvp))
     try:
         kvp = build_rank(cfg, rank, None, init_method)
-        receiver, endpoint = _receivers(cfg, kvp, lambda rid, n: outbox.put(("landed", rid, n)))
+        receiver, endpoint = _receivers(
+            cfg, kvp, lambda *landed: outbox.put(("landed", *landed)), lambda *done: outbox.put(("done", *done))
+        )
     except RingserveError as e:
         outbox.put(("failed", rank, e.code, str(e)))
         return
@@ -104,8 +109,7 @@ def _rank_main(rank: int, cfg: DecodeConfig, init_method: str, inbox: mp.Queue, 
         while (msg := next_message(inbox, parent)) is not None:
             kind, *args = msg
             if kind == "reserve":
-                if early := kvp.reserve(*args):
-                    outbox.put(("landed", args[0], early))
+                kvp.reserve(*args)
             elif kind == "free":
                 kvp.free(*args)
             elif kind == "extend":
@@ -134,7 +138,8 @@ class DecodeGroup:
         # Decided once, by the leader, for every rank: the senders need one answer.
         cfg = dataclasses.replace(cfg, kv_transfer=select_transport(cfg.kv_transfer))
         self.cfg, self.world, self.transport = cfg, cfg.kvp, cfg.kv_transfer
-        self._on_landed: OnLanded = lambda rid, n: None
+        self._on_landed: OnLanded = lambda *landed: None
+        self._on_done: OnDone = lambda *done: None
         self._on_failure: OnFailure = lambda what: None
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_port()}" if cfg.kvp > 1 else None
@@ -155,7 +160,9 @@ class DecodeGroup:
             p.start()
         try:
             self.rank0 = build_rank(cfg, 0, model, init_method)
-            self.receiver, self.endpoint = _receivers(cfg, self.rank0, lambda rid, n: self._on_landed(rid, n))
+            self.receiver, self.endpoint = _receivers(
+                cfg, self.rank0, lambda *landed: self._on_landed(*landed), lambda *done: self._on_done(*done)
+            )
             others = self._wait_ready()
             self.addresses = [self.receiver.address] + [address for address, _ in others]
             # Per rank, what a NIXL landing needs besides the request (None: TCP only).
@@ -188,9 +195,9 @@ class DecodeGroup:
             pending.discard(rank)
         return ready
 
-    def start_monitor(self, on_landed: OnLanded, on_failure: OnFailure) -> None:
-        """Deliver the other ranks' messages, and report a rank that dies, to the worker."""
-        self._on_landed, self._on_failure = on_landed, on_failure
+    def start_monitor(self, on_landed: OnLanded, on_done: OnDone, on_failure: OnFailure) -> None:
+        """Deliver every rank's landings and done notices, and report a rank that dies, to the worker."""
+        self._on_landed, self._on_done, self._on_failure = on_landed, on_done, on_failure
         if self.procs:
             self._monitor = threading.Thread(target=self._watch, name="decode-group-monitor", daemon=True)
             self._monitor.start()
@@ -207,6 +214,8 @@ class DecodeGroup:
                 continue
             if kind == "landed":
                 self._on_landed(*args)
+            elif kind == "done":
+                self._on_done(*args)
             elif kind == "failed":
                 self._on_failure(f"decode rank {args[0]} failed: {args[2]}")
                 return

@@ -24,6 +24,7 @@ from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.engine.paged_decode import DecodeBatch, decode_attention, merge_partials
 from ringserve.errors import InvalidArgument, NotFound, Unavailable
+from ringserve.kv_transfer.tcp import Frame
 
 # all_gather_into_tensor was renamed all_gather_single in torch 2.12; the GPU image has 2.11.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -31,14 +32,19 @@ all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_
 
 @dataclass
 class Shard:
-    """This rank's part of one request: its blocks, how many rows they hold, and which prompt
-    positions [prompt_start, prompt_start + prompt_len) the prefill tier writes here."""
+    """This rank's part of one reservation (``epoch``): its blocks, how many rows they hold, and
+    which prompt positions [prompt_start, prompt_start + prompt_len) the prefill tier writes here.
+    Decoding starts only once the leader has counted every prompt row landed, so ``length``
+    starts at the whole share."""
 
+    epoch: int
     block_table: list[int]
     prompt_start: int
     prompt_len: int
-    length: int = 0  # rows stored: landed prompt rows, then generated tokens
-    landed: int = 0
+    length: int = 0  # rows stored: the prompt share, then generated tokens
+
+    def __post_init__(self):
+        self.length = self.length or self.prompt_len
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,9 @@ class StepEntry:
 
 
 class KVPRank:
-    """A rank's model, KV cache and shards; ``step`` runs its part of a decode step."""
+    """A rank's model, KV cache and shards; ``step`` runs its part of a decode step. The leader
+    counts landed rows (one counter per request, ``DecodeWorker``); a rank only stores what a TCP
+    sender brings, for a reservation it holds."""
 
     def __init__(
         self,
@@ -68,26 +76,19 @@ class KVPRank:
         self.device = cache.k.device
         self.landing_timeout_s = landing_timeout_s
         self.shards: dict[str, Shard] = {}
-        self._early: dict[str, list[tuple[float, int, int]]] = {}  # rows that landed before their reservation
+        self._latest_epoch = 0  # the newest reservation this rank has seen (epochs only grow)
         self.lock = threading.Condition()
         self._batch: tuple | None = None  # (key, block tables, shards) of the last batch
         # CUDA graphs where the step runs the Triton kernel (half precision on a GPU).
         half = cache.k.dtype in (torch.float16, torch.bfloat16)
         self.graphs = StepGraphs(self) if self.device.type == "cuda" and half and use_graphs else None
 
-    def reserve(self, request_id: str, block_table: list[int], prompt_start: int, prompt_len: int) -> int:
-        """Take a request's share; returns the rows that had landed already (a NIXL sender can
-        finish before the leader's message reaches this rank: see ``note_landed``)."""
+    def reserve(self, request_id: str, epoch: int, block_table: list[int], prompt_start: int, prompt_len: int) -> None:
+        """Take a request's share of reservation ``epoch``."""
         with self.lock:
-            shard = self.shards[request_id] = Shard(block_table, prompt_start, prompt_len)
+            self.shards[request_id] = Shard(epoch, block_table, prompt_start, prompt_len)
+            self._latest_epoch = max(self._latest_epoch, epoch)
             self.lock.notify_all()
-            early = self._early.pop(request_id, [])
-            stale = time.monotonic() - 10 * self.landing_timeout_s
-            self._early = {rid: notes for rid, notes in self._early.items() if notes[-1][0] > stale}
-            for _, start, count in early:
-                shard.landed += count
-                shard.length = max(shard.length, start + count)
-            return sum(count for _, _, count in early)
 
     def extend(self, request_id: str, blocks: list[int]) -> None:
         """More blocks for a request's generated tokens (the leader grows a shard as it decodes)."""
@@ -95,47 +96,65 @@ class KVPRank:
             shard = self.shards[request_id]
             shard.block_table = shard.block_table + blocks
 
-    def free(self, request_id: str) -> None:
-        with self.lock:
-            self.shards.pop(request_id, None)
-            self._early.pop(request_id, None)
-
-    def write_kv(self, request_id: str, first_position: int, kv: torch.Tensor) -> int:
-        """Store prompt rows [layers, 2, n, Hkv, D] for positions first_position.. of a request;
-        returns n. Waits briefly for the reservation: the leader's message may still be on its way."""
-        deadline = time.monotonic() + self.landing_timeout_s
-        with self.lock:
-            while (shard := self.shards.get(request_id)) is None:
-                if not self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    raise NotFound(f"no reservation for request {request_id} on decode rank {self.rank}")
-            n = kv.shape[2]
-            local = first_position - shard.prompt_start
-            if local < 0 or local + n > shard.prompt_len:
-                raise InvalidArgument(
-                    f"KV rows [{first_position}, {first_position + n}) are outside decode rank {self.rank}'s "
-                    f"share [{shard.prompt_start}, {shard.prompt_start + shard.prompt_len}) of request {request_id}"
-                )
-            expected = (self.model.config.num_hidden_layers, 2, n, *self.cache.k.shape[-2:])
-            if tuple(kv.shape) != expected:
-                raise InvalidArgument(f"KV shape {tuple(kv.shape)} does not match this model's {expected}")
-            slots = self.cache.slots(shard.block_table, local, local + n)
-        kv = kv.to(self.device)
-        for layer in range(kv.shape[0]):
-            self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
-        return self.note_landed(request_id, local, n)
-
-    def note_landed(self, request_id: str, local_start: int, count: int) -> int:
-        """Rows [local_start, local_start + count) of this rank's share are in the cache (written
-        by ``write_kv``, or by a NIXL sender straight into the blocks); returns the rows counted now,
-        0 for a request not reserved here (yet: ``reserve`` counts them when it comes)."""
+    def free(self, request_id: str, epoch: int) -> None:
+        """End reservation ``epoch`` of a request here (a later one under the same id stays)."""
         with self.lock:
             shard = self.shards.get(request_id)
-            if shard is None:  # counted when the reservation arrives (or dropped as stale)
-                self._early.setdefault(request_id, []).append((time.monotonic(), local_start, count))
-                return 0
-            shard.landed += count
-            shard.length = max(shard.length, local_start + count)
-            return count
+            if shard is not None and shard.epoch == epoch:
+                del self.shards[request_id]
+            self._latest_epoch = max(self._latest_epoch, epoch)
+
+    def admit(self, frame: Frame) -> None:
+        """Check a TCP frame's header against the reservation it claims, before its payload is
+        read: a live reservation of that epoch on this rank, rows inside its share, and exactly
+        the bytes those rows take. Waits briefly for a reservation this rank has not heard of yet
+        (the leader's message may still be on its way); raises NotFound / InvalidArgument."""
+        deadline = time.monotonic() + self.landing_timeout_s
+        with self.lock:
+            while (shard := self._shard(frame.request_id, frame.epoch)) is None:
+                ended = frame.epoch <= self._latest_epoch  # epochs only grow: this one is over
+                if ended or not self.lock.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise NotFound(
+                        f"no reservation for request {frame.request_id} (epoch {frame.epoch}) on decode "
+                        f"rank {self.rank}: it ended, expired, or was never made here"
+                    )
+            local = frame.first_position - shard.prompt_start
+            if local < 0 or local + frame.count > shard.prompt_len:
+                raise InvalidArgument(
+                    f"KV rows [{frame.first_position}, {frame.first_position + frame.count}) are outside decode "
+                    f"rank {self.rank}'s share [{shard.prompt_start}, {shard.prompt_start + shard.prompt_len}) "
+                    f"of request {frame.request_id}"
+                )
+        expected = (self.model.config.num_hidden_layers, 2, frame.count, *self.cache.k.shape[-2:])
+        if frame.shape != expected or frame.dtype != str(self.cache.k.dtype).removeprefix("torch."):
+            raise InvalidArgument(
+                f"KV frame shape {frame.shape} {frame.dtype} does not match this model's {expected} "
+                f"{self.cache.k.dtype}"
+            )
+        if frame.nbytes != frame.count * self.cache.bytes_per_token:
+            raise InvalidArgument(
+                f"KV frame of request {frame.request_id} claims {frame.nbytes} bytes for {frame.count} rows; "
+                f"they take {frame.count * self.cache.bytes_per_token}"
+            )
+
+    def write_kv(self, frame: Frame, kv: torch.Tensor) -> int:
+        """Store an admitted frame's prompt rows [layers, 2, n, Hkv, D]; returns their first
+        position in this rank's share. The write holds the lock, so a reservation that ends
+        meanwhile is freed only after it (never a write into blocks handed to someone else)."""
+        with self.lock:
+            shard = self._shard(frame.request_id, frame.epoch)
+            if shard is None:
+                raise NotFound(f"request {frame.request_id} (epoch {frame.epoch}) ended while its KV was arriving")
+            local = frame.first_position - shard.prompt_start
+            slots = self.cache.slots(shard.block_table, local, local + frame.count)
+            kv = kv.to(self.device)
+            for layer in range(kv.shape[0]):
+                self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        return local
+
+    def _shard(self, request_id: str, epoch: int) -> Shard | None:
+        shard = self.shards.get(request_id)
+        return shard if shard is not None and shard.epoch == epoch else None
 
     @torch.inference_mode()
     def step(self, entries: list[StepEntry], group_wide: bool) -> torch.Tensor | None:

@@ -28,12 +28,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors("decode")
     def Reserve(self, request, context):
-        targets = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens)
+        res = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens)
         return decode_pb2.ReserveResponse(
             targets=[
-                common_pb2.KVTarget(rank=r, address=a, first_position=f, num_tokens=n, nixl_landing=landing)
-                for r, a, f, n, landing in targets
-            ]
+                common_pb2.KVTarget(
+                    rank=r, address=a, first_position=f, num_tokens=n, nixl_landing=landing, epoch=res.epoch
+                )
+                for r, a, f, n, landing in res.targets
+            ],
+            epoch=res.epoch,
+            lease_seconds=res.lease_s,
         )
 
     @rpc_errors("decode")
@@ -84,6 +88,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @rpc_errors("decode")
     def Release(self, request, context):
         return decode_pb2.ReleaseResponse(released=self.worker.cancel(request.request_id))
+
+    @rpc_errors("decode")
+    def Renew(self, request, context):
+        return decode_pb2.RenewResponse(renewed=self.worker.renew(request.request_id, request.epoch))
 
     @rpc_errors("decode")
     def GetInfo(self, request, context):

@@ -19,17 +19,22 @@ stop strings and stream events are the output stage's (decode_service/stream.py)
 A request whose logits cannot be sampled (NaN) ends alone with an error; if the loop itself fails,
 every request ends with UNAVAILABLE and the group is marked failed (``on_failure``: liveness).
 
-Whatever ends a request (finish, cancel, release, an error, a reservation never claimed) frees
-its blocks, in one place: ``_finish``.
+Whatever ends a request (finish, cancel, release, an error, a lease not renewed) frees its
+blocks, in one place: ``_finish``; except that blocks a NIXL WRITE may still reach go to
+quarantine first, until every row of the reservation has landed, the prefill side says it is
+done with it, or ``--quarantine-timeout-s`` passes. Each reservation has an epoch, unique for
+the worker's life: a landing counts only for its reservation's epoch, and each row only once.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +42,7 @@ import torch
 
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.kvp import StepEntry
+from ringserve.decode_service.landed_rows import LandedRows
 from ringserve.decode_service.stream import OutputStage
 from ringserve.engine.kv_cache import BlockAllocator, blocks_needed
 from ringserve.engine.output import TextOutput
@@ -53,7 +59,7 @@ from ringserve.errors import (
     Unavailable,
 )
 from ringserve.kv_transfer.plan import balanced_shares
-from ringserve.metrics import KV_BLOCKS, QUEUE_DEPTH
+from ringserve.metrics import KV_BLOCKS, KV_DROPPED, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +74,14 @@ class Request:
     prompt_len: int
     max_tokens: int  # generation budget, already capped by the model's context
     reserved_at: float
-    landed: int = 0  # prompt tokens whose KV has arrived, over all ranks
+    landed: int = 0  # prompt tokens whose KV has arrived, over all ranks (each row once, this epoch only)
+    epoch: int = 0  # this reservation's number, unique for the worker's life
+    shares: dict[int, int] = field(default_factory=dict)  # rank -> prompt rows it takes
+    lease_until: float = 0.0  # an unclaimed reservation expires then, unless renewed
+    nixl: bool = False  # a NIXL landing was handed out: a one-sided WRITE may reach its blocks
+    prefill_done: bool = False  # the prefill side said it writes nothing more for this epoch
+    landed_rows: dict[int, LandedRows] = field(default_factory=dict)  # rank -> its rows that landed
+    quarantined_at: float | None = None  # ended, blocks held until no WRITE can land
     # Set by start():
     last_token: int = 0  # the newest token: the next step's input
     generated: int = 0
@@ -79,6 +92,16 @@ class Request:
     cancelled: bool = False
     stopped: bool = False  # the output stage saw a stop token or string: end it before its next step
     closed: bool = False  # the stream's last event is out (the output stage's)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """What ``reserve`` answers: the epoch, the lease, and per rank (rank, KV receiver address,
+    first prompt position, prompt tokens, NIXL landing or b"")."""
+
+    epoch: int
+    lease_s: float
+    targets: list[tuple[int, str, int, int, bytes]]
 
 
 class DecodeWorker:
@@ -107,13 +130,17 @@ class DecodeWorker:
         self.shard_tokens = shard_tokens
         self.landing_timeout_s = landing_timeout_s
         self.requests: dict[str, Request] = {}
+        self.quarantine: dict[int, Request] = {}  # epoch -> an ended reservation whose blocks are held back
+        self.quarantine_timeout_s = group.cfg.quarantine_timeout_s
+        self.dropped: Counter[str] = Counter()  # landings and notices that counted nothing, by reason
+        self._epochs = itertools.count(1)
         self.active: list[Request] = []
         self.failure: str | None = None  # set when a rank dies: the group serves nothing more
         self.on_failure: Callable[[], None] | None = None  # e.g. fail the liveness probe: restart us
         self.lock = threading.Condition()
         self._stop = False
         self.output = OutputStage()
-        group.start_monitor(self._landed, self._group_failed)
+        group.start_monitor(self._landed, self._prefill_done, self._group_failed)
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
         self._thread.start()
         self._update_gauges()
@@ -147,16 +174,22 @@ class DecodeWorker:
         """Blocks admission leaves free on a rank: one per request there, for its next block."""
         return sum(rank in req.tables for req in self.requests.values())
 
+    @property
+    def quarantined_blocks(self) -> int:
+        """Blocks of ended reservations held back because a NIXL WRITE may still land in them."""
+        with self.lock:
+            return sum(len(t) for req in self.quarantine.values() for t in req.tables.values())
+
     # --- reservations and KV landing --------------------------------------------------------
 
     def degree(self, rows: int) -> int:
         """Ranks a request of ``rows`` KV rows spreads over: one per ``shard_tokens``, at most K."""
         return max(1, min(self.group.world, -(-rows // self.shard_tokens)))
 
-    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> list[tuple[int, str, int, int, bytes]]:
+    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> Reservation:
         """Take blocks for the prompt and its generation on the ranks that will hold the request;
-        returns [(rank, KV receiver address, first prompt position, prompt tokens, NIXL landing)]
-        per rank (the landing is empty when the group receives by TCP only)."""
+        answers its epoch, its lease (renew it with ``renew`` until ``start``) and where each
+        rank's share of the prompt goes (the landing is empty when the group receives by TCP only)."""
         if prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens must be at least 1")
         if prompt_tokens >= self.max_context:
@@ -193,35 +226,107 @@ class DecodeWorker:
             tables = {r: self.allocators[r].allocate(n) for r, n in zip(ranks, needs)}
             shares = balanced_shares(prompt_tokens, d)
             starts = [sum(shares[:i]) for i in range(d)]
-            req = Request(request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, time.monotonic())
+            now = time.monotonic()
+            req = Request(request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, now)
+            req.epoch, req.shares = next(self._epochs), dict(zip(ranks, shares))
+            req.lease_until = now + self.reservation_ttl_s
             self.requests[request_id] = req
             for r, start, share in zip(ranks, starts, shares):
-                msg = (request_id, tables[r], start, share)
+                msg = (request_id, req.epoch, tables[r], start, share)
                 if r == 0:
-                    req.landed += self.group.rank0.reserve(*msg)
+                    self.group.rank0.reserve(*msg)
                 else:
                     self.group.send(r, ("reserve", *msg))
+            targets = [
+                (r, self.group.addresses[r], start, share, self._landing(r, req, share))
+                for r, start, share in zip(ranks, starts, shares)
+            ]
+            req.nixl = any(landing for *_, landing in targets)
             self._update_gauges()
-        return [
-            (r, self.group.addresses[r], start, share, self._landing(r, request_id, tables[r], share))
-            for r, start, share in zip(ranks, starts, shares)
-        ]
+        return Reservation(req.epoch, self.reservation_ttl_s, targets)
 
-    def _landing(self, rank: int, request_id: str, table: list[int], share: int) -> bytes:
+    def _landing(self, rank: int, req: Request, share: int) -> bytes:
         template = self.group.templates[rank]
         if template is None:
             return b""
-        from ringserve.kv_transfer.nixl import landing_bytes
+        from ringserve.kv_transfer.landing import landing_bytes
 
-        return landing_bytes(template, request_id, table, share)
+        return landing_bytes(template, req.request_id, req.epoch, req.tables[rank], share)
 
-    def _landed(self, request_id: str, rows: int) -> None:
-        """A rank stored ``rows`` prompt rows of a request (called by the KV receivers' sinks)."""
+    def renew(self, request_id: str, epoch: int) -> bool:
+        """Extend the lease of reservation ``epoch`` (the router does, every lease/3, while the
+        prefill tier works); False if it has ended (expired, released) or is another epoch."""
         with self.lock:
             req = self.requests.get(request_id)
-            if req is not None:
-                req.landed += rows
-                self.lock.notify_all()
+            if req is None or req.epoch != epoch:
+                return False
+            req.lease_until = max(req.lease_until, time.monotonic() + self.reservation_ttl_s)
+            return True
+
+    def _landed(self, rank: int, request_id: str, epoch: int, transfer_id: str, first: int, count: int) -> None:
+        """Rows [first, first + count) of ``rank``'s share of reservation ``epoch`` landed (from the
+        ranks' KV receivers). Counted once per row, and only for that epoch: a repeated push, or
+        a notification for an ended reservation, adds nothing."""
+        where = f"request_id={request_id} epoch={epoch} transfer={transfer_id} rank={rank}"
+        with self.lock:
+            req = self.requests.get(request_id)
+            if req is None or req.epoch != epoch:
+                req = self.quarantine.get(epoch)
+            if req is None or req.request_id != request_id:
+                self._count_dropped("stale")
+                log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
+                return
+            if first < 0 or first + count > req.shares.get(rank, 0):
+                self._count_dropped("outside_share")
+                log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
+                return
+            new = req.landed_rows.setdefault(rank, LandedRows()).add(first, first + count)
+            if new < count:
+                self._count_dropped("repeated")
+                log.info("%s: %d of %d KV rows had landed already (a repeated push)", where, count - new, count)
+            req.landed += new
+            if req.quarantined_at is None:  # rows arriving: the prefill side is at work, keep the lease
+                req.lease_until = max(req.lease_until, time.monotonic() + self.reservation_ttl_s)
+            elif req.landed >= req.prompt_len:
+                self._unquarantine(req, "every row has landed")
+            self.lock.notify_all()
+
+    def _prefill_done(self, request_id: str, epoch: int) -> None:
+        """The prefill side WRITEs nothing more for reservation ``epoch`` (its NIXL "done")."""
+        with self.lock:
+            req = self.quarantine.get(epoch)
+            if req is not None and req.request_id == request_id:
+                self._unquarantine(req, "the prefill side is done with it")
+                return
+            req = self.requests.get(request_id)
+            if req is not None and req.epoch == epoch:
+                req.prefill_done = True
+            else:
+                self._count_dropped("stale")
+                log.info("request_id=%s epoch=%d: a done notice for no live reservation", request_id, epoch)
+
+    def _count_dropped(self, reason: str) -> None:
+        self.dropped[reason] += 1
+        KV_DROPPED.labels(reason).inc()
+
+    def _ending(self) -> bool:
+        """The group is broken or stopping: nothing will reuse its blocks, quarantine is moot."""
+        return self.failure is not None or self._stop
+
+    def _release_quarantine_if_ending(self) -> None:
+        if self._ending():
+            for held in list(self.quarantine.values()):
+                self._unquarantine(held, "the decode worker is stopping" if self._stop else "the group failed")
+
+    def _unquarantine(self, req: Request, why: str) -> None:
+        """Free a quarantined reservation's blocks (caller holds the lock)."""
+        del self.quarantine[req.epoch]
+        blocks = sum(len(t) for t in req.tables.values())
+        for r, table in req.tables.items():
+            self.allocators[r].free(table)
+        req.tables = {}
+        log.info("request_id=%s epoch=%d: %d quarantined blocks freed: %s", req.request_id, req.epoch, blocks, why)
+        self._update_gauges()
 
     # --- decoding ---------------------------------------------------------------------------
 
@@ -300,15 +405,31 @@ class DecodeWorker:
         return done
 
     def _finish(self, req: Request, error: RingserveError | None) -> None:
-        """Free everything the request holds (caller holds the lock); idempotent."""
+        """Free everything the request holds (caller holds the lock); idempotent. Blocks a NIXL
+        WRITE may still reach (a landing handed out, rows missing, the prefill side not done) go
+        to quarantine instead, unless the group is broken or stopping (nothing reuses them then)."""
         if self.requests.pop(req.request_id, None) is None:
             return
         if req in self.active:
             self.active.remove(req)
-        for r, table in req.tables.items():
-            self.allocators[r].free(table)
-            self.group.rank0.free(req.request_id) if r == 0 else self.group.send(r, ("free", req.request_id))
-        req.tables = {}
+        for r in req.tables:
+            msg = (req.request_id, req.epoch)
+            self.group.rank0.free(*msg) if r == 0 else self.group.send(r, ("free", *msg))
+        if req.nixl and req.landed < req.prompt_len and not req.prefill_done and not self._ending():
+            req.quarantined_at = time.monotonic()
+            self.quarantine[req.epoch] = req
+            log.info(
+                "request_id=%s epoch=%d ended with %d of %d prompt rows landed: its blocks wait in quarantine",
+                req.request_id,
+                req.epoch,
+                req.landed,
+                req.prompt_len,
+            )
+        else:
+            for r, table in req.tables.items():
+                self.allocators[r].free(table)
+            req.tables = {}
+        self._release_quarantine_if_ending()
         if error is not None:
             self.output.error(req, error)  # after the tokens already queued for the stream
         self._update_gauges()
@@ -428,20 +549,34 @@ class DecodeWorker:
 
     def _drop_cancelled_and_expired(self) -> None:
         now = time.monotonic()
+        self._release_quarantine_if_ending()
         for req in list(self.requests.values()):
             if req.cancelled and req not in self.active:
                 self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
-            elif req.params is None and now - req.reserved_at > self.reservation_ttl_s:
+            elif req.params is None and now > req.lease_until:
                 log.warning(
-                    "request_id=%s reservation expired unclaimed after %.0f s",
+                    "request_id=%s epoch=%d reservation expired: not claimed or renewed for %.0f s",
                     req.request_id,
+                    req.epoch,
                     self.reservation_ttl_s,
                 )
                 self._finish(req, DeadlineExceeded("reservation expired"))
+        for held in list(self.quarantine.values()):
+            if now - held.quarantined_at > self.quarantine_timeout_s:
+                log.warning(
+                    "request_id=%s epoch=%d: no done notice from the prefill side after %.0f s in quarantine",
+                    held.request_id,
+                    held.epoch,
+                    self.quarantine_timeout_s,
+                )
+                self._unquarantine(held, "the quarantine timed out")
 
     def _update_gauges(self) -> None:
         KV_BLOCKS.labels("decode", "used").set(self.blocks_used)
         KV_BLOCKS.labels("decode", "free").set(self.blocks_free)
+        KV_BLOCKS.labels("decode", "quarantined").set(
+            sum(len(t) for req in self.quarantine.values() for t in req.tables.values())
+        )
         QUEUE_DEPTH.labels("decode").set(len(self.requests))
 
     def close(self) -> None:
@@ -449,6 +584,7 @@ class DecodeWorker:
             self._stop = True
             for req in list(self.requests.values()):
                 self._finish(req, Cancelled("the decode worker is shutting down"))
+            self._release_quarantine_if_ending()
             self.lock.notify_all()
         self._thread.join(timeout=10)
         self.output.close()

@@ -9,8 +9,9 @@ for a whole long prompt. A request is preempted only between chunks, and keeps i
 
 The leader sends each pass to every rank through a queue, not a collective, so an idle group
 holds no collective that could time out. Every rank runs its share of the pass over the group's
-process group; after a request's last chunk each rank pushes its KV shard to the decode targets,
-and the leader samples the first token.
+process group; after a request's last chunk each rank hands its KV shard to its push stage
+(``push.Pusher``: threads of its own, so the next pass starts at once), and the leader answers
+the request when every rank's push is over. A push failure fails only its request (ABORTED).
 
 Every decision about blocks (which cached blocks a request reads, which it evicts, which new
 blocks the prefix cache keeps) is the leader's (``prefix_cache.PrefixIndex``) and travels in the
@@ -37,6 +38,7 @@ from ringserve.config import PrefillConfig
 from ringserve.engine.kv_cache import KVCache, block_hashes
 from ringserve.engine.model import Llama
 from ringserve.errors import (
+    Aborted,
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -46,10 +48,8 @@ from ringserve.errors import (
     error_from_code,
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport
-from ringserve.kv_transfer.plan import plan_moves
-from ringserve.kv_transfer.tcp import send_kv
 from ringserve.metrics import PREFILL_CHUNK_TOKENS, PREFILL_DEADLINES, PREFILL_PASS_SECONDS, PREFILL_QUEUE
-from ringserve.prefill_service.context_parallel import CPRunner, CPSequence
+from ringserve.prefill_service.context_parallel import CPRunner
 from ringserve.prefill_service.prefix_cache import (
     CacheStart,
     CacheStats,
@@ -58,22 +58,13 @@ from ringserve.prefill_service.prefix_cache import (
     RankSeq,
     new_blocks_per_rank,
 )
+from ringserve.prefill_service.push import Pusher, PushResult, Target
 from ringserve.prefill_service.scheduler import Chunk, CostModel, Request, Scheduler, SchedulerConfig
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 from ringserve.prefill_service.strategy import measure_rates
 from ringserve.process_group import check_group, free_port, init_group, next_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Target:
-    """A decode rank's share of a request's prompt KV."""
-
-    address: str
-    first_position: int
-    num_tokens: int
-    nixl_landing: bytes = b""  # empty: the decode rank takes this share over TCP only
 
 
 @dataclass(frozen=True)
@@ -95,9 +86,8 @@ class ChunkWork:
     token_ids: list[int]  # the chunk's tokens
     start: int  # the chunk's first token in the prompt
     begin: CacheStart | None = None  # the request's first chunk: take its cached prefix, allocate its blocks
-    last: bool = False  # completes the prompt: push the KV to ``targets``, keep ``store``, free the rest
+    last: bool = False  # completes the prompt: push the KV to ``targets`` (blocks held until ``Pass.finish``)
     targets: tuple[Target, ...] = ()
-    store: tuple[tuple[int, int, bytes], ...] = ()  # (prompt block, rank, hash) the prefix cache keeps
 
 
 @dataclass(frozen=True)
@@ -108,16 +98,9 @@ class Pass:
     strategy: str  # the ring variant asked for ("auto" lets each rank's rule pick; they agree)
     evict: tuple[bytes, ...] = ()  # cached blocks to free first
     drop: tuple[str, ...] = ()  # started requests that were cancelled: free their blocks
-
-
-@dataclass
-class RankResult:
-    """What one rank reports for one finished request: bytes pushed, or the error that stopped it."""
-
-    rank: int
-    bytes_sent: int = 0
-    transfer_s: float = 0.0
-    error: tuple[str, str] | None = None  # (status code name, message)
+    # Requests whose pushes are over on every rank: (request id, (prompt block, rank, hash) the
+    # prefix cache keeps); the rest of their blocks are freed.
+    finish: tuple[tuple[str, tuple[tuple[int, int, bytes], ...]], ...] = ()
 
 
 @dataclass
@@ -125,8 +108,7 @@ class PassReport:
     """What one rank reports after a pass."""
 
     rank: int
-    results: dict[str, RankResult] = field(default_factory=dict)  # requests that finished in the pass
-    forward_s: float = 0.0  # the model forward, KV pushes excluded
+    forward_s: float = 0.0  # the model forward
     blocks_used: int = 0  # allocated KV blocks after the pass
     error: tuple[str, str] | None = None  # the pass itself failed here
 
@@ -152,21 +134,23 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRu
 
 
 def run_pass(
-    runner: CPRunner, blocks: RankBlocks, active: dict[str, RankSeq], p: Pass, endpoint: NixlEndpoint | None = None
+    runner: CPRunner, blocks: RankBlocks, active: dict[str, RankSeq], p: Pass, pusher: Pusher
 ) -> tuple[list[torch.Tensor] | None, PassReport]:
     """This rank's part of a pass: carry out the leader's block decisions, run the CP forward over
-    every chunk, then push each finished request's KV shard (its cached part and new part: the
-    whole prompt) and keep what the prefix cache keeps.
+    every chunk, then hand each finished request's KV shard (its cached part and new part: the
+    whole prompt) to the push stage. A request's blocks stay in ``active`` until a later pass's
+    ``finish`` (sent once every rank's push is over) says which the prefix cache keeps.
 
-    Returns each chunk's last token's logits on rank 0. Transfer failures are reported per
-    request, not raised; failures of the ring itself (a dead peer) raise, after freeing every
-    request's blocks on this rank.
+    Returns each chunk's last token's logits on rank 0. Failures of the ring itself (a dead peer)
+    raise, after freeing every request's blocks on this rank.
     """
     import torch.distributed as dist
 
     report = PassReport(runner.rank)
     try:
         blocks.evict(p.evict)
+        for request_id, store in p.finish:
+            blocks.finish(active.pop(request_id), store)
         for request_id in p.drop:
             blocks.finish(active.pop(request_id), ())
         for w in p.work:
@@ -189,16 +173,8 @@ def run_pass(
             counts: list = [None] * runner.world
             with runner.comm.peer_errors():
                 dist.all_gather_object(counts, [rs.seq.num_cached_local for _, rs in finished])
-        for i, (w, rs) in enumerate(finished):
-            result = report.results[w.request_id] = RankResult(runner.rank)
-            t0 = time.perf_counter()
-            try:
-                if w.targets:  # none: the KV is not wanted elsewhere (benchmarks of prefill alone)
-                    result.bytes_sent = _push_kv(runner, rs.seq, w, [c[i] for c in counts], endpoint)
-            except RingserveError as e:
-                result.error = (e.code, str(e))
-            result.transfer_s = time.perf_counter() - t0
-            blocks.finish(active.pop(w.request_id), w.store)
+            for i, (w, rs) in enumerate(finished):
+                pusher.submit(w.request_id, rs.seq, w.targets, [c[i] for c in counts])
     except BaseException:
         for rs in active.values():  # the group is broken: nothing of this rank's requests stays held
             blocks.finish(rs, ())
@@ -206,33 +182,6 @@ def run_pass(
         raise
     report.blocks_used = runner.cache.allocator.num_used
     return logits, report
-
-
-def _push_kv(
-    runner: CPRunner, seq: CPSequence, work: ChunkWork, counts: list[int], endpoint: NixlEndpoint | None
-) -> int:
-    """Send this rank's KV rows to the decode ranks the plan gives them; returns bytes sent. With
-    NIXL and a landing, rows go as WRITEs straight from this rank's blocks into the decode rank's;
-    otherwise they are gathered and sent over TCP. Either way, returns once they have landed."""
-    kv = None
-    sent = 0
-    moves = [m for m in plan_moves(counts, [t.num_tokens for t in work.targets]) if m.src_rank == runner.rank]
-    for i, m in enumerate(moves):
-        target = work.targets[m.dst_rank]
-        if endpoint is not None and target.nixl_landing:
-            sent += endpoint.push(
-                seq.block_table, m.src_start, m.count, target.nixl_landing, m.dst_start, f"{runner.rank}.{i}"
-            )
-            continue
-        if kv is None:
-            table = runner.cache.table(seq.block_table)
-            layers = runner.model.config.num_hidden_layers
-            kv = torch.stack(
-                [torch.stack(runner.cache.read(layer, table, seq.num_cached_local)) for layer in range(layers)]
-            )
-        rows = kv[:, :, m.src_start : m.src_start + m.count]  # [layers, 2, n, Hkv, D]
-        sent += send_kv(target.address, work.request_id, target.first_position + m.dst_start, rows)
-    return sent
 
 
 def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, inbox: mp.Queue, reports: mp.Queue) -> None:
@@ -246,19 +195,21 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, inbox: mp.Queu
     except RingserveError as e:
         reports.put(PassReport(rank, error=(e.code, str(e))))
         return
+    pusher = Pusher(runner, endpoint, reports.put, cfg.kv_push_timeout_s)  # results go straight to the leader
     reports.put(PassReport(rank))  # ready
     parent = os.getppid()
     active: dict[str, RankSeq] = {}
     try:
         while (p := next_message(inbox, parent)) is not None:
             try:
-                _, report = run_pass(runner, blocks, active, p, endpoint)
+                _, report = run_pass(runner, blocks, active, p, pusher)
             except RingserveError as e:
                 report = PassReport(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
             reports.put(report)
             if report.error and report.error[0] == "UNAVAILABLE" and "peer rank" in report.error[1]:
                 return  # the group is broken; the leader fails its requests and restarts
     finally:
+        pusher.close()
         if endpoint is not None:
             endpoint.close()
 
@@ -268,7 +219,7 @@ class Prefilled:
     """A finished request, as the leader sees it."""
 
     logits: torch.Tensor  # the prompt's last token's [V]
-    results: list[RankResult]  # one per rank, leader first
+    results: list[PushResult]  # one per rank, leader first
     cached_tokens: int  # prompt tokens read from the prefix cache instead of computed
     strategy: str  # the ring variant of its last pass
     passes: int  # passes it took part in (its chunks)
@@ -289,6 +240,11 @@ class _InFlight:
     owners: dict[int, int] = field(default_factory=dict)  # prompt block -> rank that computed it
     first_pass: float | None = None
     compute_s: float = 0.0
+    pushing: bool = False  # its last chunk has run: its pushes are in flight; it can no longer be dropped
+    logits: torch.Tensor | None = None  # set with its last chunk's pass
+    strategy: str = ""
+    passes: int = 0
+    pushed: dict[int, PushResult] = field(default_factory=dict)  # rank -> its push's result
 
 
 class PrefillGroup:
@@ -331,22 +287,28 @@ class PrefillGroup:
             for r in range(1, cfg.cp)
         ]
         torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
-        for p in self.procs:
-            p.start()
-        self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
-        for report in self._collect():
-            if report.error:
-                raise error_from_code(*report.error)
         self.index = PrefixIndex(cfg.cp, cfg.kv_blocks, int(cfg.prefix_cache * cfg.kv_blocks), cfg.block_size)
         self.broken = False
         self._active: dict[str, RankSeq] = {}  # the leader rank's own sequences
         self._requests: dict[str, _InFlight] = {}
         self._cancelled: set[str] = set()
         self._drop: list[str] = []
+        self._finishing: list[_InFlight] = []  # answered, every push over: their blocks are freed next pass
         self._closing = False
         self._wake = threading.Condition()  # guards everything above; the loop waits on it for work
         # Told once, with what happened, when the group breaks (the service leaves the registry and exits).
         self.on_broken: Callable[[str], None] | None = None
+        # The other ranks' pass reports (for _collect) and push results (at any time) share a queue.
+        self._pass_reports: queue.Queue[PassReport] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_reports, name="prefill-reports", daemon=True)
+        self._reader.start()
+        for p in self.procs:
+            p.start()
+        self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
+        self.pusher = Pusher(self.runner, self.endpoint, self._push_done, cfg.kv_push_timeout_s)
+        for report in self._collect():
+            if report.error:
+                raise error_from_code(*report.error)
         self._calibrate()
         self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
         self._loop_thread.start()
@@ -396,17 +358,19 @@ class PrefillGroup:
         while True:
             with self._wake:
                 for request_id in self._cancelled & self._requests.keys():
-                    self._abandon(request_id, Cancelled(f"request {request_id} cancelled by its client"))
+                    if not self._requests[request_id].pushing:  # a push ends on its own, soon
+                        self._abandon(request_id, Cancelled(f"request {request_id} cancelled by its client"))
                 self._cancelled.clear()
                 now = time.monotonic()
                 for r in self.scheduler.expire(now):
                     self._abandon(r.request_id, self._late_error(r, now))
                 if self._closing:
-                    for request_id in list(self._requests):
-                        self._abandon(request_id, Unavailable("prefill group stopped; retry on another group"))
+                    for request_id, flight in list(self._requests.items()):
+                        if not flight.pushing:
+                            self._abandon(request_id, Unavailable("prefill group stopped; retry on another group"))
                 chunks = self.scheduler.next_pass(now, self._try_start)
-                idle = not chunks and not self._drop
-                if idle and self._closing:
+                idle = not chunks and not self._drop and not self._finishing
+                if idle and self._closing and not self._requests:
                     return
                 if idle:
                     self._wake.wait(timeout=1.0)
@@ -454,15 +418,20 @@ class PrefillGroup:
                     begin=None if flight.begun else flight.start,
                     last=c.last,
                     targets=tuple(flight.job.targets) if c.last else (),
-                    store=self.index.finish(flight.hashes, flight.start, flight.owners, keep=True) if c.last else (),
                 )
             )
             flight.begun = True
+            flight.pushing = c.last
             PREFILL_CHUNK_TOKENS.observe(c.num_tokens)
         drop, self._drop = tuple(self._drop), []
+        # The index keeps a pushing request's blocks reserved (and its prefix pinned) until here.
+        finish = tuple(
+            (f.job.request_id, self.index.finish(f.hashes, f.start, f.owners, keep=True)) for f in self._finishing
+        )
+        self._finishing = []
         # The ring variant the most urgent request asked for.
         strategy = self._requests[chunks[0].request_id].job.strategy if chunks else self.cfg.strategy
-        return Pass(tuple(work), strategy, self.index.take_evictions(), drop)
+        return Pass(tuple(work), strategy, self.index.take_evictions(), drop, finish)
 
     def _run_pass(self, p: Pass) -> tuple[list[torch.Tensor], list[PassReport]]:
         """Run a scheduled pass on every rank, then check every rank's block count."""
@@ -476,7 +445,7 @@ class PrefillGroup:
         for inbox in self.inboxes:
             inbox.put(p)
         try:
-            logits, mine = run_pass(self.runner, self.blocks, self._active, p, self.endpoint)
+            logits, mine = run_pass(self.runner, self.blocks, self._active, p, self.pusher)
         except Exception as e:  # the other ranks are stuck in (or past) this pass's ring
             self.broken = True
             if isinstance(e, RingserveError):
@@ -536,22 +505,44 @@ class PrefillGroup:
                     flight.first_pass - flight.submitted,
                     request.deadline - now,
                 )
-                results = [r.results[c.request_id] for r in reports]
-                error = next((r.error for r in results if r.error), None)
-                outcome = (
-                    error_from_code(*error)
-                    if error
-                    else Prefilled(
-                        logits[i],
-                        results,
-                        len(flight.start.hit) * self.cfg.block_size,
-                        self.runner.last_strategy or p.strategy,
-                        request.passes,
-                        flight.first_pass - flight.submitted,
-                        flight.compute_s,
-                    )
-                )
-                self._end(c.request_id, outcome)
+                flight.logits, flight.passes = logits[i], request.passes
+                flight.strategy = self.runner.last_strategy or p.strategy
+                self._resolve_if_pushed(flight)
+
+    def _push_done(self, result: PushResult) -> None:
+        """A rank's push of a request is over (from its push stage, at any time)."""
+        with self._wake:
+            flight = self._requests.get(result.request_id)
+            if flight is None or not flight.pushing:  # the group failed meanwhile
+                return
+            flight.pushed[result.rank] = result
+            self._resolve_if_pushed(flight)
+
+    def _resolve_if_pushed(self, flight: _InFlight) -> None:
+        """Answer a request once its last pass is done and every rank's push is over (with
+        ``_wake`` held); its blocks are freed by the next pass, and its NIXL targets hear that
+        nothing more will be written."""
+        if flight.logits is None or len(flight.pushed) < self.cfg.cp:
+            return
+        results = [flight.pushed[r] for r in range(self.cfg.cp)]
+        error = next((r.error for r in results if r.error), None)
+        outcome = (
+            Aborted(error[1])
+            if error
+            else Prefilled(
+                flight.logits,
+                results,
+                len(flight.start.hit) * self.cfg.block_size,
+                flight.strategy,
+                flight.passes,
+                flight.first_pass - flight.submitted,
+                flight.compute_s,
+            )
+        )
+        self._finishing.append(flight)
+        self._end(flight.job.request_id, outcome)
+        self.pusher.notify_done(flight.job.request_id, tuple(flight.job.targets))
+        self._wake.notify()
 
     def _end(self, request_id: str, outcome: Prefilled | BaseException) -> None:
         """Resolve a request's future and forget it (with ``_wake`` held)."""
@@ -573,6 +564,7 @@ class PrefillGroup:
             if flight.begun:
                 self._drop.append(request_id)
         self._end(request_id, error)
+        self.pusher.notify_done(request_id, tuple(flight.job.targets))  # it never pushed: nothing will land
 
     def _late_error(self, request: Request, now: float) -> RingserveError:
         PREFILL_DEADLINES.labels("rejected").inc()
@@ -594,9 +586,19 @@ class PrefillGroup:
                 if flight.start is not None:
                     self.index.finish(flight.hashes, flight.start, {}, keep=False)
                 self._end(request_id, error)
-            self._drop = []
+            for flight in self._finishing:
+                self.index.finish(flight.hashes, flight.start, {}, keep=False)
+            self._drop, self._finishing = [], []
         if self.on_broken is not None:
             self.on_broken(str(error))
+
+    def _read_reports(self) -> None:
+        """Route the other ranks' messages: pass reports to ``_collect``, push results as they come."""
+        while (report := self.reports.get()) is not None:
+            if isinstance(report, PushResult):
+                self._push_done(report)
+            else:
+                self._pass_reports.put(report)
 
     def _collect(self) -> list[PassReport]:
         """One report from every other rank; a rank that died or hangs past the timeout fails the group."""
@@ -604,7 +606,7 @@ class PrefillGroup:
         deadline = time.monotonic() + self.cfg.group_timeout_s
         while len(got) < len(self.procs):
             try:
-                got.append(self.reports.get(timeout=0.2))
+                got.append(self._pass_reports.get(timeout=0.2))
             except queue.Empty:
                 dead = [p.name for p in self.procs if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
@@ -682,6 +684,9 @@ class PrefillGroup:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        self.reports.put(None)
+        self._reader.join(timeout=5)
+        self.pusher.close()
         if self.endpoint is not None:
             self.endpoint.close()
             self.endpoint = None

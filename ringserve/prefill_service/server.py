@@ -41,7 +41,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             request.request_id,
             ids,
             request.strategy or self.cfg.strategy,
-            [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing) for t in request.targets],
+            [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing, t.epoch) for t in request.targets],
             check_ttft_slo(request.ttft_slo_seconds),
         )
         # Queue what this group must compute: a prompt it mostly holds is cheap here, and the

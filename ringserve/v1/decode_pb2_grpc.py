@@ -49,6 +49,11 @@ class DecodeStub:
                 request_serializer=ringserve_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=ringserve_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/ringserve.v1.Decode/Renew',
+                request_serializer=ringserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+                response_deserializer=ringserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/ringserve.v1.Decode/GetInfo',
                 request_serializer=ringserve_dot_v1_dot_decode__pb2.GetDecodeInfoRequest.SerializeToString,
@@ -81,6 +86,13 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Extend a reservation's lease (send every lease_seconds / 3 while waiting for Prefill).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -104,6 +116,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=ringserve_dot_v1_dot_decode__pb2.ReleaseRequest.FromString,
                     response_serializer=ringserve_dot_v1_dot_decode__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=ringserve_dot_v1_dot_decode__pb2.RenewRequest.FromString,
+                    response_serializer=ringserve_dot_v1_dot_decode__pb2.RenewResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -192,6 +209,33 @@ class Decode:
             '/ringserve.v1.Decode/Release',
             ringserve_dot_v1_dot_decode__pb2.ReleaseRequest.SerializeToString,
             ringserve_dot_v1_dot_decode__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringserve.v1.Decode/Renew',
+            ringserve_dot_v1_dot_decode__pb2.RenewRequest.SerializeToString,
+            ringserve_dot_v1_dot_decode__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,222 @@
+"""What the NIXL path puts on the wire: the landing a decode rank hands out, and the notifications.
+
+A landing (``Landing.to_bytes``) travels in a Reserve answer: magic and version, a JSON header
+(agent, incarnation, the pool's byte layout, request, epoch, rows), the agent's NIXL metadata,
+the reservation's block ids and an xxh3-64 checksum. Notifications travel with a WRITE
+(``landed_notif``: request, epoch, transfer, rows) or alone after a request's last push
+(``done_notif``: the sender writes nothing more for that request and epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from ringserve.engine.kv_cache import KVCache
+from ringserve.errors import FailedPrecondition, InvalidArgument
+
+LANDING_VERSION = 2
+_MAGIC = b"RSKV"
+_HEAD = struct.Struct("<4sHII")  # magic, version, header JSON bytes, metadata bytes
+_DIGEST = 8  # xxh3-64 of everything before it
+_NOTIF_PREFIX = b"ringserve-kv/2 "
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    """Where a KVCache's rows live in memory: enough for a peer to address any token of any layer.
+
+    Row ``slot`` (block * block_size + offset) of layer ``l`` starts at
+    ``k_addr + l * layer_stride + slot * row_bytes`` (and the same from ``v_addr``).
+    """
+
+    mem: str  # "DRAM" or "VRAM"
+    device_id: int
+    k_addr: int
+    v_addr: int
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, cache: KVCache) -> PoolLayout:
+        """The layout of a cache's K and V tensors ([layers, blocks, block_size, Hkv, D], contiguous)."""
+        k, v = cache.k, cache.v
+        if not (k.is_contiguous() and v.is_contiguous()):
+            raise InvalidArgument("the KV cache tensors must be contiguous to register them with NIXL")
+        layers, blocks, block_size, heads, dim = k.shape
+        return cls(
+            mem="VRAM" if k.is_cuda else "DRAM",
+            device_id=k.device.index or 0,
+            k_addr=k.data_ptr(),
+            v_addr=v.data_ptr(),
+            num_layers=layers,
+            num_blocks=blocks,
+            block_size=block_size,
+            kv_heads=heads,
+            head_dim=dim,
+            dtype=str(k.dtype).removeprefix("torch."),
+        )
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one layer."""
+        return self.kv_heads * self.head_dim * getattr(torch, self.dtype).itemsize
+
+    @property
+    def layer_stride(self) -> int:
+        return self.num_blocks * self.block_size * self.row_bytes
+
+    def check_compatible(self, other: PoolLayout) -> None:
+        """Raise unless rows of ``other`` can be copied byte for byte into this layout."""
+        mine = (self.num_layers, self.kv_heads, self.head_dim, self.dtype)
+        theirs = (other.num_layers, other.kv_heads, other.head_dim, other.dtype)
+        if mine != theirs:
+            raise InvalidArgument(
+                f"KV layouts differ (layers, kv heads, head dim, dtype): here {mine}, peer {theirs}; "
+                "run the prefill and decode tiers with the same model and --dtype"
+            )
+
+
+@dataclass(frozen=True)
+class Landing:
+    """Where one decode rank takes one request's KV: what the decode side's Reserve answer carries.
+
+    The sender may write cache positions [0, num_tokens) of ``block_table``; ``epoch`` names the
+    reservation (unique for the decode worker's life) and goes back in every notification;
+    ``incarnation`` orders the runs of a peer that restarts under the same agent name.
+    """
+
+    agent: str
+    incarnation: int
+    metadata: bytes
+    layout: PoolLayout
+    request_id: str
+    epoch: int
+    block_table: tuple[int, ...]
+    num_tokens: int
+
+    def to_bytes(self) -> bytes:
+        """Versioned, checksummed bytes for a gRPC ``bytes`` field."""
+        header = json.dumps(
+            {
+                "agent": self.agent,
+                "incarnation": self.incarnation,
+                "layout": dataclasses.asdict(self.layout),
+                "request_id": self.request_id,
+                "epoch": self.epoch,
+                "num_tokens": self.num_tokens,
+            },
+            separators=(",", ":"),
+        ).encode()
+        blocks = np.asarray(self.block_table, dtype="<u4").tobytes()
+        body = _HEAD.pack(_MAGIC, LANDING_VERSION, len(header), len(self.metadata)) + header + self.metadata + blocks
+        return body + xxhash.xxh3_64_digest(body)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Landing:
+        """Parse and verify; corrupt, truncated or foreign bytes raise before anything reaches NIXL."""
+        what = "the NIXL landing descriptor (pass the decode worker's Reserve answer through unchanged)"
+        if len(data) < _HEAD.size + _DIGEST or data[:4] != _MAGIC:
+            raise InvalidArgument(f"{what} is not one: {len(data)} bytes, wrong magic")
+        magic, version, header_len, md_len = _HEAD.unpack_from(data)
+        if version != LANDING_VERSION:
+            raise FailedPrecondition(
+                f"{what} has version {version}, this ringserve reads {LANDING_VERSION}: "
+                "run the same ringserve version on the prefill and decode tiers"
+            )
+        body, digest = data[:-_DIGEST], data[-_DIGEST:]
+        if xxhash.xxh3_64_digest(body) != digest:
+            raise InvalidArgument(f"{what} is corrupt or truncated: checksum mismatch over {len(data)} bytes")
+        blocks_at = _HEAD.size + header_len + md_len
+        if blocks_at > len(body) or (len(body) - blocks_at) % 4:
+            raise InvalidArgument(f"{what} is malformed: section lengths do not add up")
+        try:
+            header = json.loads(body[_HEAD.size : _HEAD.size + header_len])
+            layout = PoolLayout(**header["layout"])
+            landing = cls(
+                agent=str(header["agent"]),
+                incarnation=int(header["incarnation"]),
+                metadata=bytes(body[_HEAD.size + header_len : blocks_at]),
+                layout=layout,
+                request_id=str(header["request_id"]),
+                epoch=int(header["epoch"]),
+                block_table=tuple(np.frombuffer(body[blocks_at:], dtype="<u4").tolist()),
+                num_tokens=int(header["num_tokens"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise InvalidArgument(f"{what} is malformed: {type(e).__name__}: {e}") from e
+        if landing.num_tokens > len(landing.block_table) * layout.block_size:
+            raise InvalidArgument(f"{what} is malformed: {landing.num_tokens} tokens do not fit its blocks")
+        return landing
+
+
+def check_rows(what: str, table_len: int, block_size: int, start: int, count: int, limit: int | None = None) -> None:
+    """Raise InvalidArgument unless rows [start, start + count) lie in [0, limit or the table's capacity)."""
+    end_limit = table_len * block_size if limit is None else limit
+    if count < 1 or start < 0 or start + count > end_limit:
+        raise InvalidArgument(f"{what} rows [{start}, {start + count}) are outside [0, {end_limit})")
+
+
+def landing_bytes(template: Landing, request_id: str, epoch: int, block_table: Sequence[int], num_tokens: int) -> bytes:
+    """A reservation's landing: an endpoint's ``template`` with the request's epoch and blocks filled in."""
+    check_rows("landing", len(block_table), template.layout.block_size, 0, num_tokens)
+    return dataclasses.replace(
+        template, request_id=request_id, epoch=epoch, block_table=tuple(block_table), num_tokens=num_tokens
+    ).to_bytes()
+
+
+@dataclass(frozen=True)
+class Landed:
+    """Rows [first_position, first_position + count) of a request's reservation ``epoch`` landed
+    (``first_position`` counts from the start of the receiving rank's share)."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    first_position: int
+    count: int
+    sender: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The sender will WRITE nothing more for a request's reservation ``epoch``."""
+
+    request_id: str
+    epoch: int
+    sender: str
+
+
+def landed_notif(request_id: str, epoch: int, transfer_id: str, first_position: int, count: int) -> bytes:
+    body = {"request_id": request_id, "epoch": epoch, "transfer_id": transfer_id, "first": first_position}
+    return _NOTIF_PREFIX + json.dumps({**body, "count": count}, separators=(",", ":")).encode()
+
+
+def done_notif(request_id: str, epoch: int) -> bytes:
+    body = {"done": True, "request_id": request_id, "epoch": epoch}
+    return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_notif(sender: str, msg: bytes) -> Landed | Done | None:
+    """A notification from ``sender``, or None for bytes that are not one of ours."""
+    if not msg.startswith(_NOTIF_PREFIX):
+        return None
+    try:
+        body = json.loads(msg[len(_NOTIF_PREFIX) :])
+        rid, epoch = str(body["request_id"]), int(body["epoch"])
+        if body.get("done"):
+            return Done(rid, epoch, sender)
+        return Landed(rid, epoch, str(body["transfer_id"]), int(body["first"]), int(body["count"]), sender)
+    except (ValueError, KeyError, TypeError):
+        return None
