@@ -116,6 +116,12 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     registry_ttl_s: float = _opt(10.0, "a group that misses heartbeats for this long drops out of the registry")
     drain_timeout_s: float = _opt(120.0, "on SIGTERM, wait this long at most for running requests to finish")
     kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
+    deployment_secret_file: str | None = _opt(
+        None,
+        "file with the secret that keys the MACs of KV landings and TCP KV frames, the same on both tiers "
+        "(or its value in RINGSERVE_DEPLOYMENT_SECRET)",
+        str,
+    )
 
 
 @dataclass
