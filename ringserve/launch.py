@@ -235,6 +235,7 @@ def add_service_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=50050, help="the router's port")
+    p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
     p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
                    "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
     p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "

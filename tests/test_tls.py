@@ -1,5 +1,6 @@
 """Transport security over real TLS gRPC servers on loopback, with certificates made here."""
 
+import argparse
 import dataclasses
 import shutil
 
@@ -8,7 +9,7 @@ import pytest
 
 from ringserve import rpc
 from ringserve.config import DecodeConfig, RouterConfig
-from ringserve.errors import FailedPrecondition
+from ringserve.errors import FailedPrecondition, InvalidArgument
 from ringserve.tls import ChannelTls
 from ringserve.v1 import decode_pb2, decode_pb2_grpc
 from tests.certs import CA
@@ -149,3 +150,14 @@ def test_plaintext_on_a_network_address_needs_insecure(caplog):
     assert "WITHOUT TLS (--insecure)" in caplog.text
     with pytest.raises(Exception, match="all of --tls-cert, --tls-key and --tls-ca"):
         rpc.start_server([(add, InfoOnly())], ["ringserve.v1.Decode"], "::1", 0, limits=RouterConfig(tls_cert="x"))
+
+
+def test_up_off_loopback_needs_insecure():
+    """`ringserve up` serves plaintext: a network --host is refused before any child starts, unless --insecure."""
+    from ringserve.supervise import check_flags
+
+    flags = dict(cp=1, kvp=1, dtype="float32", model=None, port=0, redis_url="redis://127.0.0.1:1/0", redis_port=0)
+    with pytest.raises(InvalidArgument, match="add --insecure"):
+        check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=False))
+    check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=True))
+    check_flags(argparse.Namespace(**flags, host="127.0.0.1", insecure=False))
