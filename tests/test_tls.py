@@ -152,11 +152,11 @@ def test_plaintext_on_a_network_address_needs_insecure(caplog):
         rpc.start_server([(add, InfoOnly())], ["ringserve.v1.Decode"], "::1", 0, limits=RouterConfig(tls_cert="x"))
 
 
-def test_up_off_loopback_needs_insecure():
+def test_up_off_loopback_needs_insecure(redis_server):
     """`ringserve up` serves plaintext: a network --host is refused before any child starts, unless --insecure."""
     from ringserve.supervise import check_flags
 
-    flags = dict(cp=1, kvp=1, dtype="float32", model=None, port=0, redis_url="redis://127.0.0.1:1/0", redis_port=0)
+    flags = dict(cp=1, kvp=1, dtype="float32", model=None, port=0, redis_url=redis_server.url, redis_port=0)
     with pytest.raises(InvalidArgument, match="add --insecure"):
         check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=False))
     check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=True))
