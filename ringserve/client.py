@@ -11,8 +11,28 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 from ringserve import rpc
+from ringserve.errors import InvalidArgument
 from ringserve.tls import ChannelTls
 from ringserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+def _sampling(sampling: dict) -> common_pb2.SamplingParams:
+    """The API message; a value the wire type cannot carry (say max_tokens=2**32) is InvalidArgument
+    naming the field, not protobuf's bare ValueError."""
+    msg = common_pb2.SamplingParams()
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name not in msg.DESCRIPTOR.fields_by_name:
+            raise TypeError(f"unknown sampling keyword {name!r}")
+        try:
+            if isinstance(value, (list, tuple)):
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument(f"{name}={value!r} is not a value the API can carry ({e})") from None
+    return msg
 
 
 def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.GenerateRequest:
@@ -22,7 +42,7 @@ def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.Ge
     ttft_slo_seconds = sampling.pop("ttft_slo_seconds", None) or 0.0
     req = router_pb2.GenerateRequest(
         request_id=request_id or "",
-        sampling=common_pb2.SamplingParams(**{k: v for k, v in sampling.items() if v is not None}),
+        sampling=_sampling(sampling),
         ttft_slo_seconds=ttft_slo_seconds,
     )
     if prompt is not None:

@@ -177,6 +177,7 @@ class RouterConfig(RedisArgs, GrpcArgs):
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
     ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, refuse new requests and let running ones finish for this long")
+    migration_limit: int = _opt(1, "times a stream may move to another decode group when its own dies (0: never)")
     tls_client_ca: str | None = _opt(
         None, "require client certificates signed by this CA (PEM file) on the client port (needs --tls-cert)", str
     )

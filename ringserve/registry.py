@@ -30,12 +30,15 @@ groups meet in one script).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from dataclasses import fields as fields_of
+from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
@@ -121,22 +124,50 @@ class GroupRecord:
 
     @classmethod
     def parse(cls, group_id: str, fields: dict[bytes, bytes]) -> GroupRecord:
-        f = {k.decode(): v.decode() for k, v in fields.items()}
+        """The record from its Redis hash; ``MalformedRecord`` naming the first bad field."""
+        try:
+            f = {k.decode(): v.decode() for k, v in fields.items()}
+        except UnicodeDecodeError as e:
+            raise MalformedRecord(f"a field is not UTF-8 ({e})") from None
+        role = _field(f, "role", str)
+        if role not in ROLES:
+            raise MalformedRecord(f"role is {role!r}, not one of {ROLES}")
+        address = _field(f, "address", str)
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise MalformedRecord(f"address {address!r} is not host:port")
         return cls(
             id=group_id,
-            role=f["role"],
-            address=f["address"],
-            degree=int(f["degree"]),
-            block_size=int(f["block_size"]),
-            ttl_s=int(f["ttl_ms"]) / 1000,
-            load=Load(
-                queued_tokens=int(f["queued_tokens"]),
-                active_requests=int(f["active_requests"]),
-                free_blocks=int(f["free_blocks"]),
-                total_blocks=int(f["total_blocks"]),
-                tokens_per_s=float(f["tokens_per_s"]),
-            ),
+            role=role,
+            address=address,
+            degree=_field(f, "degree", int, low=1),
+            block_size=_field(f, "block_size", int, low=1),
+            ttl_s=_field(f, "ttl_ms", int, low=1) / 1000,
+            load=Load(**{name: _field(f, name, kind, low=0) for name, kind in _LOAD_FIELDS}),
         )
+
+
+class MalformedRecord(ValueError):
+    """A group record in Redis that does not follow the schema (written by something else, or by an
+    incompatible version): routers skip it."""
+
+
+_LOAD_FIELDS = [(f.name, int if f.type in (int, "int") else float) for f in fields_of(Load)]
+
+
+def _field(f: dict[str, str], name: str, kind: type, low: float | None = None):
+    """Field ``name`` of a record as ``kind`` (str, int or float), at least ``low`` when given."""
+    if name not in f:
+        raise MalformedRecord(f"field {name} is missing")
+    if kind is str:
+        return f[name]
+    try:
+        value = kind(f[name])
+    except ValueError:
+        raise MalformedRecord(f"field {name} is {f[name]!r}, not an {kind.__name__}") from None
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise MalformedRecord(f"field {name} is {value}, out of range")
+    return value
 
 
 class WorkCounter:
@@ -319,46 +350,8 @@ class Registration:
             log.warning("could not deregister %s (%s): it drops out after its TTL", self.id, e)
 
 
-# Every prefill group's longest cached prefix of a prompt, in one round trip.
-# KEYS: the prefill groups' block sets. ARGV: hash length in bytes; per group the index (from 0) of
-# its chain, space-separated; then the chains (concatenated hashes, one per block size in use).
-# Returns the prefix lengths in blocks, space-separated.
-_PROBE = """
-local width = tonumber(ARGV[1])
-local seen = {}  -- per chain: the sorted distinct answers of the groups probed so far
-local function has(key, chain, i)
-  return redis.call('SISMEMBER', key, string.sub(chain, width * (i - 1) + 1, width * i)) == 1
-end
-local function longest(key, c)
-  local chain = ARGV[3 + c]
-  local n = #chain / width
-  if n == 0 or not has(key, chain, 1) then return 0 end
-  local lo, hi = 1, n + 1  -- block lo is cached, block hi is not (n + 1: past the end)
-  -- Groups often hold the same prefix (a system prompt, a shared document): try earlier answers first.
-  local s = seen[c] or {}
-  seen[c] = s
-  local a, b = 1, #s
-  while a <= b do
-    local m = math.floor((a + b) / 2)
-    if has(key, chain, s[m]) then lo, a = s[m], m + 1 else hi, b = s[m], m - 1 end
-  end
-  if hi - lo > 1 and not has(key, chain, lo + 1) then hi = lo + 1 end
-  while hi - lo > 1 do
-    local mid = math.floor((lo + hi) / 2)
-    if has(key, chain, mid) then lo = mid else hi = mid end
-  end
-  local at = 1
-  while s[at] and s[at] < lo do at = at + 1 end
-  if lo > 1 and s[at] ~= lo then table.insert(s, at, lo) end
-  return lo
-end
-local out, g = {}, 1
-for c in string.gmatch(ARGV[2], '%d+') do
-  out[g] = longest(KEYS[g], tonumber(c))
-  g = g + 1
-end
-return table.concat(out, ' ')
-"""
+# Every prefill group's longest cached prefix of a prompt, in one round trip (see the script's comments).
+_PROBE = (Path(__file__).parent / "registry_probe.lua").read_text()
 
 
 class Registry:
@@ -368,6 +361,13 @@ class Registry:
         self.client = client
         self.keys = Keys(cluster)
         self._probe = client.register_script(_PROBE)
+        self._malformed: dict[str, str] = {}  # group id -> what was wrong with it when last logged
+
+    def _warn_malformed(self, group_id: str, error: MalformedRecord) -> None:
+        """Log a skipped record once, not at every refresh (again only if what is wrong changes)."""
+        if self._malformed.get(group_id) != str(error):
+            self._malformed[group_id] = str(error)
+            log.warning("registry: skipping group record %s: %s", group_id, error)
 
     def groups(self) -> list[GroupRecord]:
         """Every registered group and its last reported load (two round trips); index entries of
@@ -378,10 +378,14 @@ class Registry:
             pipe.hgetall(self.keys.record(group_id))
         found, gone = [], []
         for group_id, fields in zip(ids, pipe.execute()):
-            if fields:
-                found.append(GroupRecord.parse(group_id, fields))
-            else:
+            if not fields:
                 gone.append(group_id)
+                continue
+            try:
+                found.append(GroupRecord.parse(group_id, fields))
+            except MalformedRecord as e:
+                self._warn_malformed(group_id, e)
+        self._malformed = {g: self._malformed[g] for g in ids if g in self._malformed}
         if gone:
             self.client.srem(self.keys.groups, *gone)
         return found

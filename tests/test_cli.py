@@ -109,3 +109,12 @@ def test_prompt_longer_than_the_context(engine):
     prompt = "one two three four five six seven eight " * 1100
     assert len(engine.tokenizer.encode(prompt)) > engine.max_context
     assert_user_error(ringserve("-q", "generate", "-", stdin=prompt), "context is 8192")
+
+
+@pytest.mark.parametrize("value", ["4294967296", "-1"])
+def test_out_of_range_max_tokens_through_a_router_is_a_user_error(value):
+    """`--url`: a value the API cannot carry is refused before anything is sent (no router needed)."""
+    from ringserve.launch import free_port
+
+    proc = ringserve("generate", "--url", f"127.0.0.1:{free_port()}", FRANCE, "--max-tokens", value)
+    assert_user_error(proc, "max_tokens", value)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from test_decode_worker import drain, make_worker, prompt_kv_and_first_token, push
 
+from ringserve.decode_service.worker import Reservation
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import ResourceExhausted, RingserveError, Unavailable
@@ -79,7 +80,8 @@ def test_decode_that_fails_to_start_frees_its_reservation(decode_service, defaul
     ]
     for rid, fields in cases:
         resp = stub.Reserve(decode_pb2.ReserveRequest(request_id=rid, prompt_tokens=len(ids), max_tokens=8))
-        push([(t.rank, t.address, t.first_position, t.num_tokens, b"") for t in resp.targets], rid, kv)
+        targets = [(t.rank, t.address, t.first_position, t.num_tokens, b"") for t in resp.targets]
+        push(Reservation(resp.epoch, resp.lease_seconds, targets), rid, kv)
         assert worker.blocks_used > 0
         msg = decode_pb2.DecodeRequest(request_id=rid, prompt_tokens=len(ids), first_token=first)
         for name, value in fields.items():

@@ -1,6 +1,7 @@
 """The worker registry and residency in a real Redis: registration, heartbeat, TTL expiry,
 deregistration, residency batches and resync, and the longest-prefix probe against brute force."""
 
+import logging
 import random
 import time
 import uuid
@@ -179,3 +180,35 @@ def test_tls_options_need_a_rediss_url():
         connect(WorkerArgs(redis_url="redis://127.0.0.1:6379/0", redis_ca_cert="/etc/ca.pem"))
     with pytest.raises(InvalidArgument, match="must start with redis://"):
         connect(WorkerArgs(redis_url="127.0.0.1:6379"))
+
+
+def test_malformed_records_are_skipped_and_logged_once(cfg, caplog):
+    """A bad record (missing or mistyped field, unknown role, bad address, undecodable bytes) is
+    skipped with one warning; the good records are still listed, refresh after refresh."""
+    good = Registration(cfg, "prefill", 1, 64, Load).start("10.0.0.1:50051")
+    keys, client = Keys(cfg.cluster), connect(cfg)
+    fields = {k.decode(): v for k, v in client.hgetall(keys.record(good.id)).items()}
+    bad = {
+        "missing-field": {k: v for k, v in fields.items() if k != "block_size"},
+        "not-a-number": {**fields, "degree": b"two"},
+        "unknown-role": {**fields, "role": b"oracle"},
+        "no-port": {**fields, "address": b"10.0.0.9"},
+        "zero-block-size": {**fields, "block_size": b"0"},
+        "negative-load": {**fields, "free_blocks": b"-5"},
+        "not-utf8": {**fields, "address": b"\xff\xfe:1"},
+    }
+    try:
+        for name, record in bad.items():
+            client.hset(keys.record(name), mapping=record)
+            client.sadd(keys.groups, name)
+        registry = Registry(client, cfg.cluster)
+        with caplog.at_level(logging.WARNING, logger="ringserve.registry"):
+            for _ in range(3):
+                assert [r.id for r in registry.groups()] == [good.id]
+        warned = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+        assert len(warned) == len(bad), warned  # once per record, not once per refresh
+        for name in bad:
+            assert any(name in m for m in warned), name
+        assert any("block_size" in m for m in warned if "missing-field" in m)
+    finally:
+        good.stop()

@@ -207,3 +207,62 @@ def test_redis_outage_falls_back_to_least_loaded_and_recovers(caplog):
     finally:
         d.close()
         server.stop()
+
+
+def test_router_starts_and_routes_beside_a_malformed_record(redis_server):
+    """One broken record in the registry does not stop the router's view: it starts and routes to
+    the good groups."""
+    import redis
+
+    cluster = f"test-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(f"ringserve:{cluster}:group:broken", mapping={"role": "prefill", "address": "x:1"})
+    client.sadd(f"ringserve:{cluster}:groups", "broken")
+    worker = WorkerArgs(redis_url=redis_server.url, cluster=cluster, heartbeat_s=0.05, registry_ttl_s=1.0)
+    regs = [Registration(worker, role, 1, BLOCK, Load).start(f"{role}:1") for role in ("prefill", "decode")]
+    balancer = Balancer(RouterConfig(redis_url=redis_server.url, cluster=cluster, refresh_s=0.05)).start()
+    try:
+        balancer.wait_for_groups(5.0)
+        decision = balancer.pick(DOC, 8)
+        assert (decision.prefill.id, decision.decode.id) == (regs[0].id, regs[1].id)
+    finally:
+        balancer.close()
+        for reg in regs:
+            reg.stop()
+
+
+def test_a_failed_group_is_down_until_its_health_probe_says_serving(redis_server):
+    """A group that failed a request as unavailable gets no traffic while another is up, also past
+    its registry TTL, until a health probe sees it SERVING again."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    checks = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    checks.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # say a rank died
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    worker = WorkerArgs(redis_url=redis_server.url, cluster=f"test-{uuid.uuid4().hex[:8]}", heartbeat_s=0.05,
+                        registry_ttl_s=0.5)  # fmt: skip
+    load = Load(free_blocks=100, total_blocks=100, tokens_per_s=100.0)
+    sick = Registration(worker, "prefill", 1, BLOCK, lambda: load).start(f"127.0.0.1:{port}")
+    others = [Registration(worker, role, 1, BLOCK, lambda: load).start(f"{role}:1") for role in ("prefill", "decode")]
+    balancer = Balancer(RouterConfig(redis_url=redis_server.url, cluster=worker.cluster, refresh_s=3600)).start()
+    try:
+        decision = next(d for d in (balancer.pick(UNCACHED, 8) for _ in range(4)) if d.prefill.id == sick.id)
+        assert balancer.repick(decision, "prefill") and decision.prefill.id == others[0].id
+        time.sleep(0.6)  # past the TTL: still down
+        balancer.refresh()
+        balancer.probe_down()
+        assert {balancer.pick(UNCACHED, 8).prefill.id for _ in range(4)} == {others[0].id}
+        checks.set("", health_pb2.HealthCheckResponse.SERVING)
+        balancer.probe_down()
+        assert sick.id in {balancer.pick(UNCACHED, 8).prefill.id for _ in range(4)}
+    finally:
+        balancer.close()
+        for reg in [sick, *others]:
+            reg.stop()
+        server.stop(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -185,13 +186,56 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{"role": ..., "content": ...}, ...]) with the checkpoint's Jinja chat
-        template, as transformers does; ``add_generation_prompt`` opens the assistant's turn."""
-        import jinja2
+        template, as transformers does; ``add_generation_prompt`` opens the assistant's turn.
 
+        Roles must be the template's (``chat_roles``) and content must not spell the special tokens
+        the template writes (``<|im_end|>`` ...): either would let a caller forge turns, say a system
+        prompt of its own (template injection). Both are InvalidArgument."""
         if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
         ):
             raise InvalidArgument('messages must be a list of {"role": str, "content": str} dicts')
+        for i, m in enumerate(messages):
+            self._check_message(i, m)
+        return self._render(messages, add_generation_prompt)
+
+    @functools.cached_property
+    def chat_roles(self) -> tuple[str, ...]:
+        """The roles the template takes: system, user, assistant, and tool where it has tool turns."""
+        source = self._config.get("chat_template") or ""
+        if isinstance(source, list):  # named templates
+            source = " ".join(str(t.get("template", "")) for t in source if isinstance(t, dict))
+        return ("system", "user", "assistant", *(("tool",) if re.search(r"""['"]tool['"]""", source) else ()))
+
+    @functools.cached_property
+    def _template_tokens(self) -> tuple[str, ...]:
+        """The special tokens the template writes around turns, as text (found by rendering one)."""
+        probe = [{"role": r, "content": "x"} for r in ("system", "user", "assistant")]
+        try:
+            ids = self.encode(self._render(probe, add_generation_prompt=True), add_special_tokens=False)
+        except InvalidArgument:  # a template that refuses this conversation: fall back to all special tokens
+            ids = list(self._tok.get_added_tokens_decoder())
+        added = self._tok.get_added_tokens_decoder()
+        return tuple(sorted({added[i].content for i in ids if i in added and added[i].special}))
+
+    def _check_message(self, i: int, message: dict) -> None:
+        role, content = message["role"], message.get("content", "")
+        if role not in self.chat_roles:
+            raise InvalidArgument(
+                f"message {i}: role {role[:40]!r} is not one of this model's chat roles ({', '.join(self.chat_roles)})"
+            )
+        if not isinstance(content, str):
+            raise InvalidArgument(f"message {i}: content must be a str, got {type(content).__name__}")
+        for token in self._template_tokens:
+            if token in content:
+                raise InvalidArgument(
+                    f"message {i}: content contains {token!r}, a special token of the chat template; "
+                    "remove it (as text it would start or end a turn)"
+                )
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        import jinja2
+
         template = self._compiled_template()
         context = {key: _token_text(self._config.get(key)) or "" for key in _SPECIAL_TOKEN_KEYS}
         try:

@@ -2,11 +2,14 @@
 
 Groups come only from the registry in Redis, re-read with their load in the background every
 ``refresh_s``: a group that registers gets traffic after the next read, one that drains or dies
-drops out (dead ones after their TTL; a group that fails a call is avoided for that long at once),
-except the last of its role, which stays until another registers. Under cache_aware each decision
-asks Redis once for every prefill group's cached prefix of the prompt (``registry.Registry.probe``),
-then scores (``router.policy``). Load is what the groups last reported plus what this router sent
-them since, so a burst of one hot prefix does not pile onto one group.
+drops out (dead ones after their TTL), except the last of its role, which stays until another
+registers. A group that fails a call as unavailable (dead, broken, draining) is marked down at
+once and skipped while other groups of its role are up, until a health probe (each refresh) sees
+it SERVING again; a restarted group registers under a new id, so it is a new, up group. Under
+cache_aware each decision asks Redis once for every prefill group's cached prefix of the prompt
+(``registry.Registry.probe``), then scores (``router.policy``). Load is what the groups last
+reported plus what this router sent them since, so a burst of one hot prefix does not pile onto
+one group.
 
 Redis is advisory. When it cannot be reached the router keeps serving: the last known groups and
 loads, cache_aware falls back to least_loaded (``ringserve_router_decisions_total{policy=
@@ -21,9 +24,11 @@ import logging
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import grpc
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ringserve import rpc
 from ringserve.config import RouterConfig
@@ -46,7 +51,8 @@ class Group:
         self.record = record
         self.pending_tokens = 0  # prefill: tokens sent here and not yet prefilled
         self.inflight = 0  # decode: requests sent here and not finished
-        self.avoid_until = 0.0  # monotonic time; set when a call to it failed as unavailable
+        self.down = False  # a call failed as unavailable; until a health probe sees it SERVING
+        self._channel = None
         self._stub = None
 
     @property
@@ -58,10 +64,17 @@ class Group:
         return self.record.address
 
     @property
+    def channel(self) -> grpc.Channel:
+        """The channel, connected on first use (the benchmark's groups are never called)."""
+        if self._channel is None:
+            self._channel = rpc.channel(self.address)
+        return self._channel
+
+    @property
     def stub(self):
-        """The gRPC stub, connected on first use (the benchmark's groups are never called)."""
+        """The role's stub (Prefill or Decode) over ``channel``."""
         if self._stub is None:
-            self._stub = _STUBS[self.record.role](rpc.channel(self.address))
+            self._stub = _STUBS[self.record.role](self.channel)
         return self._stub
 
 
@@ -76,6 +89,7 @@ class Decision:
     max_tokens: int
     cached_tokens: int  # the prefix the prefill group is expected to hold
     chains: dict[int, list[bytes]]  # block size -> the prompt's block hashes, kept for a re-pick
+    tried: set[str] = field(default_factory=set)  # ids of groups this request left after a failure
 
     @property
     def uncached_tokens(self) -> int:
@@ -110,8 +124,26 @@ class Balancer:
         while not self._stop.wait(self.refresh_s):
             try:
                 self.refresh()
-            except Exception:  # say a malformed record: keep refreshing, or the view silently freezes
+                self.probe_down()
+            except Exception:  # a bug: keep refreshing, or the view silently freezes
                 log.exception("reading the registry failed")
+
+    def probe_down(self, timeout_s: float = 0.5) -> None:
+        """Health-check the groups marked down (in parallel); one that answers SERVING is up again."""
+        with self.lock:
+            down = [g for g in self.groups.values() if g.down]
+        checks = [
+            (g, health_pb2_grpc.HealthStub(g.channel).Check.future(health_pb2.HealthCheckRequest(), timeout=timeout_s))
+            for g in down
+        ]
+        for g, check in checks:
+            try:
+                serving = check.result().status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                serving = False
+            if serving:
+                g.down = False
+                log.info("%s group %s answers SERVING again: back in rotation", g.record.role, g.address)
 
     def refresh(self) -> None:
         """Re-read the registry; on failure keep the groups known so far."""
@@ -176,11 +208,10 @@ class Balancer:
             self.refresh()
 
     def _candidates(self, role: str, exclude: set[str]) -> list[Group]:
-        """Groups of ``role`` in a stable order (the registry's, by id); ones that failed a call lately
-        only if nothing else is left."""
-        now = time.monotonic()
+        """Groups of ``role`` in a stable order (the registry's, by id); ones marked down only if
+        nothing else is left."""
         groups = [g for g in self.groups.values() if g.record.role == role and g.id not in exclude]
-        healthy = [g for g in groups if g.avoid_until <= now]
+        healthy = [g for g in groups if not g.down]
         if not (healthy or groups):
             raise Unavailable(
                 f"no {role} group available: none is registered in Redis at {self.redis_url}, or all failed"
@@ -212,16 +243,19 @@ class Balancer:
         ROUTER_DECISION_SECONDS.observe(time.perf_counter() - t0)
         return decision
 
-    def repick(self, decision: Decision, role: str) -> bool:
-        """The decision's ``role`` group failed as unavailable: avoid it for its TTL, move the request to
-        another group of that role. False (decision unchanged) when there is no other."""
+    def repick(self, decision: Decision, role: str, down: bool = True, keep_if_alone: bool = False) -> bool:
+        """The decision's ``role`` group failed this request: move it to a group of that role it has not
+        tried. ``down``: the group itself is at fault (unavailable, broken), so mark it down for every
+        request; else (it is full) only this request leaves it. With no other group: keep the failed one
+        if ``keep_if_alone`` (a failed KV push is worth another try), else False (decision unchanged)."""
         failed: Group = getattr(decision, role)
         with self.lock:
-            failed.avoid_until = time.monotonic() + failed.record.ttl_s
+            failed.down = failed.down or down
+            decision.tried.add(failed.id)
             try:
-                others = self._candidates(role, {failed.id})
+                others = self._candidates(role, decision.tried)
             except Unavailable:
-                return False
+                return keep_if_alone
         hits, policy = self._cached_blocks(others, decision.chains) if role == "prefill" else (None, "")
         with self.lock:
             if role == "prefill":
@@ -235,6 +269,15 @@ class Balancer:
                 decision.decode = self._choose_decode(others, decision.prompt_tokens + decision.max_tokens)
                 decision.decode.inflight += 1
         return True
+
+    def mark_down(self, group: Group) -> None:
+        """``group`` failed a call as unavailable: skip it until a probe sees it SERVING."""
+        group.down = True
+
+    def charge(self, decision: Decision) -> None:
+        """Count the decision's prompt as pending at its prefill group again (a migration re-prefills)."""
+        with self.lock:
+            decision.prefill.pending_tokens += decision.uncached_tokens
 
     def release(self, decision: Decision, role: str) -> None:
         """Undo the decision's accounting for ``role``: prefill done, or the request finished."""
