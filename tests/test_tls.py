@@ -161,3 +161,19 @@ def test_up_off_loopback_needs_insecure(redis_server):
         check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=False))
     check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=True))
     check_flags(argparse.Namespace(**flags, host="127.0.0.1", insecure=False))
+
+
+def test_health_command_probes_a_mutual_tls_port(pki, monkeypatch, capsys):
+    """`ringserve health` (the chart's exec probe under TLS) checks health with the service's own certificate."""
+    from ringserve.cli import main
+
+    server, port = _decode_server(pki["decode"])
+    try:
+        assert main(["health", "--port", str(port)]) == 1  # no TLS settings: the handshake fails
+        for var, value in zip(("CERT", "KEY", "CA"), (pki["prefill"].cert, pki["prefill"].key, pki["ca"].path)):
+            monkeypatch.setenv(f"RINGSERVE_TLS_{var}", value)
+        assert main(["health", "--port", str(port)]) == 0
+        assert main(["health", "--port", str(port), "--service", "ringserve.unknown"]) == 1
+        assert "SERVING" in capsys.readouterr().out
+    finally:
+        server.stop(None)
