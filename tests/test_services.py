@@ -189,7 +189,7 @@ def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(cl
     already used, is refused with PERMISSION_DENIED and sends no KV byte (the prefill group's
     counter); the genuine first use works."""
     cluster = clusters(2, 1, "auto", True)
-    sent = 'ringserve_kv_transfer_bytes_total{service="prefill",direction="sent"}'
+    sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
     with rpc.channel(cluster.decode, tls=cluster.tls) as dc, rpc.channel(cluster.prefill, tls=cluster.tls) as pc:
         decode, prefill = decode_pb2_grpc.DecodeStub(dc), prefill_pb2_grpc.PrefillStub(pc)
         reserve = decode.Reserve(decode_pb2.ReserveRequest(request_id="replay", prompt_tokens=8, max_tokens=4))
