@@ -171,6 +171,7 @@ class PrefillConfig(WorkerArgs):
 class RouterConfig(RedisArgs, GrpcArgs):
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50050, "gRPC port (0: pick a free one)")
+    http_port: int | None = _opt(None, "serve the OpenAI-compatible HTTP API on this port (0: pick a free one)", int)
     policy: str = _opt("cache_aware", "prefill group choice: cache_aware, least_loaded or round_robin")
     refresh_s: float = _opt(0.5, "seconds between reads of the registry: groups and their load")
     model: str | None = _opt(None, "checkpoint for the tokenizer (must match the workers' model)", str)

@@ -236,6 +236,7 @@ def add_service_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=50050, help="the router's port")
     p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
+    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port (default 8000)")
     p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
                    "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
     p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "

@@ -74,7 +74,8 @@ def check_flags(args: argparse.Namespace) -> None:
             f"--host {args.host} is not a loopback address and `up` serves plaintext gRPC: add --insecure to "
             "serve it to the network anyway, or run the services with TLS flags (see README)"
         )
-    ports = {"--port": args.port} | ({} if args.redis_url else {"--redis-port": args.redis_port})
+    ports = {"--port": args.port, "--http-port": args.http_port}
+    ports |= {} if args.redis_url else {"--redis-port": args.redis_port}
     for flag, port in ports.items():
         if not 0 <= port <= 65535:
             raise InvalidArgument(f"{flag} {port} is not a TCP port (0 to 65535)")
@@ -197,7 +198,11 @@ def up(args: argparse.Namespace) -> int:
         cluster = start_cluster(
             cp=args.cp, kvp=args.kvp, model=args.model, dtype=args.dtype, host=args.host, router_port=args.port,
             metrics=True, redis_url=args.redis_url, redis_port=args.redis_port, name="ringserve",
-            extra={"router": ["--drain-timeout-s", str(drain_s), *insecure], "prefill": insecure, "decode": insecure},
+            extra={
+                "router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port), *insecure],
+                "prefill": insecure,
+                "decode": insecure,
+            },
             cancel=signals.first,
         )  # fmt: skip
         print(cluster.router, flush=True)

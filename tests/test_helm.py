@@ -7,6 +7,7 @@ a second prefill group joining as `kubectl scale` would start it, and that group
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shlex
 import shutil
@@ -150,6 +151,8 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     service = find(docs, "Service", f"{FULLNAME}-router")
     assert service["spec"]["type"] == values.get("router", {}).get("service", {}).get("type", "ClusterIP")
     assert container(router)["command"] == ["ringserve", "router"]
+    http = {p["name"]: p for p in service["spec"]["ports"]}["http"]  # the OpenAI-compatible API
+    assert http["targetPort"] == "http" and env_of(container(router))["RINGSERVE_HTTP_PORT"] == "8000"
     assert container(prefill)["command"] == ["ringserve", "prefill"]
     assert container(decode)["command"] == ["ringserve", "decode"]
 
@@ -303,7 +306,7 @@ class Pod:
         c = container(workload)
         self.name = name
         self.env = resolved_env(c, config, secrets)
-        for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT"):
+        for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT", "RINGSERVE_HTTP_PORT"):
             if port_var in self.env:
                 self.env[port_var] = str(free_port())
         self.port = int(self.env["RINGSERVE_PORT"])
@@ -419,6 +422,12 @@ def test_rendered_pods_serve_a_request(deployment):
     argv = [a.replace("127.0.0.1:50050", pods["router"].address) for a in shlex.split(line)]
     done = subprocess.run([executable, *argv[1:]], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Paris" in done.stdout, done.stdout + done.stderr
+    # NOTES.txt's first HTTP request, through the port-forward of the router Service's http port.
+    (line,) = [x for x in deployment["notes"].splitlines() if x.strip().startswith("curl http://127")]
+    http = f"127.0.0.1:{pods['router'].env['RINGSERVE_HTTP_PORT']}"
+    if shutil.which("curl"):
+        done = subprocess.run(shlex.split(line.replace("127.0.0.1:8000", http)), capture_output=True, text=True)
+        assert done.returncode == 0 and "Paris" in json.loads(done.stdout)["choices"][0]["text"], done.stdout
     with Client(pods["router"].address, timeout=60) as client:
         info = client.model_info()
         assert (info.prefill_groups, info.decode_groups) == (1, 1)

@@ -39,7 +39,7 @@ def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen, Path, str]:
     mark = uuid.uuid4().hex
     log = tmp_path / "up.log"
     env = {**os.environ, MARK: mark, "RINGSERVE_CALIBRATE_TOKENS": "64"}  # a short prefill calibration
-    cmd = [sys.executable, "-m", "ringserve.cli", "up", "--port", "0", "--redis-port", "0", *flags]
+    cmd = [sys.executable, "-m", "ringserve.cli", "up", "--port", "0", "--redis-port", "0", "--http-port", "0", *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, env=env, text=True)
     return proc, log, mark
@@ -77,7 +77,7 @@ def test_bad_flags_fail_before_anything_starts(tmp_path):
         ]
         for flags, words in cases:
             mark = uuid.uuid4().hex
-            cmd = [sys.executable, "-m", "ringserve.cli", "up", *flags]
+            cmd = [sys.executable, "-m", "ringserve.cli", "up", "--http-port", "0", *flags]
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, MARK: mark})
             assert p.returncode == 2, p.stderr
             assert "ringserve: error:" in p.stderr and words in p.stderr, p.stderr

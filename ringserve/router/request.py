@@ -9,9 +9,10 @@ Stages, each owning its cleanup:
 - prefill: ``Prefill.Prefill`` on the picked prefill group; while it runs, the reservation is
   renewed every lease_seconds / 3. UNAVAILABLE: the prefill group is marked down and the request
   moves to another, with a new reservation (one reservation is only ever given to one prefill
-  group: a failed group's late WRITE or "done" must not meet the next one's). ABORTED (the KV push to the decode group failed: that group's fault): the
-  reservation is released, another decode group reserves, and the same prefill group (which now
-  holds the prompt in its prefix cache) runs it again.
+  group: a failed group's late WRITE or "done" must not meet the next one's). ABORTED (the KV
+  push to the decode group failed: that group's fault): the reservation is released, another
+  decode group reserves, and the same prefill group (which now holds the prompt in its prefix
+  cache) runs it again.
 - decode: the ``Decode.Decode`` stream, relayed to the client. A decode group that dies
   mid-stream (UNAVAILABLE) is marked down and the request migrates, up to ``--migration-limit``
   times: prompt + the tokens generated so far are prefilled again (the prefill group's cache

@@ -23,6 +23,7 @@ from ringserve.metrics import REQUESTS, serve_metrics
 from ringserve.router.balancer import Balancer
 from ringserve.router.request import RequestRun
 from ringserve.rpc import rpc_errors, start_server
+from ringserve.tls import check_bind
 from ringserve.v1 import common_pb2, decode_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,13 @@ def serve(cfg: RouterConfig):
             raise InvalidArgument(f"--migration-limit must be >= 0 (0: off), got {cfg.migration_limit}")
         tokenizer = Tokenizer.from_checkpoint(cfg.model)
         servicer = RouterServicer(balancer, tokenizer, _model_description(balancer), cfg.migration_limit)
+        if cfg.http_port is not None:  # the OpenAI-compatible door: its port now, its start once Generate serves
+            from ringserve.router.http import HttpServer
+
+            tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+            if tls is None:
+                check_bind(cfg.host, cfg, "the HTTP API")  # plaintext off loopback only with --insecure
+            http = HttpServer(cfg.host, cfg.http_port, servicer.model, tls)
         server, port, _ = start_server(
             [(add_router_servicer, servicer)],
             ["ringserve.v1.Router"],
@@ -145,6 +153,9 @@ def serve(cfg: RouterConfig):
             limits=cfg,
             internal=False,
         )
+        if cfg.http_port is not None:
+            http.start(port)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls else "http", cfg.host, http.port)
     except BaseException:
         balancer.close()
         raise
