@@ -14,6 +14,7 @@ from ringserve.client import Client
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
 from ringserve.launch import start_cluster
+from ringserve.process_group import free_port
 from ringserve.tls import ChannelTls
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tests.certs import CA
@@ -66,6 +67,8 @@ def clusters(tmp_path_factory, redis_server):
 
 
 API_KEY = "test-key-5f0c2a9d81b34e67"
+HTTPS_PORTS: dict[str, int] = {}  # secure cluster name -> the router's HTTPS (OpenAI API) port
+CAS: dict[str, CA] = {}  # secure cluster name -> its deployment CA
 
 
 def scrape(cluster, service: str, sample: str) -> float:
@@ -82,14 +85,15 @@ def scrape(cluster, service: str, sample: str) -> float:
 def secure_flags(directory, cluster: str, extra: dict[str, list[str]]) -> ChannelTls:
     """Add TLS, API-key and deployment-secret flags to each service's ``extra``; return what a test
     presents: the router role's certificate (the internal APIs accept no other)."""
-    ca = CA(directory)
+    ca = CAS[cluster] = CA(directory)
     for role in ("decode", "prefill", "router"):
         extra[role] += ca.issue(role, role=role, cluster=cluster).flags()
     (directory / "secret").write_text("deployment-secret-for-tests-0123456789\n")
     for role in ("decode", "prefill"):
         extra[role] += ["--deployment-secret-file", str(directory / "secret")]
     (directory / "keys").write_text(f"tests {API_KEY}\n")
-    extra["router"] += ["--api-keys-file", str(directory / "keys")]
+    HTTPS_PORTS[cluster] = free_port()
+    extra["router"] += ["--api-keys-file", str(directory / "keys"), "--http-port", str(HTTPS_PORTS[cluster])]
     tester = ca.issue("tester", role="router", cluster=cluster)
     return ChannelTls(ca.path, tester.cert, tester.key)
 
@@ -182,6 +186,88 @@ def test_secure_cluster_refuses_callers_without_a_key_or_certificate(clusters):
         decode_pb2_grpc.DecodeStub(dc).Reserve(decode_pb2.ReserveRequest(request_id="x", prompt_tokens=8), timeout=10)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert blocks_used(cluster) == (0, 0)
+
+
+def test_secure_cluster_https_api_takes_the_same_keys(clusters, engine):
+    """The OpenAI-compatible API on the TLS router serves HTTPS with the router's certificate and
+    passes the caller's Authorization header to Generate: 401 without a key, 403 with a wrong one."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    cluster = clusters(2, 1, "auto", True)
+    context = ssl.create_default_context(cafile=cluster.tls.ca)
+    url = f"https://127.0.0.1:{HTTPS_PORTS[cluster.name]}/v1/completions"
+    body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4})
+
+    def post(key):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120, context=context) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert post(None)[0] == 401 and post("wrong")[0] == 403
+    status, answer = post(API_KEY)
+    assert status == 200 and answer["choices"][0]["text"] == reference(engine, "The capital of France is", 4)[1]
+    wait_blocks_free(cluster)
+
+
+def most_room():
+    """A load with more room than any real group: the router's first pick."""
+    from ringserve.registry import Load
+
+    return Load(free_blocks=10**6, total_blocks=10**6)
+
+
+class RogueDecode(decode_pb2_grpc.DecodeServicer):
+    """A Decode server a Redis writer points the router at: it counts every call that reaches it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def Reserve(self, request, context):
+        self.calls += 1
+        context.abort(grpc.StatusCode.INTERNAL, "a rogue server got a call")
+
+    GetInfo = Renew = Release = Reserve
+
+
+def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match(
+    clusters, engine, tmp_path, redis_server
+):
+    """Registry integrity: a decode record naming 127.0.0.1:PORT, served there with a certificate of
+    this deployment's CA for another host, or with another CA's certificate, gets no call (the
+    handshake fails); requests go to the real decode group and give the engine's tokens."""
+    from ringserve.config import DecodeConfig
+    from ringserve.registry import Registration
+
+    cluster = clusters(2, 1, "auto", True)
+    bogus = [
+        CAS[cluster.name].issue("elsewhere", role="decode", cluster=cluster.name, hosts=("decode.elsewhere",)),
+        CA(tmp_path / "foreign", "another-deployment").issue("decode", role="decode", cluster=cluster.name),
+    ]
+    for issued in bogus:
+        rogue = RogueDecode()
+        cfg = DecodeConfig(tls_cert=issued.cert, tls_key=issued.key, tls_ca=CAS[cluster.name].path)
+        add = decode_pb2_grpc.add_DecodeServicer_to_server
+        server, port, _ = rpc.start_server([(add, rogue)], ["ringserve.v1.Decode"], "127.0.0.1", 0, limits=cfg)
+        worker = DecodeConfig(redis_url=redis_server.url, cluster=cluster.name)
+        registration = Registration(worker, "decode", 1, 64, most_room).start(f"127.0.0.1:{port}")
+        try:
+            time.sleep(2)  # the router reads the registry every 0.5 s
+            with client(cluster, timeout=120) as c:
+                for prompt in PROMPTS[:2]:
+                    ids = [t for chunk in c.generate(prompt, max_tokens=8) for t in chunk.token_ids]
+                    assert ids == reference(engine, prompt, 8)[0], prompt
+            assert rogue.calls == 0
+        finally:
+            registration.deregister()
+            server.stop(None)
+    wait_blocks_free(cluster)
 
 
 def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(clusters):
