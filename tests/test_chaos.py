@@ -207,7 +207,9 @@ def test_chaos_under_ringserve_up(tmp_path, references):
         + ["--port", str(router_port), "--redis-port", str(redis_port), "--http-port", "0"],
         stdout=subprocess.PIPE,
         stderr=log,
-        env={**os.environ, tag: "1", "RINGSERVE_CALIBRATE_TOKENS": "64"},  # a short prefill calibration
+        # A short prefill calibration; and a short quarantine backstop: blocks whose NIXL landing a
+        # killed prefill group held wait for it (a live group says "done" at once).
+        env={**os.environ, tag: "1", "RINGSERVE_CALIBRATE_TOKENS": "64", "RINGSERVE_QUARANTINE_TIMEOUT_S": "15"},
         start_new_session=True,
     )
     try:

@@ -173,9 +173,10 @@ def test_group_whose_rank_dies_leaves_at_once_and_exits(cluster):
 
 
 def test_a_prompt_over_grpc_default_message_size_gets_a_clean_too_long(cluster):
-    """1.5M token ids (4.5 MB packed, over gRPC's 4 MiB default) pass the transport; the router
-    then refuses the prompt as longer than the model's context, not gRPC as too large a message."""
-    ids = [20000] * 1_500_000
+    """A 10M-token prompt (30 MB of packed token ids, far over gRPC's 4 MiB default: the context
+    ringserve is built for) passes the transport; the router then refuses it as longer than this
+    model's context, not gRPC as too large a message."""
+    ids = [20000] * 10_000_000
     with Client(cluster.router, timeout=120) as client, pytest.raises(grpc.RpcError) as err:
         client.complete(token_ids=ids, max_tokens=1)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()

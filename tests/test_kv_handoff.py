@@ -217,6 +217,23 @@ def test_a_write_after_release_never_reaches_another_requests_blocks(nixl_pair, 
     assert alloc.num_used == base
 
 
+def test_a_landing_never_handed_out_needs_no_quarantine(nixl_pair, default_model):
+    """The router releases a reservation whose landing no prefill group ever got (the group was
+    unreachable, or draining): nothing can WRITE into it, so its blocks are free at once; a
+    release without that word still quarantines them."""
+    model, tokenizer = default_model
+    w, _ = nixl_pair
+    ids = tokenizer.encode("The capital of France is")
+    w.reserve("unused", len(ids), 4)
+    assert w.cancel("unused", landing_unused=True)
+    assert w.quarantined_blocks == 0 and w.blocks_used == 0
+    w.reserve("maybe-used", len(ids), 4)
+    assert w.cancel("maybe-used")
+    assert w.quarantined_blocks > 0
+    w.close()  # a stopping worker frees its quarantine
+    assert w.quarantined_blocks == 0
+
+
 def test_stale_nixl_notifications_never_count_toward_a_later_reservation(nixl_pair, default_model):
     """Defect 7 over NIXL: a WRITE for an earlier reservation of the same id is counted as stale,
     and the later reservation cannot start on KV that has not landed."""

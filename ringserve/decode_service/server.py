@@ -87,7 +87,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors("decode")
     def Release(self, request, context):
-        return decode_pb2.ReleaseResponse(released=self.worker.cancel(request.request_id))
+        return decode_pb2.ReleaseResponse(
+            released=self.worker.cancel(request.request_id, landing_unused=request.landing_unused)
+        )
 
     @rpc_errors("decode")
     def Renew(self, request, context):

@@ -384,13 +384,16 @@ class DecodeWorker:
                 f"only {req.landed} of {req.prompt_len} prompt tokens' KV arrived for request {req.request_id}"
             )
 
-    def cancel(self, request_id: str) -> bool:
-        """End a request however far it got; its blocks are freed (by the loop if it is running)."""
+    def cancel(self, request_id: str, landing_unused: bool = False) -> bool:
+        """End a request however far it got; its blocks are freed (by the loop if it is running).
+        ``landing_unused``: the router says no prefill group ever got its landings, so no WRITE
+        can come and its blocks need no quarantine."""
         with self.lock:
             req = self.requests.get(request_id)
             if req is None:
                 return False
             req.cancelled = True
+            req.prefill_done = req.prefill_done or landing_unused
             if req not in self.active:  # not in a forward: free now
                 self._finish(req, Cancelled(f"request {request_id} was cancelled"))
             self.lock.notify_all()

@@ -9,8 +9,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from ringserve.config import PrefillConfig
 from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import check_prompt
-from ringserve.engine.sampling import sample
-from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied
+from ringserve.engine.sampling import SamplingParams, sample
+from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied, RingserveError
 from ringserve.kv_transfer.landing import Landing
 from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
@@ -46,31 +46,37 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 )
             self.landings.admit(landing.agent, landing.incarnation, landing.epoch, landing.expires, landing.request_id)
 
-    @rpc_errors("prefill")
-    def Prefill(self, request, context):
+    def _job(self, request, targets: list[Target]) -> tuple[Job, SamplingParams]:
+        """The request as the group takes it, validated; raises what the caller must fix."""
         config = self.group.model.config
         ids = check_prompt(request.token_ids, config.max_position_embeddings, config.vocab_size)
         if request.strategy not in ("", *STRATEGIES):
             raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {request.strategy!r}")
-        if not request.targets or sum(t.num_tokens for t in request.targets) != len(ids):
+        if not targets or sum(t.num_tokens for t in targets) != len(ids):
             raise InvalidArgument("targets must cover every prompt token exactly once (from Decode.Reserve)")
         params = sampling_from_proto(request.sampling)
         params.validate_for(config.vocab_size)
-        self._admit_landings(request)
-        job = Job(
-            request.request_id,
-            ids,
-            request.strategy or self.cfg.strategy,
-            [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing, t.epoch) for t in request.targets],
-            check_ttft_slo(request.ttft_slo_seconds),
-        )
+        ttft_s = check_ttft_slo(request.ttft_slo_seconds)
+        return Job(request.request_id, ids, request.strategy or self.cfg.strategy, targets, ttft_s), params
+
+    @rpc_errors("prefill")
+    def Prefill(self, request, context):
+        targets = [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing, t.epoch) for t in request.targets]
+        self._admit_landings(request)  # an untrusted landing gets no done notice either
+        try:
+            job, params = self._job(request, targets)
+            future = self.group.submit(job)
+        except RingserveError:  # refused before it was queued: it will never WRITE to its landings
+            self.group.pusher.notify_done(request.request_id, tuple(targets))
+            raise
+        ids = job.token_ids
         # Queue what this group must compute: a prompt it mostly holds is cheap here, and the
         # router must see that (counting cached tokens as work steered hits away from their cache).
         uncached = len(ids) - self.group.cached_prefix_tokens(ids)
         try:
             with self.work.admitted(uncached):
                 QUEUE_DEPTH.labels("prefill").set(self.work.requests)
-                done = self._wait(self.group.submit(job), job.request_id, context)
+                done = self._wait(future, job.request_id, context)
         finally:
             QUEUE_DEPTH.labels("prefill").set(self.work.requests)
             self._update_gauges()

@@ -73,6 +73,15 @@ class Reservation:
 
     group: Group
     reply: decode_pb2.ReserveResponse | None = None  # None until Reserve answered
+    handed_out: bool = False  # its targets may have reached a prefill group (which may WRITE into them)
+
+
+def _never_reached_prefill(error: grpc.RpcError) -> bool:
+    """Whether a failed Prefill call never reached the group's scheduler: no connection, or refused
+    by a draining group's gate. (Refusals by the servicer itself tell the decode side "done".)"""
+    details = error.details() or ""
+    unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+    return unavailable and ("failed to connect to all addresses" in details or "is draining" in details)
 
 
 class RequestRun:
@@ -246,7 +255,8 @@ class RequestRun:
         if r is None:
             return
         try:
-            r.group.stub.Release(decode_pb2.ReleaseRequest(request_id=self.id), timeout=5)
+            release = decode_pb2.ReleaseRequest(request_id=self.id, landing_unused=not r.handed_out)
+            r.group.stub.Release(release, timeout=5)
         except grpc.RpcError as e:
             log.warning("request_id=%s could not release its reservation: %s", self.id, e.details())
 
@@ -262,6 +272,8 @@ class RequestRun:
                 self._prefill_done()
                 return first
             except grpc.RpcError as e:
+                if _never_reached_prefill(e):  # the group cannot WRITE what it never got: no quarantine
+                    self.reservation.handed_out = False
                 if e.code() == grpc.StatusCode.ABORTED:  # the KV push to the decode group failed
                     self._release_reservation()
                     self._failed("decode", e, keep_if_alone=True)
@@ -285,6 +297,7 @@ class RequestRun:
             ttft_slo_seconds=max(1e-3, slo - (time.perf_counter() - self.t_start)) if slo else 0.0,
         )
         future = self._start(lambda: group.stub.Prefill.future(request, timeout=self._timeout()))
+        self.reservation.handed_out = True  # from here the group may WRITE into the landings
         if reply.lease_seconds > 0:
             return self._result(future, reply.lease_seconds / 3, self._renew)
         return self._result(future)

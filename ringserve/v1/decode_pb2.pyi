@@ -52,10 +52,12 @@ class DecodeResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "landing_unused")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LANDING_UNUSED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    landing_unused: bool
+    def __init__(self, request_id: _Optional[str] = ..., landing_unused: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
