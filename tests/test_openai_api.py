@@ -316,7 +316,7 @@ def test_the_openai_client_raises_its_typed_errors(client):
 
 def test_overload_is_429_and_frees_everything(cluster, client):
     """1600 prompt tokens + 16 need 26 KV blocks; this decode group has 24: RESOURCE_EXHAUSTED."""
-    with pytest.raises(openai.RateLimitError, match="KV cache full") as e:
+    with pytest.raises(openai.RateLimitError, match="no decode group has room") as e:
         client.completions.create(model=MODEL, prompt=[100 + i % 900 for i in range(1600)], max_tokens=16)
     assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
     wait_blocks_free(cluster)
