@@ -122,6 +122,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_tls(args: argparse.Namespace):
+    """TLS to the router when --tls-ca is given (with a client certificate if --tls-cert is too)."""
+    if not args.tls_ca:
+        return None
+    from ringserve.tls import ChannelTls
+
+    return ChannelTls(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 if the service at localhost:--port answers a health check on --service as SERVING
+    (Kubernetes exec probes: its gRPC probes speak no TLS). TLS from RINGSERVE_TLS_* as the service has it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from ringserve import rpc
+    from ringserve.config import GrpcArgs, config_from_args
+    from ringserve.tls import channel_tls
+
+    tls = channel_tls(config_from_args(GrpcArgs, argparse.Namespace()))
+    with rpc.channel(f"localhost:{args.port}", tls=tls) as ch:
+        try:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=args.service), timeout=4)
+        except grpc.RpcError as e:
+            print(f"ringserve health: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def _generate_remote(args: argparse.Namespace, prompt: str, params) -> int:
     """`generate --url`: the same, through a running router (see `ringserve up`)."""
     import grpc
@@ -133,7 +163,7 @@ def _generate_remote(args: argparse.Namespace, prompt: str, params) -> int:
     t0 = time.perf_counter()
     last = None
     try:
-        with Client(args.url) as client:
+        with Client(args.url, api_key=os.environ.get("RINGSERVE_API_KEY"), tls=_client_tls(args)) as client:
             for chunk in client.generate(**inputs, **sampling):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -162,9 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--url", default=None, help="send the prompt to a running router (host:port) instead")
     gen.add_argument("--prefill-chunk", type=int, default=None, help="prefill the prompt in chunks of N tokens")
+    gen.add_argument("--tls-ca", default=None, help="with --url: the router serves TLS; verify it against this CA file")
+    gen.add_argument("--tls-cert", default=None, help="with --tls-ca: a client certificate file, for --tls-client-ca")
+    gen.add_argument("--tls-key", default=None, help="key file of --tls-cert")
+    # The API key comes from RINGSERVE_API_KEY only: a flag would show it in the process list.
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    health = sub.add_parser("health", help="exit 0 if the local service answers its health check as SERVING")
+    health.add_argument("--port", type=int, default=int(os.environ.get("RINGSERVE_PORT", "0")), help="its gRPC port")
+    health.add_argument("--service", default="", help="health name, e.g. ringserve.live or ringserve.ready")
+    health.set_defaults(func=cmd_health)
 
     from ringserve.launch import add_service_commands
 

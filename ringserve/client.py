@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from ringserve import rpc
 from ringserve.errors import InvalidArgument
+from ringserve.tls import ChannelTls
 from ringserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 
@@ -53,15 +54,25 @@ def _request(prompt, messages, token_ids, request_id, sampling) -> router_pb2.Ge
     return req
 
 
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 class Client:
     """Blocking client. Sampling keywords: max_tokens, temperature, top_p, top_k, seed, stop,
     stop_token_ids, ignore_eos; and ttft_slo_seconds, the time-to-first-token budget the prefill
-    scheduler orders requests by (0 or absent: the prefill group's default)."""
+    scheduler orders requests by (0 or absent: the prefill group's default).
 
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = rpc.channel(address)
+    ``api_key`` is sent as ``authorization: Bearer <key>`` (routers with --api-keys-file); ``tls``
+    verifies the router's certificate (and presents a client certificate if it has one)."""
+
+    def __init__(
+        self, address: str, timeout: float | None = None, api_key: str | None = None, tls: ChannelTls | None = None
+    ):
+        self.channel = rpc.channel(address, tls=tls)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
+        self.metadata = _metadata(api_key)
 
     def generate(
         self,
@@ -74,7 +85,9 @@ class Client:
     ) -> Iterator[router_pb2.GenerateResponse]:
         """Stream response chunks; the last carries finish_reason and usage. ``.cancel()`` on the
         returned iterator ends the request and frees what it holds on every tier."""
-        return self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
+        return self.stub.Generate(
+            _request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout, metadata=self.metadata
+        )
 
     def complete(self, prompt: str | None = None, **kwargs) -> str:
         """The whole generated text."""
@@ -82,12 +95,14 @@ class Client:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         reply = self.stub.Tokenize(
-            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout
+            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            timeout=self.timeout,
+            metadata=self.metadata,
         )
         return list(reply.token_ids)
 
     def model_info(self) -> router_pb2.GetModelInfoResponse:
-        return self.stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        return self.stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -100,12 +115,15 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client with the same methods as ``Client``."""
+    """asyncio client with the same methods and arguments as ``Client``."""
 
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = rpc.aio_channel(address)
+    def __init__(
+        self, address: str, timeout: float | None = None, api_key: str | None = None, tls: ChannelTls | None = None
+    ):
+        self.channel = rpc.aio_channel(address, tls=tls)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
+        self.metadata = _metadata(api_key)
 
     async def generate(
         self,
@@ -116,7 +134,9 @@ class AsyncClient:
         request_id: str | None = None,
         **sampling,
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        call = self.stub.Generate(_request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout)
+        call = self.stub.Generate(
+            _request(prompt, messages, token_ids, request_id, sampling), timeout=self.timeout, metadata=self.metadata
+        )
         async for chunk in call:
             yield chunk
 
@@ -125,12 +145,16 @@ class AsyncClient:
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         reply = await self.stub.Tokenize(
-            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=self.timeout
+            router_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            timeout=self.timeout,
+            metadata=self.metadata,
         )
         return list(reply.token_ids)
 
     async def model_info(self) -> router_pb2.GetModelInfoResponse:
-        return await self.stub.GetModelInfo(router_pb2.GetModelInfoRequest(), timeout=self.timeout)
+        return await self.stub.GetModelInfo(
+            router_pb2.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata
+        )
 
     async def close(self) -> None:
         await self.channel.close()

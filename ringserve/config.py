@@ -73,6 +73,10 @@ class GrpcArgs:
         "(health and control calls have threads of their own)",
     )
     max_message_mb: int = _opt(MAX_MESSAGE_MB, "largest gRPC message sent or received, in MiB (prompts of 10M tokens)")
+    tls_cert: str | None = _opt(None, "this service's TLS certificate (PEM; its role as a SPIFFE URI SAN)", str)
+    tls_key: str | None = _opt(None, "key of --tls-cert (PEM file)", str)
+    tls_ca: str | None = _opt(None, "the deployment CA (PEM file): peers' certificates must chain to it", str)
+    insecure: bool = _opt(False, "allow plaintext gRPC on a non-loopback address (said in the log)")
 
 
 @dataclass
@@ -112,6 +116,12 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     registry_ttl_s: float = _opt(10.0, "a group that misses heartbeats for this long drops out of the registry")
     drain_timeout_s: float = _opt(120.0, "on SIGTERM, wait this long at most for running requests to finish")
     kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
+    deployment_secret_file: str | None = _opt(
+        None,
+        "file with the secret that keys the MACs of KV landings and TCP KV frames, the same on both tiers "
+        "(or its value in RINGSERVE_DEPLOYMENT_SECRET)",
+        str,
+    )
 
 
 @dataclass
@@ -169,3 +179,9 @@ class RouterConfig(RedisArgs, GrpcArgs):
     ready_timeout_s: float = _opt(300.0, "how long to wait at start for a prefill and a decode group to register")
     drain_timeout_s: float = _opt(30.0, "on SIGTERM, refuse new requests and let running ones finish for this long")
     migration_limit: int = _opt(1, "times a stream may move to another decode group when its own dies (0: never)")
+    tls_client_ca: str | None = _opt(
+        None, "require client certificates signed by this CA (PEM file) on the client port (needs --tls-cert)", str
+    )
+    api_keys_file: str | None = _opt(
+        None, "API keys clients must send as `authorization: Bearer <key>` (file re-read on change; see README)", str
+    )

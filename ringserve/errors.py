@@ -64,6 +64,12 @@ def grpc_status(err: RingserveError):
     return getattr(grpc.StatusCode, err.code)
 
 
+class PermissionDenied(RingserveError):
+    """The caller may not do this: a KV landing or frame that fails its MAC, replayed, expired."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Cancelled(RingserveError):
     """The caller went away or cancelled; whatever the request held has been freed."""
 
@@ -81,6 +87,7 @@ _BY_CODE = {
         DeadlineExceeded,
         Cancelled,
         Aborted,
+        PermissionDenied,
     )
 }
 

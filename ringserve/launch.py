@@ -12,11 +12,15 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig
 from ringserve.errors import Cancelled, Unavailable
 from ringserve.process_group import free_port
 from ringserve.redis_server import EmbeddedRedis
+
+if TYPE_CHECKING:
+    from ringserve.tls import ChannelTls
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class Cluster:
     log_dir: str | None = None
     redis: EmbeddedRedis | None = None  # the embedded Redis, when the cluster started its own
     cancel: threading.Event | None = None  # set: stop waiting for services to become ready
+    tls: ChannelTls | None = None  # for health checks, when the services run TLS
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     argv: dict[str, list[str]] = field(default_factory=dict)  # service -> its full command line
     addresses: dict[str, str] = field(default_factory=dict)  # service -> gRPC address
@@ -113,7 +118,7 @@ class Cluster:
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled(f"start-up interrupted while waiting for the {name} service")
             try:
-                wait_ready(self.addresses[name], timeout_s=1.0)
+                wait_ready(self.addresses[name], timeout_s=1.0, tls=self.tls)
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -170,6 +175,7 @@ def start_cluster(
     redis_port: int = 0,
     name: str | None = None,
     cancel: threading.Event | None = None,
+    tls: ChannelTls | None = None,
 ) -> Cluster:
     """Start decode (KVP = ``kvp``), prefill (CP = ``cp``) and router as child processes; return
     once all serve.
@@ -177,7 +183,8 @@ def start_cluster(
     They register in Redis at ``redis_url``, or in an embedded Redis started here on ``redis_port``
     (0: a free one; stopped with the cluster), under cluster ``name`` (default: a fresh one, so
     clusters can share a Redis). Setting ``cancel`` interrupts the start-up (``Cancelled``).
-    With ``metrics``, each service also serves Prometheus /metrics on a free port."""
+    With ``metrics``, each service also serves Prometheus /metrics on a free port. Services that run
+    TLS (their flags in ``extra``) are health-checked over ``tls``."""
     redis = None
     if redis_url is None:
         log_path = os.path.join(log_dir, "redis.log") if log_dir else None
@@ -189,7 +196,9 @@ def start_cluster(
         "prefill": ["prefill", "--cp", str(cp), *common],
         "router": ["router", *(["--model", model] if model else [])],
     }
-    cluster = Cluster("", "", "", redis_url, name or f"local-{uuid.uuid4().hex[:8]}", host, log_dir, redis, cancel)
+    cluster = Cluster(
+        "", "", "", redis_url, name or f"local-{uuid.uuid4().hex[:8]}", host, log_dir, redis, cancel, tls=tls
+    )
     try:
         for service in ("decode", "prefill", "router"):
             port = router_port if service == "router" else 0
@@ -226,6 +235,7 @@ def add_service_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
     p.add_argument("--port", type=int, default=50050, help="the router's port")
+    p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
     p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port (default 8000)")
     p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
                    "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip

@@ -22,10 +22,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from ringserve.auth import ApiKeyAuth
 from ringserve.config import MAX_MESSAGE_MB, GrpcArgs
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, grpc_status
 from ringserve.metrics import REQUESTS
+from ringserve.tls import ChannelTls, RoleCheck, channel_tls, check_bind, check_tls_args, server_credentials
 from ringserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -130,16 +132,35 @@ def _channel_options(max_message_mb: int | None) -> list[tuple[str, int]]:
     return message_options(max_message_mb or int(os.environ.get("RINGSERVE_MAX_MESSAGE_MB", MAX_MESSAGE_MB)))
 
 
-def channel(address: str, max_message_mb: int | None = None) -> grpc.Channel:
-    """A plaintext channel to ``address`` with ringserve's message limits (``max_message_mb``, else
+_process_tls: ChannelTls | None = None
+
+
+def configure_channels(cfg: GrpcArgs) -> None:
+    """Make every channel this process opens by default present ``cfg``'s certificate and verify
+    peers against its CA (plaintext when ``cfg`` has no TLS). Services call it once at start."""
+    global _process_tls
+    _process_tls = channel_tls(cfg)
+
+
+def channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | None = None) -> grpc.Channel:
+    """A channel to ``address`` with ringserve's message limits (``max_message_mb``, else
     RINGSERVE_MAX_MESSAGE_MB, else ``config.MAX_MESSAGE_MB``): gRPC's 4 MiB default would refuse
-    million-token prompts and their token ids."""
-    return grpc.insecure_channel(address, options=_channel_options(max_message_mb))
+    million-token prompts and their token ids. TLS (``tls``, else this process's from
+    ``configure_channels``) verifies the peer's certificate against the CA and ``address``'s host."""
+    tls = tls or _process_tls
+    options = _channel_options(max_message_mb)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, tls.credentials(), options=options)
 
 
-def aio_channel(address: str, max_message_mb: int | None = None) -> grpc.aio.Channel:
+def aio_channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | None = None) -> grpc.aio.Channel:
     """``channel`` for asyncio clients."""
-    return grpc.aio.insecure_channel(address, options=_channel_options(max_message_mb))
+    tls = tls or _process_tls
+    options = _channel_options(max_message_mb)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
 
 
 class CallLimit(grpc.ServerInterceptor):
@@ -223,12 +244,17 @@ def start_server(
     port: int,
     interceptors: list[grpc.ServerInterceptor] | None = None,
     limits: GrpcArgs | None = None,
+    internal: bool = True,
 ) -> tuple[grpc.Server, int, HealthServicer]:
     """A started gRPC server with the given servicers, standard health checking and reflection.
 
     ``limits`` (a service's config) bounds the concurrent long calls (``CallLimit``) and the message
-    size. The port must be free: gRPC's default SO_REUSEPORT would let a second server share it and
-    take some of the first one's connections.
+    size, and sets TLS (``tls.py``): an ``internal`` server requires client certificates of the
+    deployment CA and serves its API to the router role only; the router's client port
+    (``internal=False``) requires client certificates only under ``--tls-client-ca``, and API keys
+    under ``--api-keys-file`` (``auth.py``). Without TLS
+    a non-loopback ``host`` needs ``--insecure``. The port must be free: gRPC's default SO_REUSEPORT
+    would let a second server share it and take some of the first one's connections.
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
     is not set here: a worker's ``drain.Drain`` sets it once the worker is registered).
     """
@@ -237,9 +263,17 @@ def start_server(
         raise InvalidArgument(f"--max-concurrent-requests must be >= 1, got {limits.max_concurrent_requests}")
     if not 1 <= limits.max_message_mb <= 2047:  # gRPC takes a 32-bit signed byte count
         raise InvalidArgument(f"--max-message-mb must be 1 to 2047, got {limits.max_message_mb}")
+    service = service_names[0].rsplit(".", 1)[-1] if service_names else "server"
+    check_bind(host, limits, service)
+    secure = check_tls_args(limits)
+    if secure and internal:
+        checks = [RoleCheck(limits.cluster, ("router",), service)]
+    else:
+        keys_file = getattr(limits, "api_keys_file", None)
+        checks = [ApiKeyAuth(keys_file)] if keys_file else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_requests + CONTROL_THREADS),
-        interceptors=[CallLimit(limits.max_concurrent_requests), *(interceptors or [])],
+        interceptors=[*checks, CallLimit(limits.max_concurrent_requests), *(interceptors or [])],
         options=[("grpc.so_reuseport", 0), *message_options(limits.max_message_mb)],
     )
     for add, servicer in add_servicers:
@@ -250,7 +284,12 @@ def start_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _add_reflection(server, service_names)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if secure:
+            client_ca = limits.tls_ca if internal else getattr(limits, "tls_client_ca", None)
+            creds = server_credentials(limits.tls_cert, limits.tls_key, client_ca)
+            bound = server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:  # grpcio raises where older versions returned 0
         bound = 0
     if bound == 0:
@@ -259,12 +298,12 @@ def start_server(
     return server, bound, health_servicer
 
 
-def wait_ready(address: str, timeout_s: float) -> None:
-    """Block until the server at ``address`` answers health checks as SERVING."""
+def wait_ready(address: str, timeout_s: float, tls: ChannelTls | None = None) -> None:
+    """Block until the server at ``address`` answers health checks as SERVING (over ``tls`` if given)."""
     deadline = time.monotonic() + timeout_s
     while True:
         # A fresh channel per try: a long-lived one backs off for up to minutes after early failures.
-        with channel(address) as ch:
+        with channel(address, tls=tls) as ch:
             try:
                 reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

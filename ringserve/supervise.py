@@ -67,6 +67,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if args.model and not os.path.exists(args.model):
         raise InvalidArgument(f"--model {args.model}: no such file or directory")
+    from ringserve.tls import is_loopback
+
+    if not args.insecure and not is_loopback(args.host):
+        raise InvalidArgument(
+            f"--host {args.host} is not a loopback address and `up` serves plaintext gRPC: add --insecure to "
+            "serve it to the network anyway, or run the services with TLS flags (see README)"
+        )
     ports = {"--port": args.port, "--http-port": args.http_port}
     ports |= {} if args.redis_url else {"--redis-port": args.redis_port}
     for flag, port in ports.items():
@@ -185,12 +192,17 @@ def up(args: argparse.Namespace) -> int:
     check_flags(args)
     signals = Signals()
     drain_s = _drain_timeout_s()
+    insecure = ["--insecure"] if args.insecure else []  # up runs plaintext: off loopback only when asked
     cluster = None
     try:
         cluster = start_cluster(
             cp=args.cp, kvp=args.kvp, model=args.model, dtype=args.dtype, host=args.host, router_port=args.port,
             metrics=True, redis_url=args.redis_url, redis_port=args.redis_port, name="ringserve",
-            extra={"router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port)]},
+            extra={
+                "router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port), *insecure],
+                "prefill": insecure,
+                "decode": insecure,
+            },
             cancel=signals.first,
         )  # fmt: skip
         print(cluster.router, flush=True)

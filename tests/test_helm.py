@@ -6,6 +6,7 @@ a second prefill group joining as `kubectl scale` would start it, and that group
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -113,6 +114,14 @@ VALUE_SETS = {
         "model": {"source": "pvc", "pvc": {"claimName": "weights"}, "path": "Llama-3.1-8B-Instruct"},
         "prefill": {"nodeSelector": {"gpu": "h200"}, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
     },
+    "tls-cert-manager": {  # certificates from cert-manager; API keys and client certificates required
+        "tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "ringserve-ca"}}},
+        "apiKeys": {"existingSecret": "api-keys"},
+        "tests": {"apiKeySecret": "test-key"},
+    },
+    "tls-secrets": {  # certificates from Secrets the user made
+        "tls": {"enabled": True, "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls"}},
+    },
     "hostpath-model-cpu": {
         "gpu": {"enabled": False},
         "model": {"source": "hostPath", "hostPath": {"path": "/data/models"}, "path": "smollm2.gguf"},
@@ -147,6 +156,8 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     assert container(prefill)["command"] == ["ringserve", "prefill"]
     assert container(decode)["command"] == ["ringserve", "decode"]
 
+    check_security(values, docs, router, prefill, decode)
+    tls = values.get("tls", {}).get("enabled", False)
     gpu = values.get("gpu", {}).get("enabled", True)
     cp = values.get("prefill", {}).get("cpSize", 2)
     kvp = values.get("decode", {}).get("kvpSize", 1)
@@ -161,8 +172,12 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
         assert limits.get("nvidia.com/gpu") == (str(gpus) if gpu else None)  # a string: a quantity
         assert workload["spec"]["replicas"] == values.get(tier, {}).get("replicas", 1)
         probes = container(workload)
-        assert probes["readinessProbe"]["grpc"]["service"] == "ringserve.ready"
-        assert probes["livenessProbe"]["grpc"]["service"] == "ringserve.live"
+        if tls:  # the kubelet's gRPC probes speak no TLS: `ringserve health` with the pod's certificate
+            assert probes["readinessProbe"]["exec"]["command"][-2:] == ["--service", "ringserve.ready"]
+            assert probes["livenessProbe"]["exec"]["command"][-2:] == ["--service", "ringserve.live"]
+        else:
+            assert probes["readinessProbe"]["grpc"]["service"] == "ringserve.ready"
+            assert probes["livenessProbe"]["grpc"]["service"] == "ringserve.live"
     assert config["RINGSERVE_DEVICE"] == ("cuda" if gpu else "cpu")
     assert config["RINGSERVE_DTYPE"] == ("bfloat16" if gpu else "float32")
 
@@ -191,6 +206,46 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     test_pod = find(docs, "Pod", f"{FULLNAME}-test-request")
     assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert f"{FULLNAME}-router:50050" in test_pod["spec"]["containers"][0]["args"]
+
+
+def check_security(values: dict, docs: list[dict], router: dict, prefill: dict, decode: dict) -> None:
+    """TLS env and volumes per role, plaintext only with RINGSERVE_INSECURE, Redis auth from a file, the
+    deployment secret for both tiers, and no secret value on any command line."""
+    tls = values.get("tls", {})
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    for role, workload in (("router", router), ("prefill", prefill), ("decode", decode)):
+        env = env_of(container(workload))
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        if tls.get("enabled"):
+            assert env["RINGSERVE_TLS_CERT"] == "/etc/ringserve/tls/tls.crt" and "RINGSERVE_INSECURE" not in env
+            wanted = f"{FULLNAME}-{role}-tls" if tls.get("certManager") else tls["secrets"][role]
+            assert volumes["tls"]["secret"]["secretName"] == wanted
+        else:
+            assert env["RINGSERVE_INSECURE"] == "true" and "tls" not in volumes
+        if role != "router":
+            ref = env["RINGSERVE_DEPLOYMENT_SECRET"]["secretKeyRef"]
+            assert ref["name"] in secrets and ref["key"] == "deployment-secret"
+        elif values.get("apiKeys"):
+            assert env["RINGSERVE_API_KEYS_FILE"] == "/etc/ringserve/api-keys/api-keys"
+            assert volumes["api-keys"]["secret"]["secretName"] == "api-keys"
+    if tls.get("certManager"):
+        certs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+        assert certs[f"{FULLNAME}-prefill"]["uris"] == [f"spiffe://ringserve/{FULLNAME}/prefill"]
+        assert f"*.{FULLNAME}-decode.default.svc" in certs[f"{FULLNAME}-decode"]["dnsNames"]
+        advertised = env_of(container(decode))["RINGSERVE_ADVERTISE_HOST"]
+        assert advertised == f"$(POD_NAME).{FULLNAME}-decode.default.svc"
+    if values.get("redis", {}).get("enabled", True):
+        redis = find(docs, "Deployment", f"{FULLNAME}-redis")
+        args = container(redis)["args"]
+        assert args[0] == "/etc/redis-auth/auth.conf" and args[args.index("--protected-mode") + 1] == "yes"
+        auth = secrets[f"{FULLNAME}-redis-auth"]["data"]
+        password = base64.b64decode(auth["password"]).decode()
+        assert base64.b64decode(auth["auth.conf"]).decode() == f"requirepass {password}\n" and len(password) >= 32
+    values_of_secrets = [base64.b64decode(v).decode() for s in secrets.values() for v in s["data"].values()]
+    for d in docs:
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            line = " ".join(c.get("command", []) + c.get("args", []))
+            assert not any(v.strip() in line for v in values_of_secrets if v.strip())
 
 
 def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
@@ -329,6 +384,9 @@ def deployment(helm, tmp_path_factory):
     _, docs = render(helm, values, tmp)
     config = find(docs, "ConfigMap", FULLNAME)["data"]
     secrets = {"redis-auth": {"password": "s3cret-test"}}
+    for d in docs:  # the chart's own Secrets (the deployment secret), as the API server would hold them
+        if d["kind"] == "Secret":
+            secrets[d["metadata"]["name"]] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
     workloads = {
         "decode": find(docs, "StatefulSet", f"{FULLNAME}-decode"),
         "prefill": find(docs, "StatefulSet", f"{FULLNAME}-prefill"),

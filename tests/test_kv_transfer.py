@@ -7,9 +7,11 @@ import socket
 import pytest
 import torch
 
-from ringserve.errors import InvalidArgument, Unavailable
+from ringserve.errors import InvalidArgument, PermissionDenied, Unavailable
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves
-from ringserve.kv_transfer.tcp import KVReceiver, row_slices, send_kv
+from ringserve.kv_transfer.secret import tag
+from ringserve.kv_transfer.tcp import KVReceiver, _recv_msg, _send_msg, _signed, row_slices, send_kv
+from ringserve.metrics import KV_DROPPED
 
 
 @pytest.mark.parametrize("n,k", list(itertools.product([1, 2, 3, 4], [1, 2, 3, 4])))
@@ -86,5 +88,31 @@ def test_a_wildcard_receiver_advertises_a_reachable_name():
     receiver = KVReceiver(lambda frame: None, lambda frame, kv: None, host="0.0.0.0", advertise_host="kv.example")
     try:
         assert receiver.address.startswith("kv.example:")
+    finally:
+        receiver.close()
+
+
+def test_tcp_frames_without_a_valid_mac_are_dropped_and_counted():
+    """With a deployment secret, a frame with no MAC, one under another secret, or a header altered
+    after signing is dropped before ``admit`` (nothing reaches the reservation) and counted."""
+    key = b"deployment-secret-0123456789"
+    admitted = []
+    receiver = KVReceiver(lambda frame: admitted.append(frame.request_id), lambda frame, kv: None, frame_key=key)
+    kv = torch.zeros(1, 2, 1, 1, 1)
+    before = KV_DROPPED.labels("unauthenticated")._value.get()
+    try:
+        for sender_key in (None, b"another-deployments-secret"):
+            with pytest.raises(PermissionDenied, match="without a valid MAC"):
+                send_kv(receiver.address, "r", 1, "t", [(0, kv)], key=sender_key)
+        with socket.create_connection(receiver.address.rsplit(":", 1)) as sock:  # signed, then altered
+            header = {"request_id": "r", "epoch": 1, "transfer_id": "t", "first_position": 0, "count": 1}
+            header |= {"shape": [1, 2, 1, 1, 1], "dtype": "float32", "nbytes": 8, "checksum": "0"}
+            header["mac"] = tag(key, _signed(header)).hex()
+            header["first_position"] = 7
+            _send_msg(sock, header)
+            assert _recv_msg(sock)["code"] == "PERMISSION_DENIED"
+        assert admitted == [] and receiver.dropped["unauthenticated"] == 3
+        assert KV_DROPPED.labels("unauthenticated")._value.get() == before + 3
+        assert send_kv(receiver.address, "r", 1, "t", [(0, kv)], key=key) == 8 and admitted == ["r"]
     finally:
         receiver.close()

@@ -39,6 +39,7 @@ from ringserve.kv_transfer.landing import (  # noqa: E402
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves  # noqa: E402
+from ringserve.kv_transfer.secret import TAG_BYTES  # noqa: E402
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # loopback only: no stray interfaces in CI
 
@@ -172,21 +173,21 @@ class Tally:
 class _State:
     """What an actor process keeps between commands."""
 
-    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int, report):
+    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int, report, key: bytes | None = None):
         torch.set_num_threads(1)  # many processes share two cores
         config = dataclasses.replace(CONFIG, num_key_value_heads=heads, num_attention_heads=heads)
         self.cache = KVCache(config, num_blocks, block_size)
         self.tally = Tally()
-        self.endpoint = NixlEndpoint(self.cache, name=name, on_landed=self.tally)
+        self.endpoint = NixlEndpoint(self.cache, name=name, on_landed=self.tally, landing_key=key)
         self.epochs = itertools.count(1)
         self.tables: dict[str, list[int]] = {}
         self.snapshots: dict[str, tuple] = {}
         self.report = report
 
 
-def _actor_main(name, num_blocks, block_size, heads, commands, results):
+def _actor_main(name, num_blocks, block_size, heads, commands, results, key=None):
     try:
-        state = _State(name, num_blocks, block_size, heads, lambda value: results.put(("progress", value)))
+        state = _State(name, num_blocks, block_size, heads, lambda value: results.put(("progress", value)), key)
         results.put(("ok", "ready"))
     except BaseException as e:
         results.put(("error", (type(e).__name__, str(e))))
@@ -203,14 +204,16 @@ def _actor_main(name, num_blocks, block_size, heads, commands, results):
 class Actor:
     """A worker process with a KV cache and a NixlEndpoint, running the functions it is sent."""
 
-    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int = HEADS):
+    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int = HEADS, key: bytes | None = None):
         ctx = mp.get_context("forkserver")
         # Actors fork from one server process that has imported torch and NIXL once (but made no
         # agent): starting eight costs a second, not eight torch imports on two cores.
         ctx.set_forkserver_preload(["ringserve.kv_transfer.nixl"])
         self.name, self.commands, self.results = name, ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(
-            target=_actor_main, args=(name, num_blocks, block_size, heads, self.commands, self.results), daemon=True
+            target=_actor_main,
+            args=(name, num_blocks, block_size, heads, self.commands, self.results, key),
+            daemon=True,
         )
         self.proc.start()
 
@@ -402,6 +405,42 @@ def test_corrupt_or_foreign_landings_are_refused_and_later_pushes_work(workers):
     assert err == "InvalidArgument" and "outside [0, 20)" in msg
     assert prefill[0].call(_push, rows, 0, [(0, 20, landing, 0)])[1:] == (0,)
     assert decode[0].call(_receive, "corrupt", rows) == (True, True, 0)
+
+
+def _untouched(state: _State, request_id: str) -> tuple[bool, int]:
+    """Decode side: (the pool is bit for bit as it was at reserve, rows of ``request_id`` reported landed)."""
+    k0, v0 = state.snapshots[request_id]
+    same = all(
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in ((state.cache.k, k0), (state.cache.v, v0))
+    )
+    return same, state.tally.rows.get(request_id, 0)
+
+
+def test_forged_landings_are_refused_before_any_write():
+    """With a deployment secret: a landing signed under another secret, one altered after signing
+    (its blocks aimed elsewhere) and an unsigned one are refused with PermissionDenied; the decode
+    pool is untouched and no notification arrived. The genuine landing then lands exactly."""
+    key = b"deployment-secret-0123456789"
+    prefill, decode = _start([("keyed-prefill", 32, 4, HEADS, key), ("keyed-decode", 32, 8, HEADS, key)])
+    try:
+        rows = torch.randn(LAYERS, 2, 12, HEADS, DIM)
+        landing = decode.call(_reserve, "forged", 12)
+        parsed = Landing.from_bytes(landing, key)
+        aimed = bytearray(landing)
+        aimed[-TAG_BYTES - 4] ^= 0x01  # the last block id
+        for bad, message in [
+            (parsed.to_bytes(b"another-deployments-secret"), "fails its MAC"),
+            (bytes(aimed), "fails its MAC"),
+            (parsed.to_bytes(), "not signed with the deployment secret"),
+        ]:
+            err, msg = prefill.fails(_push, rows, 0, [(0, 12, bad, 0)])
+            assert err == "PermissionDenied" and message in msg
+        time.sleep(0.5)  # a notification, had any WRITE happened, would be in by now
+        assert decode.call(_untouched, "forged") == (True, 0)
+        assert prefill.call(_push, rows, 0, [(0, 12, landing, 0)])[1:] == (0,)
+        assert decode.call(_receive, "forged", rows) == (True, True, 0)
+    finally:
+        _stop([prefill, decode])
 
 
 BIG_HEADS = 64  # 2 KiB per row, layer and side: pushes of 32 MiB take a while on loopback

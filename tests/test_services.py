@@ -9,11 +9,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ringserve import rpc
 from ringserve.client import Client
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
 from ringserve.launch import start_cluster
-from ringserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from ringserve.process_group import free_port
+from ringserve.tls import ChannelTls
+from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.certs import CA
 
 PROMPTS = [
     "The capital of France is",
@@ -33,25 +37,70 @@ def clusters(tmp_path_factory, redis_server):
     prompts over 128 tokens in chunks and packs concurrent requests into shared passes."""
     started = {}
 
-    def get(cp: int, kvp: int = 1, transport: str = "auto"):
-        key = (cp, kvp, transport)
+    def get(cp: int, kvp: int = 1, transport: str = "auto", secure: bool = False):
+        """``secure``: every service on TLS with certificates of a CA made here, the router with API keys."""
+        key = (cp, kvp, transport, secure)
         if key not in started:
             flags = ["--kv-transfer", transport]
             # CP=2 runs prompts over 128 tokens in chunks, and packs concurrent ones.
             scheduling = ["--max-pass-tokens", "128"] if cp == 2 else []
+            extra = {"decode": ["--shard-tokens", "32", *flags], "prefill": [*flags, *scheduling], "router": []}
+            name, tls = None, None
+            if secure:
+                name = f"secure-cp{cp}-kvp{kvp}"
+                tls = secure_flags(tmp_path_factory.mktemp(f"pki-{name}"), name, extra)
             started[key] = start_cluster(
                 cp=cp,
                 kvp=kvp,
-                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}")),
+                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}{'-tls' * secure}")),
                 metrics=True,
                 redis_url=redis_server.url,
-                extra={"decode": ["--shard-tokens", "32", *flags], "prefill": [*flags, *scheduling]},
+                extra=extra,
+                name=name,
+                tls=tls,
             )
         return started[key]
 
     yield get
     for c in started.values():
         c.stop()
+
+
+API_KEY = "test-key-5f0c2a9d81b34e67"
+HTTPS_PORTS: dict[str, int] = {}  # secure cluster name -> the router's HTTPS (OpenAI API) port
+CAS: dict[str, CA] = {}  # secure cluster name -> its deployment CA
+
+
+def scrape(cluster, service: str, sample: str) -> float:
+    """One sample of a service's /metrics (0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{cluster.metrics[service]}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def secure_flags(directory, cluster: str, extra: dict[str, list[str]]) -> ChannelTls:
+    """Add TLS, API-key and deployment-secret flags to each service's ``extra``; return what a test
+    presents: the router role's certificate (the internal APIs accept no other)."""
+    ca = CAS[cluster] = CA(directory)
+    for role in ("decode", "prefill", "router"):
+        extra[role] += ca.issue(role, role=role, cluster=cluster).flags()
+    (directory / "secret").write_text("deployment-secret-for-tests-0123456789\n")
+    for role in ("decode", "prefill"):
+        extra[role] += ["--deployment-secret-file", str(directory / "secret")]
+    (directory / "keys").write_text(f"tests {API_KEY}\n")
+    HTTPS_PORTS[cluster] = free_port()
+    extra["router"] += ["--api-keys-file", str(directory / "keys"), "--http-port", str(HTTPS_PORTS[cluster])]
+    tester = ca.issue("tester", role="router", cluster=cluster)
+    return ChannelTls(ca.path, tester.cert, tester.key)
+
+
+def client(cluster, timeout: float, api_key: str | None = API_KEY) -> Client:
+    """A client of the cluster's router, with TLS and the API key when the cluster runs them."""
+    return Client(cluster.router, timeout=timeout, tls=cluster.tls, api_key=api_key if cluster.tls else None)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +122,7 @@ def reference(engine, prompt: str, max_tokens: int) -> tuple[list[int], str]:
 
 
 def prefill_info(cluster):
-    with grpc.insecure_channel(cluster.prefill) as channel:
+    with rpc.channel(cluster.prefill, tls=cluster.tls) as channel:
         return prefill_pb2_grpc.PrefillStub(channel).GetInfo(prefill_pb2.GetPrefillInfoRequest(), timeout=10)
 
 
@@ -81,7 +130,7 @@ def blocks_used(cluster) -> tuple[int, int]:
     """KV blocks held for requests: on the prefill leader (beyond what its prefix cache keeps) and
     on the decode worker."""
     p = prefill_info(cluster)
-    with grpc.insecure_channel(cluster.decode) as dc:
+    with rpc.channel(cluster.decode, tls=cluster.tls) as dc:
         d = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
     return p.kv_blocks_used - p.prefix_cache.blocks[0], d.kv_blocks_used
 
@@ -93,25 +142,169 @@ def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("cp,kvp,transport", [(1, 1, "tcp"), (2, 1, "auto"), (3, 2, "auto")])
-def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, transport):
+@pytest.mark.parametrize(
+    "cp,kvp,transport,secure",
+    [(1, 1, "tcp", False), (2, 1, "auto", False), (3, 2, "auto", False), (2, 1, "auto", True)],
+)
+def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, transport, secure):
     """Every layout (N prefill ranks to K decode ranks) and both KV transports: auto is NIXL
-    here (it runs on CPU over UCX loopback), so NIXL and TCP give the same greedy tokens."""
-    cluster = clusters(cp, kvp, transport)
+    here (it runs on CPU over UCX loopback), so NIXL and TCP give the same greedy tokens. The same
+    again with TLS on every interface and API keys on the router (``secure``)."""
+    cluster = clusters(cp, kvp, transport, secure)
     expected = "tcp" if transport == "tcp" else "nixl"
     assert prefill_info(cluster).transport == expected
-    with grpc.insecure_channel(cluster.decode) as dc:
+    with rpc.channel(cluster.decode, tls=cluster.tls) as dc:
         info = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
     assert (info.transport, info.kvp_size) == (expected, kvp)
-    with Client(cluster.router, timeout=120) as client:
+    with client(cluster, timeout=120) as c:
         for prompt in PROMPTS:
-            chunks = list(client.generate(prompt, max_tokens=24))
+            chunks = list(c.generate(prompt, max_tokens=24))
             ids, text = reference(engine, prompt, 24)
             assert [t for c in chunks for t in c.token_ids] == ids, prompt
             assert "".join(c.text for c in chunks) == text
             last = chunks[-1]
             assert last.finish_reason in (1, 2) and last.usage.completion_tokens == len(ids)
             assert last.usage.prompt_tokens == len(engine.tokenizer.encode(prompt))
+    wait_blocks_free(cluster)
+
+
+def test_secure_cluster_refuses_callers_without_a_key_or_certificate(clusters):
+    """On the TLS cluster: no key or a wrong key gets UNAUTHENTICATED / PERMISSION_DENIED and
+    reserves nothing; a plaintext client gets nowhere; Decode refuses a caller of another role."""
+    cluster = clusters(2, 1, "auto", True)
+    for api_key, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
+        with client(cluster, timeout=30, api_key=api_key) as c, pytest.raises(grpc.RpcError) as e:
+            c.complete("The capital of France is", max_tokens=4)
+        assert e.value.code() == code
+        assert blocks_used(cluster) == (0, 0)
+    with Client(cluster.router, timeout=10, api_key=API_KEY) as plain, pytest.raises(grpc.RpcError) as e:
+        plain.complete("x", max_tokens=1)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    prefill_cert = [a for a in cluster.argv["prefill"] if a.endswith("prefill.pem")][0]
+    as_prefill = ChannelTls(cluster.tls.ca, prefill_cert, prefill_cert.replace(".pem", "-key.pem"))
+    with rpc.channel(cluster.decode, tls=as_prefill) as dc, pytest.raises(grpc.RpcError) as e:
+        decode_pb2_grpc.DecodeStub(dc).Reserve(decode_pb2.ReserveRequest(request_id="x", prompt_tokens=8), timeout=10)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert blocks_used(cluster) == (0, 0)
+
+
+def test_secure_cluster_https_api_takes_the_same_keys(clusters, engine):
+    """The OpenAI-compatible API on the TLS router serves HTTPS with the router's certificate and
+    passes the caller's Authorization header to Generate: 401 without a key, 403 with a wrong one."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    cluster = clusters(2, 1, "auto", True)
+    context = ssl.create_default_context(cafile=cluster.tls.ca)
+    url = f"https://127.0.0.1:{HTTPS_PORTS[cluster.name]}/v1/completions"
+    body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4})
+
+    def post(key):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(url, data=body.encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120, context=context) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    assert post(None)[0] == 401 and post("wrong")[0] == 403
+    status, answer = post(API_KEY)
+    assert status == 200 and answer["choices"][0]["text"] == reference(engine, "The capital of France is", 4)[1]
+    wait_blocks_free(cluster)
+
+
+def most_room():
+    """A load with more room than any real group: the router's first pick."""
+    from ringserve.registry import Load
+
+    return Load(free_blocks=10**6, total_blocks=10**6)
+
+
+class RogueDecode(decode_pb2_grpc.DecodeServicer):
+    """A Decode server a Redis writer points the router at: it counts every call that reaches it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def Reserve(self, request, context):
+        self.calls += 1
+        context.abort(grpc.StatusCode.INTERNAL, "a rogue server got a call")
+
+    GetInfo = Renew = Release = Reserve
+
+
+def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match(
+    clusters, engine, tmp_path, redis_server
+):
+    """Registry integrity: a decode record naming 127.0.0.1:PORT, served there with a certificate of
+    this deployment's CA for another host, or with another CA's certificate, gets no call (the
+    handshake fails); requests go to the real decode group and give the engine's tokens."""
+    from ringserve.config import DecodeConfig
+    from ringserve.registry import Registration
+
+    cluster = clusters(2, 1, "auto", True)
+    bogus = [
+        CAS[cluster.name].issue("elsewhere", role="decode", cluster=cluster.name, hosts=("decode.elsewhere",)),
+        CA(tmp_path / "foreign", "another-deployment").issue("decode", role="decode", cluster=cluster.name),
+    ]
+    for issued in bogus:
+        rogue = RogueDecode()
+        cfg = DecodeConfig(tls_cert=issued.cert, tls_key=issued.key, tls_ca=CAS[cluster.name].path)
+        add = decode_pb2_grpc.add_DecodeServicer_to_server
+        server, port, _ = rpc.start_server([(add, rogue)], ["ringserve.v1.Decode"], "127.0.0.1", 0, limits=cfg)
+        worker = DecodeConfig(redis_url=redis_server.url, cluster=cluster.name)
+        registration = Registration(worker, "decode", 1, 64, most_room).start(f"127.0.0.1:{port}")
+        try:
+            time.sleep(2)  # the router reads the registry every 0.5 s
+            with client(cluster, timeout=120) as c:
+                for prompt in PROMPTS[:2]:
+                    ids = [t for chunk in c.generate(prompt, max_tokens=8) for t in chunk.token_ids]
+                    assert ids == reference(engine, prompt, 8)[0], prompt
+            assert rogue.calls == 0
+        finally:
+            registration.deregister()
+            server.stop(None)
+    wait_blocks_free(cluster)
+
+
+def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(clusters):
+    """Prefill with a landing altered after the decode worker signed it, and again with a landing
+    already used, is refused with PERMISSION_DENIED and sends no KV byte (the prefill group's
+    counter); the genuine first use works."""
+    cluster = clusters(2, 1, "auto", True)
+    sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
+    with rpc.channel(cluster.decode, tls=cluster.tls) as dc, rpc.channel(cluster.prefill, tls=cluster.tls) as pc:
+        decode, prefill = decode_pb2_grpc.DecodeStub(dc), prefill_pb2_grpc.PrefillStub(pc)
+        reserve = decode.Reserve(decode_pb2.ReserveRequest(request_id="replay", prompt_tokens=8, max_tokens=4))
+        forged = [common_pb2.KVTarget() for _ in reserve.targets]
+        for f, t in zip(forged, reserve.targets):
+            f.CopyFrom(t)
+            landing = bytearray(t.nixl_landing)
+            landing[-33] ^= 0x01  # the last block id (before the 32-byte MAC): aim the WRITE elsewhere
+            f.nixl_landing = bytes(landing)
+
+        def run(targets):
+            request = prefill_pb2.PrefillRequest(request_id="replay", token_ids=list(range(1, 9)), targets=targets)
+            return prefill.Prefill(request, timeout=120)
+
+        try:
+            before = scrape(cluster, "prefill", sent)
+            with pytest.raises(grpc.RpcError) as e:
+                run(forged)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "fails its MAC" in e.value.details()
+            assert scrape(cluster, "prefill", sent) == before
+            run(reserve.targets)
+            after = scrape(cluster, "prefill", sent)
+            assert after > before
+            with pytest.raises(grpc.RpcError) as e:
+                run(reserve.targets)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "replay refused" in e.value.details()
+            assert scrape(cluster, "prefill", sent) == after
+        finally:
+            decode.Release(decode_pb2.ReleaseRequest(request_id="replay"), timeout=10)
     wait_blocks_free(cluster)
 
 

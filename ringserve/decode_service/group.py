@@ -28,6 +28,7 @@ from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.errors import RingserveError, Unavailable, error_from_code
 from ringserve.kv_transfer.landing import Landed
+from ringserve.kv_transfer.secret import deployment_secret
 from ringserve.kv_transfer.tcp import Frame, KVReceiver
 from ringserve.metrics import KV_BYTES
 from ringserve.process_group import check_group, free_port, init_group, next_message
@@ -72,7 +73,10 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
         on_landed(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count)
 
     port = cfg.kv_port + rank.rank if cfg.kv_port else 0
-    receiver = KVReceiver(rank.admit, sink, cfg.host, port, cfg.advertise_host, idle_timeout_s=cfg.kv_idle_timeout_s)
+    key = deployment_secret(cfg.deployment_secret_file)
+    receiver = KVReceiver(
+        rank.admit, sink, cfg.host, port, cfg.advertise_host, idle_timeout_s=cfg.kv_idle_timeout_s, frame_key=key
+    )
     endpoint = None
     if cfg.kv_transfer == "nixl":
         from ringserve.kv_transfer.nixl import NixlEndpoint
@@ -82,7 +86,9 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
             on_landed(rank.rank, note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
 
         try:
-            endpoint = NixlEndpoint(rank.cache, on_landed=landed, on_done=lambda d: on_done(d.request_id, d.epoch))
+            endpoint = NixlEndpoint(
+                rank.cache, on_landed=landed, on_done=lambda d: on_done(d.request_id, d.epoch), landing_key=key
+            )
         except BaseException:
             receiver.close()
             raise

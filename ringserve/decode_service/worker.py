@@ -59,6 +59,7 @@ from ringserve.errors import (
     Unavailable,
 )
 from ringserve.kv_transfer.plan import balanced_shares
+from ringserve.kv_transfer.secret import deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_DROPPED, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class DecodeWorker:
         self.max_batch = max_batch
         self.shard_tokens = shard_tokens
         self.landing_timeout_s = landing_timeout_s
+        self.landing_key = deployment_secret(group.cfg.deployment_secret_file)  # signs NIXL landings
         self.requests: dict[str, Request] = {}
         self.quarantine: dict[int, Request] = {}  # epoch -> an ended reservation whose blocks are held back
         self.quarantine_timeout_s = group.cfg.quarantine_timeout_s
@@ -251,7 +253,8 @@ class DecodeWorker:
             return b""
         from ringserve.kv_transfer.landing import landing_bytes
 
-        return landing_bytes(template, req.request_id, req.epoch, req.tables[rank], share)
+        expires = time.time() + self.reservation_ttl_s  # the prefill side admits it once, before this
+        return landing_bytes(template, req.request_id, req.epoch, req.tables[rank], share, self.landing_key, expires)
 
     def renew(self, request_id: str, epoch: int) -> bool:
         """Extend the lease of reservation ``epoch`` (the router does, every lease/3, while the

@@ -1,10 +1,12 @@
 """What the NIXL path puts on the wire: the landing a decode rank hands out, and the notifications.
 
-A landing (``Landing.to_bytes``) travels in a Reserve answer: magic and version, a JSON header
-(agent, incarnation, the pool's byte layout, request, epoch, rows), the agent's NIXL metadata,
-the reservation's block ids and an xxh3-64 checksum. Notifications travel with a WRITE
-(``landed_notif``: request, epoch, transfer, rows) or alone after a request's last push
-(``done_notif``: the sender writes nothing more for that request and epoch).
+A landing (``Landing.to_bytes``) travels in a Reserve answer: magic, version and seal kind, a JSON
+header (agent, incarnation, the pool's byte layout, request, epoch, expiry, rows), the agent's NIXL
+metadata, the reservation's block ids and a seal over all of it: an HMAC-SHA256 keyed by the
+deployment secret (``kv_transfer/secret.py``) when the deployment has one, else an xxh3-64
+checksum. Notifications travel with a WRITE (``landed_notif``: request, epoch, transfer, rows) or
+alone after a request's last push (``done_notif``: the sender writes nothing more for that
+request and epoch).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import torch
 import xxhash
 
 from ringserve.engine.kv_cache import KVCache
-from ringserve.errors import FailedPrecondition, InvalidArgument
+from ringserve.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from ringserve.kv_transfer.secret import TAG_BYTES, tag, verify
 
-LANDING_VERSION = 2
+LANDING_VERSION = 3
 _MAGIC = b"RSKV"
-_HEAD = struct.Struct("<4sHII")  # magic, version, header JSON bytes, metadata bytes
-_DIGEST = 8  # xxh3-64 of everything before it
+_HEAD = struct.Struct("<4sHBII")  # magic, version, seal kind, header JSON bytes, metadata bytes
+_CHECKSUM, _MAC = 0, 1  # seal kinds: xxh3-64 (8 bytes) or HMAC-SHA256 (32) of everything before it
+_SEAL_BYTES = {_CHECKSUM: 8, _MAC: TAG_BYTES}
 _NOTIF_PREFIX = b"ringserve-kv/2 "
 
 
@@ -94,7 +98,8 @@ class Landing:
 
     The sender may write cache positions [0, num_tokens) of ``block_table``; ``epoch`` names the
     reservation (unique for the decode worker's life) and goes back in every notification;
-    ``incarnation`` orders the runs of a peer that restarts under the same agent name.
+    ``incarnation`` orders the runs of a peer that restarts under the same agent name; a prefill
+    group admits the landing once, before ``expires`` (Unix time; 0: no expiry).
     """
 
     agent: str
@@ -105,9 +110,11 @@ class Landing:
     epoch: int
     block_table: tuple[int, ...]
     num_tokens: int
+    expires: float = 0.0
 
-    def to_bytes(self) -> bytes:
-        """Versioned, checksummed bytes for a gRPC ``bytes`` field."""
+    def to_bytes(self, key: bytes | None = None) -> bytes:
+        """Versioned bytes for a gRPC ``bytes`` field, sealed with an HMAC under ``key`` (the
+        deployment secret), or checksummed without one."""
         header = json.dumps(
             {
                 "agent": self.agent,
@@ -116,28 +123,30 @@ class Landing:
                 "request_id": self.request_id,
                 "epoch": self.epoch,
                 "num_tokens": self.num_tokens,
+                "expires": self.expires,
             },
             separators=(",", ":"),
         ).encode()
         blocks = np.asarray(self.block_table, dtype="<u4").tobytes()
-        body = _HEAD.pack(_MAGIC, LANDING_VERSION, len(header), len(self.metadata)) + header + self.metadata + blocks
-        return body + xxhash.xxh3_64_digest(body)
+        kind = _MAC if key else _CHECKSUM
+        head = _HEAD.pack(_MAGIC, LANDING_VERSION, kind, len(header), len(self.metadata))
+        body = head + header + self.metadata + blocks
+        return body + (tag(key, body) if key else xxhash.xxh3_64_digest(body))
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Landing:
-        """Parse and verify; corrupt, truncated or foreign bytes raise before anything reaches NIXL."""
+    def from_bytes(cls, data: bytes, key: bytes | None = None) -> Landing:
+        """Parse and verify; corrupt, truncated, foreign or (with ``key``, the deployment secret)
+        unsigned or forged bytes raise before anything reaches NIXL."""
         what = "the NIXL landing descriptor (pass the decode worker's Reserve answer through unchanged)"
-        if len(data) < _HEAD.size + _DIGEST or data[:4] != _MAGIC:
+        if len(data) < _HEAD.size + _SEAL_BYTES[_CHECKSUM] or data[:4] != _MAGIC:
             raise InvalidArgument(f"{what} is not one: {len(data)} bytes, wrong magic")
-        magic, version, header_len, md_len = _HEAD.unpack_from(data)
+        magic, version, kind, header_len, md_len = _HEAD.unpack_from(data)
         if version != LANDING_VERSION:
             raise FailedPrecondition(
                 f"{what} has version {version}, this ringserve reads {LANDING_VERSION}: "
                 "run the same ringserve version on the prefill and decode tiers"
             )
-        body, digest = data[:-_DIGEST], data[-_DIGEST:]
-        if xxhash.xxh3_64_digest(body) != digest:
-            raise InvalidArgument(f"{what} is corrupt or truncated: checksum mismatch over {len(data)} bytes")
+        body = cls._unseal(data, kind, key, what)
         blocks_at = _HEAD.size + header_len + md_len
         if blocks_at > len(body) or (len(body) - blocks_at) % 4:
             raise InvalidArgument(f"{what} is malformed: section lengths do not add up")
@@ -153,12 +162,36 @@ class Landing:
                 epoch=int(header["epoch"]),
                 block_table=tuple(np.frombuffer(body[blocks_at:], dtype="<u4").tolist()),
                 num_tokens=int(header["num_tokens"]),
+                expires=float(header["expires"]),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidArgument(f"{what} is malformed: {type(e).__name__}: {e}") from e
         if landing.num_tokens > len(landing.block_table) * layout.block_size:
             raise InvalidArgument(f"{what} is malformed: {landing.num_tokens} tokens do not fit its blocks")
         return landing
+
+    @staticmethod
+    def _unseal(data: bytes, kind: int, key: bytes | None, what: str) -> bytes:
+        """The sealed body of ``data``, once its seal checks out under ``key`` (or as a checksum)."""
+        if key and kind != _MAC:
+            raise PermissionDenied(
+                f"{what} is not signed with the deployment secret: give the decode tier the same "
+                "--deployment-secret-file as this prefill group"
+            )
+        if not key and kind == _MAC:
+            raise FailedPrecondition(
+                f"{what} is signed, but this prefill group has no deployment secret: give it the decode "
+                "tier's --deployment-secret-file"
+            )
+        size = _SEAL_BYTES.get(kind, 0)
+        if not size or len(data) < _HEAD.size + size:
+            raise InvalidArgument(f"{what} is corrupt or truncated: {len(data)} bytes, seal kind {kind}")
+        body, seal = data[:-size], data[-size:]
+        if key and not verify(key, body, seal):
+            raise PermissionDenied(f"{what} fails its MAC: forged, altered, or signed with another deployment's secret")
+        if not key and xxhash.xxh3_64_digest(body) != seal:
+            raise InvalidArgument(f"{what} is corrupt or truncated: checksum mismatch over {len(data)} bytes")
+        return body
 
 
 def check_rows(what: str, table_len: int, block_size: int, start: int, count: int, limit: int | None = None) -> None:
@@ -168,12 +201,26 @@ def check_rows(what: str, table_len: int, block_size: int, start: int, count: in
         raise InvalidArgument(f"{what} rows [{start}, {start + count}) are outside [0, {end_limit})")
 
 
-def landing_bytes(template: Landing, request_id: str, epoch: int, block_table: Sequence[int], num_tokens: int) -> bytes:
-    """A reservation's landing: an endpoint's ``template`` with the request's epoch and blocks filled in."""
+def landing_bytes(
+    template: Landing,
+    request_id: str,
+    epoch: int,
+    block_table: Sequence[int],
+    num_tokens: int,
+    key: bytes | None = None,
+    expires: float = 0.0,
+) -> bytes:
+    """A reservation's landing: an endpoint's ``template`` with the request's epoch, blocks and
+    expiry filled in, sealed under ``key`` (the deployment secret) if given."""
     check_rows("landing", len(block_table), template.layout.block_size, 0, num_tokens)
     return dataclasses.replace(
-        template, request_id=request_id, epoch=epoch, block_table=tuple(block_table), num_tokens=num_tokens
-    ).to_bytes()
+        template,
+        request_id=request_id,
+        epoch=epoch,
+        block_table=tuple(block_table),
+        num_tokens=num_tokens,
+        expires=expires,
+    ).to_bytes(key)
 
 
 @dataclass(frozen=True)

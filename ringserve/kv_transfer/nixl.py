@@ -73,6 +73,7 @@ class NixlEndpoint:
         on_landed: Callable[[Landed], None] | None = None,
         on_done: Callable[[Done], None] | None = None,
         poll_interval_s: float = 1e-3,
+        landing_key: bytes | None = None,
     ):
         from nixl._api import nixl_agent, nixl_agent_config
 
@@ -82,6 +83,7 @@ class NixlEndpoint:
         self.name = name or f"ringserve-{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.incarnation = time.time_ns()
         self.on_landed, self.on_done = on_landed, on_done
+        self.landing_key = landing_key  # the deployment secret: landings signed, and verified before a WRITE
         self.poll_interval_s = poll_interval_s
         self.layout = PoolLayout.of(cache)
         self._lock = threading.Lock()
@@ -113,7 +115,7 @@ class NixlEndpoint:
     def landing(self, request_id: str, epoch: int, block_table: Sequence[int], num_tokens: int) -> bytes:
         """The bytes a Reserve answer carries so that a sender can write rows [0, num_tokens) of
         reservation ``epoch`` whose cache positions live in ``block_table``."""
-        return landing_bytes(self.template(), request_id, epoch, block_table, num_tokens)
+        return landing_bytes(self.template(), request_id, epoch, block_table, num_tokens, self.landing_key)
 
     def template(self) -> Landing:
         """This endpoint's part of every landing (picklable): a group leader builds its other
@@ -165,10 +167,11 @@ class NixlEndpoint:
 
         Raises InvalidArgument/FailedPrecondition for bad input (rows out of range, foreign or
         corrupt landing, mismatched layouts) and Unavailable when the transfer fails or does not
-        finish within ``timeout_s`` (a dead, restarted or stuck decode worker).
+        finish within ``timeout_s`` (a dead, restarted or stuck decode worker). With a
+        ``landing_key``, landing bytes that fail their MAC raise PermissionDenied before any WRITE.
         """
         if isinstance(landing, bytes | bytearray | memoryview):
-            landing = Landing.from_bytes(bytes(landing))
+            landing = Landing.from_bytes(bytes(landing), self.landing_key)
         rid = landing.request_id
         check_rows(f"request {rid}: source", len(block_table), self.layout.block_size, src_start, count)
         check_rows(
@@ -234,7 +237,7 @@ class NixlEndpoint:
         """Tell a landing's decode agent that this side WRITEs nothing more for its request and
         epoch, so the blocks it holds back (quarantine) can go. Raises Unavailable if NIXL cannot."""
         if isinstance(landing, bytes | bytearray | memoryview):
-            landing = Landing.from_bytes(bytes(landing))
+            landing = Landing.from_bytes(bytes(landing), self.landing_key)
         with self._lock:
             fingerprint = self._connect(landing)
             try:

@@ -1,10 +1,13 @@
 """The TCP KV data path: a prefill rank pushes runs of KV rows to a decode rank's receiver.
 
 A connection carries one move as frames: a length-prefixed JSON header (request id, reservation
-epoch, transfer id, first cache position, rows, shape, dtype, byte count, xxh3 checksum), then
-the payload; the receiver answers each frame ok or an error. The receiver trusts nothing: a
-header is bounded, ``admit`` checks it against a live reservation (its epoch, its rows, its byte
-count) before a byte of payload is allocated, and an idle connection is closed after a timeout.
+epoch, transfer id, first cache position, rows, shape, dtype, byte count, xxh3 checksum and, when
+the deployment has a secret, an HMAC-SHA256 of all that under it), then the payload; the receiver
+answers each frame ok or an error. The receiver trusts nothing: a header is bounded, its MAC is
+checked (a frame without a valid one is dropped and counted, ``reason="unauthenticated"``; the
+checksum it covers then vouches for the payload), ``admit`` checks it against a live reservation
+(its epoch, its rows, its byte count) before a byte of payload is allocated, and an idle
+connection is closed after a timeout.
 The sender sends bounded slices of rows, so it never holds a whole shard in one buffer.
 """
 
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-from ringserve.errors import InvalidArgument, RingserveError, Unavailable, error_from_code
+from ringserve.errors import InvalidArgument, PermissionDenied, RingserveError, Unavailable, error_from_code
+from ringserve.kv_transfer.secret import tag, verify
 from ringserve.metrics import KV_DROPPED
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,27 @@ Admit = Callable[[Frame], None]
 Sink = Callable[[Frame, torch.Tensor], None]
 
 
+def _signed(header: dict) -> bytes:
+    """The bytes a frame's MAC covers: every header field but the MAC, in a canonical order."""
+    return json.dumps({k: v for k, v in header.items() if k != "mac"}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_frame_mac(header: dict, key: bytes | None) -> None:
+    """Raise PermissionDenied unless ``header`` carries a valid MAC under ``key`` (no key: nothing to check)."""
+    if key is None:
+        return
+    given = header.get("mac")
+    try:
+        valid = isinstance(given, str) and verify(key, _signed(header), bytes.fromhex(given))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise PermissionDenied(
+            "KV frame without a valid MAC: the sender lacks this deployment's secret "
+            "(give both tiers the same --deployment-secret-file)"
+        )
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -112,10 +137,12 @@ def send_kv(
     transfer_id: str,
     slices: Iterable[tuple[int, torch.Tensor]],
     timeout_s: float = 30.0,
+    key: bytes | None = None,
 ) -> int:
     """Push ``(first_position, kv [layers, 2, n, Hkv, D])`` slices over one connection to the
     receiver at ``address``; returns bytes sent once every slice has landed. ``slices`` may be a
-    generator: each slice is gathered only when its turn comes."""
+    generator: each slice is gathered only when its turn comes. With ``key`` (the deployment
+    secret) each header carries its MAC."""
     host, port = address.rsplit(":", 1)
     sent = 0
     try:
@@ -133,6 +160,8 @@ def send_kv(
                     "nbytes": payload.nbytes,
                     "checksum": xxhash.xxh3_64_hexdigest(payload),
                 }
+                if key is not None:
+                    header["mac"] = tag(key, _signed(header)).hex()
                 _send_msg(sock, header)
                 sock.sendall(memoryview(payload).cast("B"))
                 reply = _recv_msg(sock)
@@ -149,8 +178,9 @@ def send_kv(
 
 class KVReceiver:
     """Accepts KV pushes on a TCP port (one thread per connection): each frame is checked by
-    ``admit``, verified, and handed to ``sink``. ``dropped`` counts refused frames and broken or
-    idle connections by reason."""
+    ``admit``, verified, and handed to ``sink``. With ``frame_key`` (the deployment secret) a frame
+    must carry a valid MAC first. ``dropped`` counts refused frames and broken or idle connections
+    by reason."""
 
     def __init__(
         self,
@@ -160,6 +190,7 @@ class KVReceiver:
         port: int = 0,
         advertise_host: str | None = None,
         idle_timeout_s: float = 60.0,
+        frame_key: bytes | None = None,
     ):
         from ringserve.registry import advertised_address
 
@@ -170,7 +201,7 @@ class KVReceiver:
                 receiver._serve(self.request)
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.admit, self.sink, self.idle_timeout_s = admit, sink, idle_timeout_s
+        self.admit, self.sink, self.idle_timeout_s, self.frame_key = admit, sink, idle_timeout_s, frame_key
         self.server = socketserver.ThreadingTCPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.address = advertised_address(host, advertise_host, self.server.server_address[1])
@@ -204,6 +235,12 @@ class KVReceiver:
 
     def _frame(self, sock: socket.socket, header: dict) -> bool:
         """Receive one frame and answer it; False when the connection must close."""
+        try:
+            check_frame_mac(header, self.frame_key)
+        except PermissionDenied as e:
+            self._drop("unauthenticated", f"dropped a frame: {e}")
+            self._reply(sock, {"ok": False, "error": str(e), "code": e.code})
+            return False
         try:
             frame = Frame.parse(header)
             self.admit(frame)  # before a byte of payload is allocated

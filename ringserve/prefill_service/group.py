@@ -48,6 +48,7 @@ from ringserve.errors import (
     error_from_code,
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport
+from ringserve.kv_transfer.secret import deployment_secret
 from ringserve.metrics import PREFILL_CHUNK_TOKENS, PREFILL_DEADLINES, PREFILL_PASS_SECONDS, PREFILL_QUEUE
 from ringserve.prefill_service.context_parallel import CPRunner
 from ringserve.prefill_service.prefix_cache import (
@@ -129,7 +130,8 @@ def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRu
     cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
     c = model.config
     rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-    endpoint = NixlEndpoint(cache) if cfg.kv_transfer == "nixl" else None  # KV pool registered once
+    key = deployment_secret(cfg.deployment_secret_file)
+    endpoint = NixlEndpoint(cache, landing_key=key) if cfg.kv_transfer == "nixl" else None  # pool registered once
     return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp), endpoint
 
 
@@ -195,7 +197,9 @@ def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, inbox: mp.Queu
     except RingserveError as e:
         reports.put(PassReport(rank, error=(e.code, str(e))))
         return
-    pusher = Pusher(runner, endpoint, reports.put, cfg.kv_push_timeout_s)  # results go straight to the leader
+    pusher = Pusher(  # results go straight to the leader
+        runner, endpoint, reports.put, cfg.kv_push_timeout_s, deployment_secret(cfg.deployment_secret_file)
+    )
     reports.put(PassReport(rank))  # ready
     parent = os.getppid()
     active: dict[str, RankSeq] = {}
@@ -305,7 +309,13 @@ class PrefillGroup:
         for p in self.procs:
             p.start()
         self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
-        self.pusher = Pusher(self.runner, self.endpoint, self._push_done, cfg.kv_push_timeout_s)
+        self.pusher = Pusher(
+            self.runner,
+            self.endpoint,
+            self._push_done,
+            cfg.kv_push_timeout_s,
+            deployment_secret(cfg.deployment_secret_file),
+        )
         for report in self._collect():
             if report.error:
                 raise error_from_code(*report.error)

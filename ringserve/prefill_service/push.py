@@ -58,11 +58,13 @@ def push_kv(
     counts: list[int],
     endpoint: NixlEndpoint | None,
     timeout_s: float,
+    frame_key: bytes | None = None,
 ) -> int:
     """Send this rank's KV rows to the decode ranks the plan gives them; returns bytes sent once
     they have landed. With NIXL and a landing, rows go as WRITEs straight from this rank's blocks
-    into the decode rank's; otherwise over TCP, gathered a bounded slice at a time. Raises
-    Aborted naming the decode rank that failed."""
+    into the decode rank's; otherwise over TCP, gathered a bounded slice at a time (frames signed
+    under ``frame_key``, the deployment secret, if given). Raises Aborted naming the decode rank
+    that failed."""
     sent = 0
     moves = [m for m in plan_moves(counts, [t.num_tokens for t in targets]) if m.src_rank == runner.rank]
     for i, m in enumerate(moves):
@@ -74,7 +76,7 @@ def push_kv(
                 )
             else:
                 slices = _slices(runner, seq, m, target.first_position)
-                sent += send_kv(target.address, request_id, target.epoch, transfer_id, slices, timeout_s)
+                sent += send_kv(target.address, request_id, target.epoch, transfer_id, slices, timeout_s, frame_key)
         except RingserveError as e:
             raise Aborted(f"KV transfer to decode rank at {target.address} failed: {e}") from e
     return sent
@@ -99,8 +101,10 @@ class Pusher:
         endpoint: NixlEndpoint | None,
         report: Callable[[PushResult], None],
         timeout_s: float,
+        frame_key: bytes | None = None,
     ):
         self.runner, self.endpoint, self.report, self.timeout_s = runner, endpoint, report, timeout_s
+        self.frame_key = frame_key  # the deployment secret: TCP KV frames carry a MAC under it
         self._pool = ThreadPoolExecutor(PUSH_THREADS, thread_name_prefix=f"kv-push-rank{runner.rank}")
 
     def submit(self, request_id: str, seq: CPSequence, targets: tuple[Target, ...], counts: list[int]) -> None:
@@ -113,7 +117,9 @@ class Pusher:
         try:
             if targets:  # none: the KV is not wanted elsewhere (benchmarks of prefill alone)
                 endpoint, timeout = self.endpoint, self.timeout_s
-                result.bytes_sent = push_kv(self.runner, seq, request_id, targets, counts, endpoint, timeout)
+                result.bytes_sent = push_kv(
+                    self.runner, seq, request_id, targets, counts, endpoint, timeout, self.frame_key
+                )
         except RingserveError as e:
             log.warning("request_id=%s %s", request_id, e)
             result.error = (e.code, str(e))

@@ -10,7 +10,9 @@ from ringserve.config import PrefillConfig
 from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import SamplingParams, sample
-from ringserve.errors import Cancelled, InvalidArgument, RingserveError
+from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied, RingserveError
+from ringserve.kv_transfer.landing import Landing
+from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
 from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup, Target
 from ringserve.prefill_service.strategy import STRATEGIES
@@ -26,6 +28,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.group, self.cfg = group, cfg
         self.model_desc = model_description(group.model, cfg.block_size, cfg.model or "SmolLM2-135M-Instruct")
         self.work = WorkCounter()  # admitted requests and tokens, measured speed: the registry's load
+        self.landing_key = deployment_secret(cfg.deployment_secret_file)
+        self.landings = ReplayGuard()
+
+    def _admit_landings(self, request) -> None:
+        """Before anything is scheduled (so before any WRITE): each NIXL landing must pass its MAC,
+        belong to this request, be unexpired and not used by an earlier Prefill here."""
+        if self.group.transport != "nixl":
+            return  # the ranks push over TCP: no landing directs a WRITE
+        for t in request.targets:
+            if not t.nixl_landing:
+                continue
+            landing = Landing.from_bytes(t.nixl_landing, self.landing_key)
+            if landing.request_id != request.request_id:
+                raise PermissionDenied(
+                    f"request {request.request_id}: a target's KV landing belongs to request {landing.request_id}"
+                )
+            self.landings.admit(landing.agent, landing.incarnation, landing.epoch, landing.expires, landing.request_id)
 
     def _job(self, request, targets: list[Target]) -> tuple[Job, SamplingParams]:
         """The request as the group takes it, validated; raises what the caller must fix."""
@@ -43,6 +62,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @rpc_errors("prefill")
     def Prefill(self, request, context):
         targets = [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing, t.epoch) for t in request.targets]
+        self._admit_landings(request)  # an untrusted landing gets no done notice either
         try:
             job, params = self._job(request, targets)
             future = self.group.submit(job)

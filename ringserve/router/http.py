@@ -9,6 +9,11 @@ Streams are server-sent events ending with ``data: [DONE]``. The first token is 
 response starts, so an error up to then (bad input, overload, no group, deadline) gets its HTTP
 status; a later one comes as a last ``data: {"error": ...}`` event. A client that goes away at any
 point cancels the gRPC call, which cancels the request on every tier and frees its KV blocks.
+
+The caller's ``Authorization`` header goes to Generate as its ``authorization`` metadata, so the
+router's API keys (``auth.py``) apply here as they do on gRPC (401, 403, 429 for their refusals).
+With the router's TLS certificate the API serves HTTPS with it (read at start: rotating it needs a
+restart, unlike the gRPC port).
 """
 
 from __future__ import annotations
@@ -154,7 +159,9 @@ class OpenAIApp:
             parsed = parse_request(parse_body(await request.body()), self.model.name, chat)
             rid = uuid.uuid4().hex
             parsed.generate.request_id = rid
-            call = self.stub.Generate(parsed.generate, timeout=parsed.timeout)
+            auth = request.headers.get("authorization")
+            metadata = (("authorization", auth),) if auth else ()
+            call = self.stub.Generate(parsed.generate, timeout=parsed.timeout, metadata=metadata)
             header = {
                 "id": ("chatcmpl-" if chat else "cmpl-") + rid,
                 "object": ("chat.completion" if chat else "text_completion")
@@ -214,10 +221,11 @@ class OpenAIApp:
 
 class HttpServer:
     """uvicorn serving an ``OpenAIApp`` in a daemon thread with its own event loop. The port is bound at
-    construction, so a taken port fails before the router serves anything; ``start`` needs the gRPC port."""
+    construction, so a taken port fails before the router serves anything; ``start`` needs the gRPC port.
+    ``tls``: (certificate file, key file) to serve HTTPS."""
 
-    def __init__(self, host: str, port: int, model: common_pb2.ModelDescription):
-        self.host, self.model = host, model
+    def __init__(self, host: str, port: int, model: common_pb2.ModelDescription, tls: tuple[str, str] | None = None):
+        self.host, self.model, self.tls = host, model, tls
         try:
             self.sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as e:
@@ -227,8 +235,12 @@ class HttpServer:
     def start(self, grpc_port: int, timeout_s: float = 30.0) -> HttpServer:
         # The router's gRPC server listens on the same host; a wildcard address is reached on loopback.
         target = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(self.host, self.host)
+        if self.tls and target in ("127.0.0.1", "[::1]"):
+            target = "localhost"  # the name a router certificate carries for loopback (hostname verification)
         app = OpenAIApp(f"{target}:{grpc_port}", self.model)
-        config = uvicorn.Config(app.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio")
+        cert, key = self.tls or (None, None)
+        config = uvicorn.Config(app.app, log_level="warning", access_log=False, lifespan="on", loop="asyncio",
+                                ssl_certfile=cert, ssl_keyfile=key)  # fmt: skip
         self.server = uvicorn.Server(config)
         thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="http-api")
         thread.start()

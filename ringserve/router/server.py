@@ -14,6 +14,7 @@ import logging
 import grpc
 from google.protobuf.message import DecodeError
 
+from ringserve import rpc
 from ringserve.config import RouterConfig
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.tokenizer import Tokenizer
@@ -22,6 +23,7 @@ from ringserve.metrics import REQUESTS, serve_metrics
 from ringserve.router.balancer import Balancer
 from ringserve.router.request import RequestRun
 from ringserve.rpc import rpc_errors, start_server
+from ringserve.tls import check_bind
 from ringserve.v1 import common_pb2, decode_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,9 @@ def _model_description(balancer: Balancer) -> common_pb2.ModelDescription:
 
 def serve(cfg: RouterConfig):
     """Wait for a prefill and a decode group to register, then start the router; returns (server, port, balancer)."""
+    if cfg.tls_client_ca and not cfg.tls_cert:
+        raise InvalidArgument("--tls-client-ca needs TLS on the client port: give --tls-cert, --tls-key and --tls-ca")
+    rpc.configure_channels(cfg)  # the router's channels to the groups present its certificate (mTLS)
     balancer = Balancer(cfg).start()
     try:
         balancer.wait_for_groups(cfg.ready_timeout_s)
@@ -136,17 +141,21 @@ def serve(cfg: RouterConfig):
         if cfg.http_port is not None:  # the OpenAI-compatible door: its port now, its start once Generate serves
             from ringserve.router.http import HttpServer
 
-            http = HttpServer(cfg.host, cfg.http_port, servicer.model)
+            tls = (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+            if tls is None:
+                check_bind(cfg.host, cfg, "the HTTP API")  # plaintext off loopback only with --insecure
+            http = HttpServer(cfg.host, cfg.http_port, servicer.model, tls)
         server, port, _ = start_server(
             [(add_router_servicer, servicer)],
             ["ringserve.v1.Router"],
             cfg.host,
             cfg.port,
             limits=cfg,
+            internal=False,
         )
         if cfg.http_port is not None:
             http.start(port)
-            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", cfg.host, http.port)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls else "http", cfg.host, http.port)
     except BaseException:
         balancer.close()
         raise

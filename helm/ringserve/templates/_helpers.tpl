@@ -60,18 +60,115 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s-router:%d" (include "ringserve.fullname" .) (int .Values.router.service.port) }}
 {{- end }}
 
-{{/* Environment every ringserve container has besides the ConfigMap: its pod IP and the Redis password. */}}
+{{/* Environment every ringserve container has besides the ConfigMap: where peers reach it, the Redis
+password, and its security settings. include with (list $ "router"|"prefill"|"decode") */}}
 {{- define "ringserve.commonEnv" -}}
+{{- $top := index . 0 }}
+{{- $role := index . 1 }}
+{{- if and $top.Values.tls.enabled (ne $role "router") }}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: RINGSERVE_ADVERTISE_HOST  # the name its certificate carries (the router verifies it)
+  value: {{ printf "$(POD_NAME).%s-%s.%s.svc" (include "ringserve.fullname" $top) $role $top.Release.Namespace | quote }}
+{{- else }}
 - name: RINGSERVE_ADVERTISE_HOST
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
-{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
+{{- end }}
+{{- if and (not $top.Values.redis.enabled) $top.Values.redis.external.existingSecret }}
 - name: RINGSERVE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.external.existingSecret }}
-      key: {{ .Values.redis.external.passwordKey }}
+      name: {{ $top.Values.redis.external.existingSecret }}
+      key: {{ $top.Values.redis.external.passwordKey }}
+{{- else if and $top.Values.redis.enabled $top.Values.redis.auth }}
+- name: RINGSERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ringserve.fullname" $top }}-redis-auth
+      key: password
+{{- end }}
+{{- if $top.Values.tls.enabled }}
+- name: RINGSERVE_TLS_CERT
+  value: /etc/ringserve/tls/tls.crt
+- name: RINGSERVE_TLS_KEY
+  value: /etc/ringserve/tls/tls.key
+- name: RINGSERVE_TLS_CA
+  value: /etc/ringserve/tls/ca.crt
+{{- else }}
+- name: RINGSERVE_INSECURE  # plaintext gRPC on the pod network: set tls.enabled to turn TLS on
+  value: "true"
+{{- end }}
+{{- if ne $role "router" }}
+- name: RINGSERVE_DEPLOYMENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $top.Values.deploymentSecret.existingSecret | default (printf "%s-deployment-secret" (include "ringserve.fullname" $top)) }}
+      key: deployment-secret
+{{- else }}
+{{- if $top.Values.apiKeys.existingSecret }}
+- name: RINGSERVE_API_KEYS_FILE
+  value: /etc/ringserve/api-keys/{{ $top.Values.apiKeys.key }}
+{{- end }}
+{{- if and $top.Values.tls.enabled $top.Values.tls.clientCaSecret }}
+- name: RINGSERVE_TLS_CLIENT_CA
+  value: /etc/ringserve/client-ca/ca.crt
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret with a role's certificate (tls.crt, tls.key, ca.crt). include with (list $ role) */}}
+{{- define "ringserve.tlsSecret" -}}
+{{- $top := index . 0 }}
+{{- $role := index . 1 }}
+{{- if $top.Values.tls.certManager.enabled }}
+{{- printf "%s-%s-tls" (include "ringserve.fullname" $top) $role }}
+{{- else }}
+{{- required (printf "tls.secrets.%s (a Secret with tls.crt, tls.key, ca.crt) is required with tls.enabled, or set tls.certManager.enabled" $role) (index $top.Values.tls.secrets $role) }}
+{{- end }}
+{{- end }}
+
+{{/* Security volumes and mounts of a role: certificates, API keys, client CA (all re-read on change). */}}
+{{- define "ringserve.securityVolumes" -}}
+{{- $top := index . 0 }}
+{{- $role := index . 1 }}
+{{- if $top.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "ringserve.tlsSecret" . }}
+{{- end }}
+{{- if and (eq $role "router") $top.Values.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ $top.Values.apiKeys.existingSecret }}
+{{- end }}
+{{- if and (eq $role "router") $top.Values.tls.enabled $top.Values.tls.clientCaSecret }}
+- name: client-ca
+  secret:
+    secretName: {{ $top.Values.tls.clientCaSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "ringserve.securityMounts" -}}
+{{- $top := index . 0 }}
+{{- $role := index . 1 }}
+{{- if $top.Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/ringserve/tls
+  readOnly: true
+{{- end }}
+{{- if and (eq $role "router") $top.Values.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: /etc/ringserve/api-keys
+  readOnly: true
+{{- end }}
+{{- if and (eq $role "router") $top.Values.tls.enabled $top.Values.tls.clientCaSecret }}
+- name: client-ca
+  mountPath: /etc/ringserve/client-ca
+  readOnly: true
 {{- end }}
 {{- end }}
 
@@ -104,28 +201,35 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* gRPC probes. include with (dict "port" N "ready" "ringserve.ready" "top" $) */}}
+{{/* Probes on a health name: gRPC probes, or under TLS (which the kubelet's gRPC probes do not speak)
+`ringserve health` exec probes with the pod's own certificate. include with (dict "port" N "service" NAME "top" $) */}}
+{{- define "ringserve.probe" -}}
+{{- if .top.Values.tls.enabled }}
+exec:
+  command: ["ringserve", "health", "--port", {{ .port | quote }}, "--service", {{ .service | quote }}]
+{{- else }}
+grpc:
+  port: {{ .port }}
+  {{- if .service }}
+  service: {{ .service }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Startup, liveness and readiness probes. include with (dict "port" N "ready" "ringserve.ready" "top" $) */}}
 {{- define "ringserve.probes" -}}
 startupProbe:
-  grpc:
-    port: {{ .port }}
-    service: ringserve.live
+  {{- include "ringserve.probe" (dict "port" .port "service" "ringserve.live" "top" .top) | nindent 2 }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: {{ max 1 (div .top.Values.startupTimeoutSeconds 10) }}
 livenessProbe:
-  grpc:
-    port: {{ .port }}
-    service: ringserve.live
+  {{- include "ringserve.probe" (dict "port" .port "service" "ringserve.live" "top" .top) | nindent 2 }}
   periodSeconds: 10
   timeoutSeconds: 5
   failureThreshold: 6
 readinessProbe:
-  grpc:
-    port: {{ .port }}
-    {{- if .ready }}
-    service: {{ .ready }}
-    {{- end }}
+  {{- include "ringserve.probe" (dict "port" .port "service" .ready "top" .top) | nindent 2 }}
   periodSeconds: 5
   timeoutSeconds: 5
   failureThreshold: 2

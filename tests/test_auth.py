@@ -1,0 +1,123 @@
+"""API keys on the router's client port, over a real TLS gRPC server on loopback."""
+
+import os
+import threading
+import time
+
+import grpc
+import pytest
+
+from ringserve import rpc
+from ringserve.auth import parse_keys
+from ringserve.client import Client
+from ringserve.config import RouterConfig
+from ringserve.errors import InvalidArgument
+from ringserve.tls import ChannelTls
+from ringserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tests.certs import CA
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
+
+
+class Counting(router_pb2_grpc.RouterServicer):
+    """Generate streams two tokens (then usage: a 10-token prompt); the prompt "hold" waits for ``gate``."""
+
+    def __init__(self):
+        self.calls = 0
+        self.gate = threading.Event()
+
+    def Generate(self, request, context):
+        self.calls += 1
+        if request.prompt == "hold":
+            self.gate.wait(30)
+        yield router_pb2.GenerateResponse(text="a", token_ids=[1])
+        usage = common_pb2.Usage(prompt_tokens=10, completion_tokens=2)
+        yield router_pb2.GenerateResponse(text="b", token_ids=[2], finish_reason=2, usage=usage)
+
+    def Tokenize(self, request, context):
+        return router_pb2.TokenizeResponse(token_ids=[7])
+
+
+@pytest.fixture
+def router(tmp_path):
+    """A TLS router port with a keys file: alice (1 concurrent, 30 tokens a minute) and bob."""
+    keys = tmp_path / "keys"
+    keys.write_text(f"# name key max_concurrent tokens_per_minute\nalice {ALICE} 1 30\nbob {BOB}\n")
+    issued = CA(tmp_path / "ca").issue("router", role="router")
+    cfg = RouterConfig(tls_cert=issued.cert, tls_key=issued.key, tls_ca=issued.ca, api_keys_file=str(keys))
+    servicer = Counting()
+    add = router_pb2_grpc.add_RouterServicer_to_server
+    server, port, _ = rpc.start_server(
+        [(add, servicer)], ["ringserve.v1.Router"], "127.0.0.1", 0, limits=cfg, internal=False
+    )
+    yield f"127.0.0.1:{port}", ChannelTls(issued.ca), servicer, keys
+    server.stop(None)
+
+
+def _code(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def test_missing_or_wrong_key_is_refused_before_the_servicer(router, caplog):
+    address, tls, servicer, _ = router
+    with Client(address, timeout=10, tls=tls) as client:
+        code, details = _code(lambda: client.complete("x"))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "authorization: Bearer" in details
+        assert _code(lambda: client.tokenize("x"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    with Client(address, timeout=10, tls=tls, api_key="not-a-key") as client:
+        code, details = _code(lambda: client.complete("x"))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "not valid" in details
+    assert servicer.calls == 0
+    with Client(address, timeout=10, tls=tls, api_key=BOB) as client:
+        assert client.complete("x") == "ab" and client.tokenize("x") == [7]
+    assert servicer.calls == 1
+    assert ALICE not in caplog.text and BOB not in caplog.text and "not-a-key" not in caplog.text
+
+
+def test_per_key_limits_refuse_excess(router):
+    """alice may run one call at a time and 30 tokens a minute (each call: 10 prompt + 2 completion)."""
+    address, tls, servicer, _ = router
+    with Client(address, timeout=30, tls=tls, api_key=ALICE) as client, Client(address, tls=tls, api_key=BOB) as bob:
+        first = client.generate("hold")
+        running = threading.Thread(target=lambda: list(first))
+        running.start()
+        while servicer.calls < 1:
+            time.sleep(0.01)
+        code, details = _code(lambda: client.complete("x"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "1 concurrent" in details
+        assert bob.complete("x") == "ab"  # another key is not held back
+        servicer.gate.set()
+        running.join()
+        client.complete("x")
+        client.complete("x")  # 36 tokens in the window now
+        code, details = _code(lambda: client.complete("x"))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "30 tokens" in details
+
+
+def test_keys_file_reloads_without_restart(router):
+    address, tls, _, keys = router
+    with Client(address, timeout=10, tls=tls, api_key="carol-new-key") as client:
+        assert _code(lambda: client.complete("x"))[0] == grpc.StatusCode.PERMISSION_DENIED
+        keys.write_text(f"carol carol-new-key\nbob {BOB}\n")
+        os.utime(keys, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert client.complete("x") == "ab"
+                break
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.PERMISSION_DENIED and time.monotonic() < deadline
+                time.sleep(0.2)
+    with Client(address, timeout=10, tls=tls, api_key=ALICE) as client:  # removed with the rewrite
+        assert _code(lambda: client.complete("x"))[0] == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_keys_file_errors_name_the_line_not_the_key():
+    with pytest.raises(InvalidArgument, match="keys line 2: max_concurrent must be a positive integer") as e:
+        parse_keys("a k1\nb secret-k2 zero\n", "keys")
+    assert "secret-k2" not in str(e.value)
+    with pytest.raises(InvalidArgument, match="given twice"):
+        parse_keys("a k1\nb k1\n", "keys")
+    assert parse_keys("a k1 - 5 # comment\n\n", "keys")["a"].tokens_per_minute == 5
