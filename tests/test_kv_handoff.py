@@ -222,14 +222,17 @@ def test_a_landing_never_handed_out_needs_no_quarantine(nixl_pair, default_model
     unreachable, or draining): nothing can WRITE into it, so its blocks are free at once; a
     release without that word still quarantines them."""
     model, tokenizer = default_model
-    w, _ = nixl_pair
+    w, sender = nixl_pair
     ids = tokenizer.encode("The capital of France is")
+    kv, _ = prompt_kv_and_first_token(model, ids)
     w.reserve("unused", len(ids), 4)
     assert w.cancel("unused", landing_unused=True)
     assert w.quarantined_blocks == 0 and w.blocks_used == 0
-    w.reserve("maybe-used", len(ids), 4)
+    res = w.reserve("maybe-used", len(ids), 4)
     assert w.cancel("maybe-used")
-    assert w.quarantined_blocks > 0  # freed when the worker stops (the fixture checks blocks_used == 0)
+    assert w.quarantined_blocks > 0
+    push(res, "maybe-used", kv, sender)  # the WRITE it allowed lands: the quarantine ends
+    assert _wait(lambda: w.quarantined_blocks == 0) and w.blocks_used == 0
 
 
 def test_stale_nixl_notifications_never_count_toward_a_later_reservation(nixl_pair, default_model):
