@@ -18,7 +18,7 @@ def check_tp(num_heads: int, num_kv_heads: int, tp: int) -> None:
     if num_kv_heads >= tp and num_kv_heads % tp:
         raise ValueError(f"{num_kv_heads} KV heads do not split across {tp} TP ranks: pick a TP size dividing them")
     if num_kv_heads < tp and tp % num_kv_heads:
-        raise ValueError(f"{tp} TP ranks cannot replicate {num_kv_heads} KV heads evenly: use a multiple of {num_kv_heads}")
+        raise ValueError(f"{tp} TP ranks cannot share {num_kv_heads} KV heads evenly: use a multiple of {num_kv_heads}")
 
 
 def query_heads(tp_rank: int, tp: int, num_heads: int) -> range:
