@@ -14,7 +14,7 @@ from ringserve.logs import setup_logging
 
 log = logging.getLogger("ringserve")
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="Hugging Face directory (config.json + *.safetensors) or .gguf file; "
         "default: the embedded SmolLM2-135M-Instruct",
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and KV cache dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV cache dtype (auto: bfloat16 on a "
+                   "GPU, float32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -75,9 +76,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return _generate_remote(args, prompt, params)
     import torch
 
+    from ringserve.gpu_memory import resolve_device, resolve_dtype
     from ringserve.service import check_device
 
-    check_device(args.device)
+    device = resolve_device(args.device)
+    check_device(device)
 
     from ringserve.engine.engine import Engine
     from ringserve.engine.weights import resolve_model_path
@@ -86,8 +89,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log.info("loading model %s", args.model or "(embedded SmolLM2-135M-Instruct)")
     engine = Engine.load(
         args.model,
-        dtype=getattr(torch, args.dtype),
-        device=args.device,
+        dtype=getattr(torch, resolve_dtype(args.dtype, device)),
+        device=device,
         progress=not args.quiet,
         prefill_chunk=args.prefill_chunk,
     )
@@ -206,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     health.set_defaults(func=cmd_health)
 
     from ringserve.launch import add_service_commands
+    from ringserve.supervise import add_up_command
 
     add_service_commands(sub)
+    add_up_command(sub)
     return parser
 
 

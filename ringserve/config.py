@@ -84,14 +84,22 @@ class ModelArgs:
     """What every model-serving service needs to load its model."""
 
     model: str | None = _opt(None, "HF directory or .gguf file; empty: the embedded default", str)
-    dtype: str = _opt("float32", "weights and KV cache dtype: float32, bfloat16, float16")
+    dtype: str = _opt(
+        "auto", "weights and KV cache dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16"
+    )
     load_format: str = _opt(
         "auto", "auto: load the weights; dummy: random weights of --model's config.json shape (benchmarks)"
     )
-    device: str = _opt("cpu", "cpu, cuda or cuda:N")
+    device: str = _opt("auto", "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N")
     host: str = _opt("127.0.0.1", "address to listen on")
     advertise_host: str | None = _opt(None, "address peers use to reach this process (default: --host)", str)
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
+
+    def __post_init__(self) -> None:
+        from ringserve.gpu_memory import resolve_device, resolve_dtype
+
+        self.device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, self.device)
 
 
 @dataclass
@@ -122,13 +130,16 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
         "(or its value in RINGSERVE_DEPLOYMENT_SECRET)",
         str,
     )
+    gpu_memory_fraction: float = _opt(
+        0.9, "with --kv-blocks 0 on a GPU: share of its memory this service uses (weights, working memory, KV pool)"
+    )
 
 
 @dataclass
 class DecodeConfig(WorkerArgs):
     port: int = _opt(50061, "gRPC port (0: pick a free one)")
     kv_port: int = _opt(0, "TCP port of the KV receiver (0: pick a free one)")
-    kv_blocks: int = _opt(512, "KV cache blocks per rank")
+    kv_blocks: int = _opt(0, "KV cache blocks per rank (0: from --gpu-memory-fraction on a GPU, 512 on CPU)")
     block_size: int = _opt(64, "tokens per KV block")
     max_batch: int = _opt(64, "most requests decoded in one step")
     reservation_ttl_s: float = _opt(
@@ -142,12 +153,17 @@ class DecodeConfig(WorkerArgs):
     shard_tokens: int = _opt(32768, "a request spreads its KV over one more rank per this many tokens")
     group_timeout_s: float = _opt(120.0, "how long ranks wait for each other before failing")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kv_blocks == 0:
+            self.kv_blocks = _pool_blocks(self, 512, self.max_batch, self.max_batch, 2 * self.max_batch, "decode")
+
 
 @dataclass
 class PrefillConfig(WorkerArgs):
     port: int = _opt(50051, "gRPC port of the group leader (0: pick a free one)")
     cp: int = _opt(2, "context-parallel ranks in this group (one process each)")
-    kv_blocks: int = _opt(256, "KV cache blocks per rank")
+    kv_blocks: int = _opt(0, "KV cache blocks per rank (0: from --gpu-memory-fraction on a GPU, 256 on CPU)")
     block_size: int = _opt(64, "tokens per KV block")
     strategy: str = _opt("auto", "ring attention variant: auto, pass_kv or pass_q")
     prefix_cache: float = _opt(
@@ -165,6 +181,27 @@ class PrefillConfig(WorkerArgs):
     reject_late: bool = _opt(False, "refuse (DEADLINE_EXCEEDED) requests that cannot meet their deadline")
     calibrate_tokens: int = _opt(2048, "largest pass timed at start to fit the scheduler's cost model")
     kv_push_timeout_s: float = _opt(30.0, "a KV push to a decode rank that does not complete in this long fails")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kv_blocks == 0:
+            per_rank = -(-self.max_pass_tokens // max(1, self.cp))  # a pass's tokens on one rank
+            min_blocks = -(-per_rank // self.block_size)
+            self.kv_blocks = _pool_blocks(self, 256, per_rank, 16, min_blocks, "prefill")
+
+
+def _pool_blocks(
+    cfg: WorkerArgs, cpu_blocks: int, work_tokens: int, logits_rows: int, min_blocks: int, what: str
+) -> int:
+    """``--kv-blocks 0``: ``cpu_blocks`` on CPU; on a GPU what ``--gpu-memory-fraction`` leaves."""
+    if not cfg.device.startswith("cuda"):
+        return cpu_blocks
+    from ringserve.gpu_memory import gpu_pool_blocks
+
+    return gpu_pool_blocks(
+        cfg.device, cfg.model, cfg.dtype, cfg.block_size, cfg.gpu_memory_fraction, work_tokens, logits_rows,
+        min_blocks, what,
+    )  # fmt: skip
 
 
 @dataclass

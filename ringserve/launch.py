@@ -213,7 +213,8 @@ def start_cluster(
 
 
 def add_service_commands(sub) -> None:
-    """`ringserve up|router|prefill|decode`: each flag can also be set by its RINGSERVE_* variable."""
+    """`ringserve router|prefill|decode`: each flag can also be set by its RINGSERVE_* variable
+    (`ringserve up` is in supervise.py)."""
     from ringserve.config import add_config_args, config_from_args
 
     def service(name: str, cls, run, help_text: str) -> None:
@@ -224,27 +225,3 @@ def add_service_commands(sub) -> None:
     service("decode", DecodeConfig, run_decode, "run a decode group: this process leads, ranks 1..K-1 are children")
     service("prefill", PrefillConfig, run_prefill, "run a prefill group: this process leads, ranks 1..N-1 are children")
     service("router", RouterConfig, run_router, "run the client-facing router")
-
-    p = sub.add_parser(
-        "up",
-        help="start Redis, a prefill group, a decode group and a router on this machine; restart any that dies",
-    )
-    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
-    p.add_argument("--kvp", type=int, default=1, help="KV-parallel ranks in the decode group")
-    p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
-    p.add_argument("--port", type=int, default=50050, help="the router's port")
-    p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
-    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port (default 8000)")
-    p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
-                   "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
-    p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "
-                   "6379 lets services started by hand with default flags join")  # fmt: skip
-    p.set_defaults(func=_up, role="up")
-
-
-def _up(args) -> int:
-    from ringserve.supervise import up
-
-    return up(args)

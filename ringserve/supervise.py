@@ -14,18 +14,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import threading
 import time
 
-from ringserve.config import DecodeConfig, RedisArgs, config_from_args
+from ringserve.config import DecodeConfig, PrefillConfig, RedisArgs, RouterConfig, add_config_args, config_from_args
 from ringserve.errors import Cancelled, InvalidArgument, Unavailable
 from ringserve.launch import Cluster, start_cluster
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Both tiers on one GPU: the prefill group gets this share of `up`'s --gpu-memory-fraction, the decode
+# group the rest (decode holds every running request's KV; prefill only the prompts in flight and its
+# prefix cache).
+PREFILL_SHARE = 0.4
+PASSED = {"prefill": PrefillConfig, "decode": DecodeConfig, "router": RouterConfig}
+# Flags `up` sets itself on every service it starts: not for --prefill-args and the like.
+OWNED_FLAGS = ("--port", "--host", "--redis-url", "--cluster", "--metrics-port", "--cp", "--kvp", "--model")
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # delay before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a service that ran this long before dying starts its backoff over
 SHUTDOWN_MARGIN_S = 30.0  # beyond the longest drain: servers stopping, ranks exiting
@@ -67,6 +75,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if args.model and not os.path.exists(args.model):
         raise InvalidArgument(f"--model {args.model}: no such file or directory")
+    if not 0 < args.gpu_memory_fraction <= 1:
+        raise InvalidArgument(f"--gpu-memory-fraction must be in (0, 1], got {args.gpu_memory_fraction}")
+    for service in PASSED:
+        _check_passed(service, getattr(args, f"{service}_args"))
     from ringserve.tls import is_loopback
 
     if not args.insecure and not is_loopback(args.host):
@@ -85,6 +97,39 @@ def check_flags(args: argparse.Namespace) -> None:
         _check_redis(args.redis_url)
 
 
+def _check_passed(service: str, text: str) -> None:
+    """``--{service}-args``: flags of `ringserve {service}`, checked by its own parser before anything starts."""
+    flag = f"--{service}-args"
+    try:
+        argv = shlex.split(text)
+    except ValueError as e:
+        raise InvalidArgument(f"{flag} {text!r}: {e}") from e
+    owned = [a for a in argv if a.split("=")[0] in OWNED_FLAGS]
+    if owned:
+        raise InvalidArgument(f"{flag}: {', '.join(owned)} is set by `up` itself; use up's own flag")
+    p = argparse.ArgumentParser(prog=f"ringserve {service}", exit_on_error=False)
+    add_config_args(p, PASSED[service])
+    try:
+        _, unknown = p.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise InvalidArgument(f"{flag}: {e}") from e
+    if unknown:
+        raise InvalidArgument(f"{flag}: `ringserve {service}` has no flag {' '.join(unknown)} (see its --help)")
+
+
+def service_flags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The flags `up` adds to each service's command line: the model settings to both groups, each
+    group's share of the GPU, then the user's own ``--{service}-args`` (last, so they win)."""
+    model = ["--device", args.device, "--load-format", args.load_format]
+    prefill_fraction = round(args.gpu_memory_fraction * PREFILL_SHARE, 4)
+    decode_fraction = round(args.gpu_memory_fraction - prefill_fraction, 4)
+    return {
+        "prefill": [*model, "--gpu-memory-fraction", str(prefill_fraction), *shlex.split(args.prefill_args)],
+        "decode": [*model, "--gpu-memory-fraction", str(decode_fraction), *shlex.split(args.decode_args)],
+        "router": shlex.split(args.router_args),
+    }
+
+
 def _check_redis(url: str) -> None:
     """Fail in seconds, not minutes, when the given Redis does not answer."""
     import redis
@@ -100,9 +145,16 @@ def _check_redis(url: str) -> None:
         ) from e
 
 
-def _drain_timeout_s() -> float:
-    """The workers' drain timeout, as the services will read it (flag default or RINGSERVE_DRAIN_TIMEOUT_S)."""
-    return config_from_args(DecodeConfig, argparse.Namespace()).drain_timeout_s
+def _drain_timeout_s(args: argparse.Namespace) -> float:
+    """The workers' drain timeout, as the services will read it (--decode-args, RINGSERVE_DRAIN_TIMEOUT_S or
+    the default). Read from the flags alone: a whole DecodeConfig would size a KV pool on the GPU here."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--drain-timeout-s", type=float, default=None)
+    given = p.parse_known_args(shlex.split(args.decode_args))[0].drain_timeout_s
+    if given is not None:
+        return given
+    env = os.environ.get("RINGSERVE_DRAIN_TIMEOUT_S")
+    return float(env) if env else DecodeConfig.__dataclass_fields__["drain_timeout_s"].default
 
 
 class Supervisor:
@@ -191,17 +243,19 @@ def up(args: argparse.Namespace) -> int:
     """`ringserve up`: check, start, supervise until a signal, drain; see the module docstring."""
     check_flags(args)
     signals = Signals()
-    drain_s = _drain_timeout_s()
+    drain_s = _drain_timeout_s(args)
     insecure = ["--insecure"] if args.insecure else []  # up runs plaintext: off loopback only when asked
+    passed = service_flags(args)
     cluster = None
     try:
         cluster = start_cluster(
             cp=args.cp, kvp=args.kvp, model=args.model, dtype=args.dtype, host=args.host, router_port=args.port,
             metrics=True, redis_url=args.redis_url, redis_port=args.redis_port, name="ringserve",
             extra={
-                "router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port), *insecure],
-                "prefill": insecure,
-                "decode": insecure,
+                "router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port), *insecure,
+                           *passed["router"]],
+                "prefill": [*insecure, *passed["prefill"]],
+                "decode": [*insecure, *passed["decode"]],
             },
             cancel=signals.first,
         )  # fmt: skip
@@ -222,3 +276,34 @@ def up(args: argparse.Namespace) -> int:
     finally:
         if cluster is not None:  # after a drain, this finds nothing left; else it kills what runs
             cluster.stop(grace_s=0.0)
+
+
+def add_up_command(sub) -> None:
+    """`ringserve up`: its own flags, and each service's flags passed through (--prefill-args etc.)."""
+    p = sub.add_parser(
+        "up",
+        help="start Redis, a prefill group, a decode group and a router on this machine; restart any that dies",
+    )
+    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
+    p.add_argument("--kvp", type=int, default=1, help="KV-parallel ranks in the decode group")
+    p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 "
+                   "or float16")  # fmt: skip
+    p.add_argument("--load-format", default="auto", help="auto, or dummy: random weights of --model's shape")
+    p.add_argument("--gpu-memory-fraction", type=float, default=0.9, help="share of the GPU's memory both tiers "
+                   f"use together (weights, working memory, KV pools): prefill {PREFILL_SHARE:g} of it, decode "
+                   "the rest")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address every service listens on")
+    p.add_argument("--port", type=int, default=50050, help="the router's port")
+    p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
+    p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port (default 8000)")
+    p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
+                   "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
+    p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "
+                   "6379 lets services started by hand with default flags join")  # fmt: skip
+    examples = {"prefill": "--target-pass-s 0.5", "decode": "--max-batch 128", "router": "--policy least_loaded"}
+    for service in PASSED:
+        p.add_argument(f"--{service}-args", default="", help=f"more flags for `ringserve {service}`, as one string "
+                       f"(e.g. '{examples[service]}'; see `ringserve {service} --help`)")  # fmt: skip
+    p.set_defaults(func=up, role="up")

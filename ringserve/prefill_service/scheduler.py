@@ -114,6 +114,7 @@ class CostModel:
         self._prior = tuple(float(p) for p in prior)
         self._coefficients = self._prior
         self._stale = False
+        self._learns = True
 
     @property
     def fitted(self) -> bool:
@@ -143,12 +144,20 @@ class CostModel:
         """Predicted seconds to compute the rest of one prompt, as if in one pass alone."""
         return self.predict([(num_tokens - num_done, num_done)])
 
+    def frozen(self) -> CostModel:
+        """A copy that predicts with the coefficients in use now and learns nothing (to plan ahead)."""
+        copy = CostModel(prior=self.coefficients)
+        copy._learns = False
+        return copy
+
     def observe(self, work: Sequence[tuple[int, int]], seconds: float) -> None:
         """Record a measured pass; the fit is redone on the next prediction."""
         if not work:
             raise InvalidArgument("observe() needs the pass's sequences; an empty pass has no measured cost")
         if not seconds > 0:
             raise InvalidArgument(f"a pass's measured time must be > 0 seconds, got {seconds}")
+        if not self._learns:
+            return
         self._rows.append((_features(work), seconds))
         self._stale = self.fitted
 
