@@ -14,6 +14,8 @@ import argparse
 import json
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +39,48 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class UpCluster:
+    """`ringserve up` as a new user runs it (no device, dtype or pool flags), in a child process."""
+
+    def __init__(self, args, log_path: Path):
+        cmd = [sys.executable, "-m", "ringserve.cli", "up", "--cp", "1", "--model", args.model, "--load-format",
+               args.load_format, "--port", "0", "--http-port", "0", "--redis-port", "0",
+               *shlex.split(args.up_args)]  # fmt: skip
+        self.log_path = log_path
+        with open(log_path, "w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True)
+        deadline = time.monotonic() + 900
+        while "ringserve is up" not in log_path.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"`up` did not start:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        self.router = self.proc.stdout.readline().strip()
+        found = re.search(r"prefill http://([\w.:-]+)/metrics", log_path.read_text())
+        self.metrics = {"prefill": found.group(1)} if found else {}
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def one_start(args, i: int) -> dict:
     log_dir = Path(args.log_dir, f"start{i}")
     log_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    if args.up:
+        return finish_start(args, i, UpCluster(args, log_dir / "up.log"), log_dir / "up.log", t0)
     extra = {"prefill": ["--load-format", args.load_format, *shlex.split(args.prefill_args)],
              "decode": ["--load-format", args.load_format, *shlex.split(args.decode_args)]}  # fmt: skip
     cluster = start_cluster(cp=1, kvp=1, model=args.model, dtype=args.dtype, extra=extra, ready_timeout_s=900,
                             log_dir=str(log_dir), metrics=True)  # fmt: skip
+    return finish_start(args, i, cluster, log_dir / "prefill.log", t0)
+
+
+def finish_start(args, i: int, cluster, log_path: Path, t0: float) -> dict:
+    """Serve the prompts (with --run), stop, read the fitted cost model from the log and plan with it."""
     ready_s = time.monotonic() - t0
     served = {}
     try:
@@ -52,13 +88,14 @@ def one_start(args, i: int) -> dict:
             served = {n: serve_one(cluster, n, i) for n in args.lengths}
     finally:
         cluster.stop()
-    text = (log_dir / "prefill.log").read_text()
+    text = log_path.read_text()
     found = COST_LINE.findall(text)
     if not found:
-        raise SystemExit(f"start {i}: no cost model line in {log_dir / 'prefill.log'}")
+        raise SystemExit(f"start {i}: no cost model line in {log_path}")
     fixed, per_seq, per_token, per_pair = (float(x) for x in found[-1])
     coefficients = (fixed * 1e-3, per_seq * 1e-3, per_token * 1e-6, per_pair * 1e-9)
-    r = {"start": i, "ready_s": ready_s, "cost_model": coefficients, "served": served, "plans": {}}
+    pools = [line.split("INFO", 1)[-1].strip() for line in text.splitlines() if "KV pool of" in line]
+    r = {"start": i, "ready_s": ready_s, "cost_model": coefficients, "served": served, "pools": pools, "plans": {}}
     for n in args.lengths:
         sched = Scheduler(SchedulerConfig(chunk_unit=64), CostModel(prior=coefficients).frozen())
         sched.add("long", n, 0, now=0.0)
@@ -107,6 +144,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--prefill-args", default="")
     p.add_argument("--decode-args", default="")
+    p.add_argument("--up", action="store_true", help="start the services with `ringserve up` and its defaults")
+    p.add_argument("--up-args", default="", help="more flags for `ringserve up`")
     p.add_argument("--run", action="store_true", help="also serve one prompt of each length through the router")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--out", default=None)

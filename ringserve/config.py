@@ -179,11 +179,15 @@ class PrefillConfig(WorkerArgs):
     ttft_min_s: float = _opt(1.0, "default time-to-first-token deadline: at least this many seconds")
     ttft_factor: float = _opt(3.0, "... or this many times the request's predicted prefill time alone, if more")
     reject_late: bool = _opt(False, "refuse (DEADLINE_EXCEEDED) requests that cannot meet their deadline")
-    calibrate_tokens: int = _opt(2048, "largest pass timed at start to fit the scheduler's cost model")
+    calibrate_tokens: int = _opt(
+        0, "largest pass timed at start to fit the scheduler's cost model (0: 32768 on a GPU, 2048 on CPU)"
+    )
     kv_push_timeout_s: float = _opt(30.0, "a KV push to a decode rank that does not complete in this long fails")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.calibrate_tokens == 0:
+            self.calibrate_tokens = 32768 if self.device.startswith("cuda") else 2048
         if self.kv_blocks == 0:
             per_rank = -(-self.max_pass_tokens // max(1, self.cp))  # a pass's tokens on one rank
             min_blocks = -(-per_rank // self.block_size)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -60,7 +61,14 @@ from ringserve.prefill_service.prefix_cache import (
     new_blocks_per_rank,
 )
 from ringserve.prefill_service.push import Pusher, PushResult, Target
-from ringserve.prefill_service.scheduler import Chunk, CostModel, Request, Scheduler, SchedulerConfig
+from ringserve.prefill_service.scheduler import (
+    Chunk,
+    CostModel,
+    Request,
+    Scheduler,
+    SchedulerConfig,
+    calibration_shapes,
+)
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 from ringserve.prefill_service.strategy import measure_rates
 from ringserve.process_group import check_group, free_port, init_group, next_message
@@ -628,39 +636,52 @@ class PrefillGroup:
         return sorted(got, key=lambda r: r.rank)
 
     def _calibrate(self) -> None:
-        """Fit the scheduler's cost model before serving: a few passes of made-up prompts (one
-        chunk alone at several sizes, a packed pass, a chunk after a prefix), timed like real
-        ones. The model goes on learning from every real pass."""
+        """Fit the scheduler's cost model before serving: the passes of ``calibration_shapes`` (made-up
+        prompts), every one run once untimed (first calls pay one-time costs: kernel plans), then timed
+        ``repeats`` times; each shape's median counts (``CostModel.calibrate``). On a GPU the shapes
+        reach long context and repeat 3 times, so two starts fit the same model; on CPU once, as
+        short. The model goes on learning from every real pass."""
         bs, world = self.cfg.block_size, self.cfg.cp
         unit = bs * world
-        sizes = [n for n in (unit, 4 * unit, 16 * unit, 64 * unit, 256 * unit) if n <= self.cfg.calibrate_tokens]
-        sizes = [n for n in sizes if max(new_blocks_per_rank(n, world, bs)) * 4 <= self.cfg.kv_blocks] or [unit]
-        # Each pass as its chunks' (new tokens, tokens before).
-        shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
-        shapes.append([(sizes[-1] // 2, sizes[-1] // 2)])
-        vocab = self.model.config.vocab_size
-        log.info("calibrating the prefill scheduler's cost model (%d passes)", 2 * len(shapes))
-        # Every shape twice, timing the second: a first call may pay one-time costs (kernel plans).
-        for i, shape in enumerate(shapes + shapes):
-            prefix, work = [], []
-            for k, (new, before) in enumerate(shape):
-                name = f"calibration-{i}.{k}"
-                begin = CacheStart((), new_blocks_per_rank(new + before, world, bs))
-                ids = [(7 * t + k + 1) % vocab for t in range(new + before)]
-                if before:  # the earlier tokens as a chunk of their own, untimed
-                    prefix.append(ChunkWork(name, ids[:before], 0, begin))
-                    begin = None
-                work.append(ChunkWork(name, ids[before:], before, begin))
-            # Outside the scheduler and the index: no block check.
-            if prefix:
-                self._run_on_ranks(Pass(tuple(prefix), self.cfg.strategy))
-            _, reports = self._run_on_ranks(Pass(tuple(work), self.cfg.strategy))
-            seconds = max(r.forward_s for r in reports)
-            self._run_on_ranks(Pass((), self.cfg.strategy, drop=tuple(self._active)))
-            if i >= len(shapes):
-                self.cost.observe(shape, seconds)
-            log.debug("calibration pass %d/%d %s: %.3f s", i + 1, 2 * len(shapes), shape, seconds)
+        top = max(unit, self.cfg.calibrate_tokens // unit * unit)
+        while top > unit and max(new_blocks_per_rank(top, world, bs)) * 4 > self.cfg.kv_blocks:
+            top = max(unit, top // 2 // unit * unit)  # every calibration pass fits the pool 4 times over
+        on_gpu = self.cfg.device.startswith("cuda")
+        shapes = calibration_shapes(top, unit, late_chunks=on_gpu)
+        log.info("calibrating the prefill scheduler's cost model (%d shapes)", len(shapes))
+        warm = [self._calibration_pass(i, shape) for i, shape in enumerate(shapes)]  # first calls: untimed
+        # On a GPU, each shape for about a second of timed runs (3 to 10), interleaved with the others,
+        # so a slow stretch (the decode tier loading beside us) spoils only some runs of each shape.
+        repeats = [min(10, max(3, math.ceil(1.0 / max(w, 1e-3)))) if on_gpu else 1 for w in warm]
+        times: list[list[float]] = [[] for _ in shapes]
+        for r in range(max(repeats)):
+            for i, shape in enumerate(shapes):
+                if r < repeats[i]:
+                    times[i].append(self._calibration_pass(i, shape))
+        for shape, t in zip(shapes, times):
+            log.debug("calibration %s: %s s", shape, ", ".join(f"{x:.4f}" for x in t))
+        self.cost.calibrate(list(zip(shapes, times)))
         log.info("prefill cost model: %s", self.cost)
+
+    def _calibration_pass(self, i: int, shape: list[tuple[int, int]]) -> float:
+        """Run one calibration pass of made-up prompts (the tokens before a chunk as an untimed pass of
+        their own) outside the scheduler and the index; its time, and its blocks freed."""
+        bs, world = self.cfg.block_size, self.cfg.cp
+        vocab = self.model.config.vocab_size
+        prefix, work = [], []
+        for k, (new, before) in enumerate(shape):
+            name = f"calibration-{i}.{k}"
+            begin = CacheStart((), new_blocks_per_rank(new + before, world, bs))
+            ids = [(7 * t + k + 1) % vocab for t in range(new + before)]
+            if before:
+                prefix.append(ChunkWork(name, ids[:before], 0, begin))
+                begin = None
+            work.append(ChunkWork(name, ids[before:], before, begin))
+        if prefix:
+            self._run_on_ranks(Pass(tuple(prefix), self.cfg.strategy))
+        _, reports = self._run_on_ranks(Pass(tuple(work), self.cfg.strategy))
+        self._run_on_ranks(Pass((), self.cfg.strategy, drop=tuple(self._active)))
+        return max(r.forward_s for r in reports)
 
     # -- the prefix cache ------------------------------------------------------------------------
 

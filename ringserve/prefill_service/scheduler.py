@@ -100,9 +100,10 @@ class CostModel:
     where a pass holds S sequences, sequence i computing c_i new tokens after d_i earlier ones (the
     last term is causal attention work).
 
-    The fit keeps the last ``window`` passes and minimises relative error (a 50 ms pass counts as
-    much as a 5 s one) under non-negative coefficients. Until 3 passes have been observed it
-    predicts with ``prior``, so a scheduler can run before calibration.
+    The fit keeps the last ``window`` passes, plus the calibration passes (``calibrate``) for good,
+    and minimises relative error (a 50 ms pass counts as much as a 5 s one) under non-negative
+    coefficients. Until 3 passes have been observed it predicts with ``prior``, so a scheduler can
+    run before calibration.
     """
 
     def __init__(self, window: int = 256, *, prior: tuple[float, float, float, float] = (0.0, 0.0, 1e-4, 1e-9)):
@@ -111,6 +112,7 @@ class CostModel:
         if len(prior) != 4 or any(p < 0 for p in prior):
             raise InvalidArgument(f"cost model prior must be 4 non-negative coefficients, got {prior!r}")
         self._rows: deque[tuple[tuple[float, float, float, float], float]] = deque(maxlen=window)
+        self._anchors: list[tuple[tuple[float, float, float, float], float]] = []
         self._prior = tuple(float(p) for p in prior)
         self._coefficients = self._prior
         self._stale = False
@@ -119,7 +121,7 @@ class CostModel:
     @property
     def fitted(self) -> bool:
         """Whether predictions come from observed passes (at least 3) rather than the prior."""
-        return len(self._rows) >= _MIN_FIT_OBSERVATIONS
+        return len(self._rows) + len(self._anchors) >= _MIN_FIT_OBSERVATIONS
 
     def __repr__(self) -> str:
         fixed, per_seq, per_token, per_pair = self.coefficients
@@ -144,6 +146,17 @@ class CostModel:
         """Predicted seconds to compute the rest of one prompt, as if in one pass alone."""
         return self.predict([(num_tokens - num_done, num_done)])
 
+    def calibrate(self, passes: Sequence[tuple[Sequence[tuple[int, int]], Sequence[float]]]) -> None:
+        """Seed the model from timed calibration passes, each (its sequences, its measured times).
+        Each shape counts once, at its fastest time: whatever else runs on the device (the other
+        tier starting beside this one, a first-call kernel plan) only slows a pass, so the fastest
+        of several runs is the pass itself. These points stay in every later fit, beside the window
+        of real passes, so a run of one kind of traffic cannot unlearn the shapes it does not visit."""
+        if not passes or any(not work or not times or min(times) <= 0 for work, times in passes):
+            raise InvalidArgument("calibrate() needs, for every pass, its sequences and positive measured times")
+        self._anchors = [(_features(work), min(times)) for work, times in passes]
+        self._stale = self.fitted
+
     def frozen(self) -> CostModel:
         """A copy that predicts with the coefficients in use now and learns nothing (to plan ahead)."""
         copy = CostModel(prior=self.coefficients)
@@ -163,7 +176,7 @@ class CostModel:
 
     def _fit(self) -> tuple[float, float, float, float]:
         # Relative error: row x/s should predict 1. Normal equations A beta = b.
-        rows = [[x / s for x in feats] for feats, s in self._rows]
+        rows = [[x / s for x in feats] for feats, s in [*self._anchors, *self._rows]]
         a = [[sum(r[i] * r[j] for r in rows) for j in range(4)] for i in range(4)]
         b = [sum(r[i] for r in rows) for i in range(4)]
         # A feature that never varied from 0 carries no information: leave it out.
@@ -185,6 +198,26 @@ class CostModel:
             # A negative cost is not physical (collinear or too little data): drop it and refit.
             del active[worst]
         return (0.0, 0.0, 0.0, 0.0)
+
+
+def calibration_shapes(max_tokens: int, unit: int, late_chunks: bool) -> list[list[tuple[int, int]]]:
+    """The passes a group times at start to seed its cost model, each as (new tokens, tokens before)
+    per sequence: one chunk alone from ``unit`` up to ``max_tokens`` (x4 apart; fixed and per-token
+    costs), four small chunks packed (per-sequence cost), and a chunk after as many tokens before
+    (attention over earlier KV). ``late_chunks`` adds a small chunk after most of ``max_tokens``: the
+    shape of a long prompt's late chunks, whose attention over long cached KV sizes them (on a GPU,
+    where passes of tens of thousands of tokens are cheap enough to time at start)."""
+    sizes = [unit * 4**k for k in range(32) if unit * 4**k <= max_tokens] or [unit]
+    top = max_tokens // unit * unit
+    if top > sizes[-1] and late_chunks:
+        sizes.append(top)  # the largest pass itself: the long end of the fit
+    top = sizes[-1]
+    shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
+    shapes.append([(top // 2, top // 2)])
+    if late_chunks and top >= 8 * unit:
+        late = top // 8 // unit * unit
+        shapes.append([(late, top - late)])
+    return shapes
 
 
 @dataclass(frozen=True)
