@@ -117,12 +117,17 @@ def _check_passed(service: str, text: str) -> None:
         raise InvalidArgument(f"{flag}: `ringserve {service}` has no flag {' '.join(unknown)} (see its --help)")
 
 
+def split_fraction(fraction: float) -> tuple[float, float]:
+    """`up`'s --gpu-memory-fraction as the prefill group's and the decode group's shares of the GPU."""
+    prefill = round(fraction * PREFILL_SHARE, 4)
+    return prefill, round(fraction - prefill, 4)
+
+
 def service_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     """The flags `up` adds to each service's command line: the model settings to both groups, each
     group's share of the GPU, then the user's own ``--{service}-args`` (last, so they win)."""
     model = ["--device", args.device, "--load-format", args.load_format]
-    prefill_fraction = round(args.gpu_memory_fraction * PREFILL_SHARE, 4)
-    decode_fraction = round(args.gpu_memory_fraction - prefill_fraction, 4)
+    prefill_fraction, decode_fraction = split_fraction(args.gpu_memory_fraction)
     return {
         "prefill": [*model, "--gpu-memory-fraction", str(prefill_fraction), *shlex.split(args.prefill_args)],
         "decode": [*model, "--gpu-memory-fraction", str(decode_fraction), *shlex.split(args.decode_args)],
@@ -246,6 +251,10 @@ def up(args: argparse.Namespace) -> int:
     drain_s = _drain_timeout_s(args)
     insecure = ["--insecure"] if args.insecure else []  # up runs plaintext: off loopback only when asked
     passed = service_flags(args)
+    log.info(
+        "device %s: on a GPU both tiers share it, prefill %g and decode %g of its memory (--gpu-memory-fraction %g)",
+        args.device, *split_fraction(args.gpu_memory_fraction), args.gpu_memory_fraction,
+    )  # fmt: skip
     cluster = None
     try:
         cluster = start_cluster(
