@@ -14,7 +14,9 @@ from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied, Rings
 from ringserve.kv_transfer.landing import Landing
 from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
-from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup, Target
+from ringserve.prefill_service.group import Prefilled, PrefillGroup
+from ringserve.prefill_service.protocol import Job
+from ringserve.prefill_service.push import Target
 from ringserve.prefill_service.strategy import STRATEGIES
 from ringserve.registry import Load, Registration, WorkCounter, advertised_address
 from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto, start_server
