@@ -4,6 +4,7 @@ group, and checking that every rank runs the same model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -73,6 +74,15 @@ class RankLost:
     who: str  # e.g. "prefill-rank1 (exit code -9)"
 
 
+def local_ranks(configured: int | None, world: int) -> range:
+    """The ranks other than the leader that it starts itself (``--local-ranks``, itself included;
+    default: the whole group); the rest join from other hosts."""
+    n = world if configured is None else configured
+    if not 1 <= n <= world:
+        raise InvalidArgument(f"--local-ranks must be 1..{world} (the group's ranks this process starts), got {n}")
+    return range(1, n)
+
+
 def link_key(secret: bytes | None) -> bytes:
     """The rank link's key: derived from the deployment secret (so ranks on other hosts can join),
     else random (only this process's own children can join)."""
@@ -93,9 +103,10 @@ class LeaderLink:
 
     def __init__(self, name: str, world: int, host: str, port: int, secret: bytes | None):
         self.name, self.world, self.host = name, world, host
-        self.key = link_key(secret)
+        self.key, self.keyed = link_key(secret), secret is not None
         self._listener = Listener((host, port), authkey=self.key)
-        self.address = f"{host}:{self._listener.address[1]}"
+        self._bound = self._listener.address
+        self.address = f"{host}:{self._bound[1]}"
         self.init_method = f"tcp://{host}:{free_port(host)}"
         self.procs: list[mp.Process] = []  # local child ranks (ranks 1..len)
         self.messages: queue.Queue[tuple[int, Any]] = queue.Queue()
@@ -125,6 +136,12 @@ class LeaderLink:
     def admit(self, config: Any, timeout_s: float) -> None:
         """Wait until every other rank has connected and said its rank, then welcome each with
         ``config``; raises Unavailable naming the ranks missing after ``timeout_s``."""
+        if len(self.procs) < self.world - 1 and not self.keyed:
+            self.close()
+            raise FailedPrecondition(
+                f"{self.name} group: ranks on other hosts (--local-ranks below the group size) need the "
+                "deployment secret (--deployment-secret-file): it keys the rank link"
+            )
         joined: queue.Queue[tuple[int, Connection] | BaseException] = queue.Queue()
         threading.Thread(target=self._accept, args=(joined,), name=f"{self.name}-accept", daemon=True).start()
         deadline = time.monotonic() + timeout_s
@@ -144,10 +161,13 @@ class LeaderLink:
                 if isinstance(got, BaseException):
                     raise Unavailable(f"{self.name} group: the rank link at {self.address} failed: {got}") from got
                 rank, conn = got
+                if rank in self._conns:
+                    log.warning("%s group: rank %d joined twice; the second is refused", self.name, rank)
+                    conn.close()
+                    continue
                 self._conns[rank] = conn
         finally:
-            self._listening = False
-            self._listener.close()  # the group is formed (or failed): no one else joins
+            self._stop_listening()  # the group is formed (or failed): no one else joins
         for rank, conn in self._conns.items():
             conn.send(Welcome(self.init_method, config))
             threading.Thread(target=self._read, args=(rank, conn), name=f"{self.name}-link{rank}", daemon=True).start()
@@ -168,28 +188,35 @@ class LeaderLink:
         )
 
     def _accept(self, joined: queue.Queue) -> None:
+        """Take connections until admission ends: each must prove the key and say a rank of this group."""
         while True:
             try:
                 conn = self._listener.accept()
-            except AuthenticationError:
-                log.warning("%s group: a connection to the rank link failed authentication; ignored", self.name)
+                hello = conn.recv() if conn.poll(10.0) else None
+            except (AuthenticationError, EOFError, OSError) as e:
+                if not self._listening:  # admission is over (``_stop_listening`` woke us)
+                    return
+                if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+                    joined.put(e)  # the listener itself failed
+                    return
+                log.warning("%s group: a rank link peer failed its handshake (%s); ignored", self.name, e)
                 continue
-            except OSError as e:  # closed by admit()
-                if self._listening:
-                    joined.put(e)
-                return
-            hello = conn.recv() if conn.poll(10.0) else None
             if not isinstance(hello, Hello) or hello.world != self.world or not 1 <= hello.rank < self.world:
                 log.warning(
                     "%s group: refused a rank link peer that said %r (group of %d)", self.name, hello, self.world
                 )
                 conn.close()
                 continue
-            if hello.rank in self._conns:
-                log.warning("%s group: rank %d joined twice; the second is refused", self.name, hello.rank)
-                conn.close()
-                continue
             joined.put((hello.rank, conn))
+
+    def _stop_listening(self) -> None:
+        """End admission: wake the accept thread (a connection of our own) and close the listener."""
+        if not self._listening:
+            return
+        self._listening = False
+        with contextlib.suppress(OSError):
+            socket.create_connection(self._bound, timeout=1.0).close()
+        self._listener.close()
 
     def _read(self, rank: int, conn: Connection) -> None:
         while True:
@@ -230,8 +257,8 @@ class LeaderLink:
 
     def close(self) -> None:
         """Hang up on every rank (their EOF tells them to stop) and reap the local ones."""
-        self._closing, self._listening = True, False
-        self._listener.close()
+        self._closing = True
+        self._stop_listening()
         for conn in self._conns.values():
             conn.close()
         for proc in self.procs:

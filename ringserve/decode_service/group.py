@@ -30,7 +30,7 @@ from ringserve.kv_transfer.landing import Landed
 from ringserve.kv_transfer.secret import deployment_secret
 from ringserve.kv_transfer.tcp import Frame, KVReceiver
 from ringserve.metrics import KV_BYTES
-from ringserve.process_group import LeaderLink, RankLink, RankLost, check_group, init_group
+from ringserve.process_group import LeaderLink, RankLink, RankLost, check_group, init_group, local_ranks
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,14 @@ def _device_for(cfg: DecodeConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank) if dev.type == "cuda" and cfg.kvp > 1 else dev
 
 
-def build_rank(cfg: DecodeConfig, rank: int, model: Llama | None, init_method: str | None) -> KVPRank:
-    """Load the model (unless given), join the group, and allocate this rank's KV cache."""
+def build_rank(
+    cfg: DecodeConfig, rank: int, model: Llama | None, init_method: str | None, device: torch.device | None = None
+) -> KVPRank:
+    """Load the model (unless given), join the group, and allocate this rank's KV cache (on
+    ``device``, default: the rank's GPU, or the CPU)."""
     from ringserve.service import torch_dtype
 
-    device = _device_for(cfg, rank)
+    device = device or _device_for(cfg, rank)
     dtype = torch_dtype(cfg.dtype)
     if model is None:
         model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
@@ -98,12 +101,12 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
     return receiver, endpoint
 
 
-def rank_main(link: RankLink) -> None:
+def rank_main(link: RankLink, device: torch.device | None = None) -> None:
     """A rank other than the leader: build, say ready, then carry out the leader's calls until it
-    hangs up (or dies)."""
+    hangs up (or dies). ``device``: this host's (a rank started on its own)."""
     cfg: DecodeConfig = link.config
     try:
-        kvp = build_rank(cfg, link.rank, None, link.welcome.init_method)
+        kvp = build_rank(cfg, link.rank, None, link.welcome.init_method, device)
         receiver, endpoint = _receivers(cfg, kvp, link.send, link.send)
     except RingserveError as e:
         link.send(RankFailed(link.rank, e.code, str(e)))
@@ -144,7 +147,7 @@ class DecodeGroup:
             if cfg.kvp > 1:
                 secret = deployment_secret(cfg.deployment_secret_file)
                 self.link = LeaderLink("decode", cfg.kvp, cfg.group_host, cfg.group_port, secret)
-                self.link.spawn(range(1, cfg.local_ranks or cfg.kvp), rank_main)
+                self.link.spawn(local_ranks(cfg.local_ranks, cfg.kvp), rank_main)
                 self.link.admit(cfg, cfg.group_timeout_s)
             self.rank0 = build_rank(cfg, 0, model, self.link.init_method if self.link else None)
             self.receiver, self.endpoint = _receivers(

@@ -20,7 +20,7 @@ from ringserve.prefill_service.prefix_cache import RankSeq
 from ringserve.prefill_service.protocol import Pass, PassReport
 from ringserve.prefill_service.push import Pusher, PushResult
 from ringserve.prefill_service.rank import build_runner, rank_main, run_pass
-from ringserve.process_group import LeaderLink, RankLost
+from ringserve.process_group import LeaderLink, RankLost, local_ranks
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class PassRunner:
         self.active: dict[str, RankSeq] = {}  # rank 0's sequences
         self.endpoint = None
         try:
-            self.link.spawn(range(1, cfg.local_ranks or cfg.cp), rank_main)
+            self.link.spawn(local_ranks(cfg.local_ranks, cfg.cp), rank_main)
             self.link.admit(cfg, cfg.group_timeout_s)
             self._reader = threading.Thread(target=self._read, name="prefill-reports", daemon=True)
             self._reader.start()

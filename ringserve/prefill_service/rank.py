@@ -97,12 +97,13 @@ def run_pass(
     return logits, report
 
 
-def rank_main(link: RankLink) -> None:
+def rank_main(link: RankLink, device: torch.device | None = None) -> None:
     """A rank other than the leader: build, say ready, then run each pass the leader sends until it
-    hangs up (or dies); a broken ring ends the loop (the leader fails its requests and restarts)."""
+    hangs up (or dies); a broken ring ends the loop (the leader fails its requests and restarts).
+    ``device``: this host's (a rank started on its own); default as ``device_for``."""
     cfg: PrefillConfig = link.config
     try:
-        runner, blocks, endpoint = build_runner(cfg, link.rank, link.welcome.init_method)
+        runner, blocks, endpoint = build_runner(cfg, link.rank, link.welcome.init_method, device)
     except RingserveError as e:
         link.send(PassReport(link.rank, error=(e.code, str(e))))
         return
