@@ -8,7 +8,8 @@ import random
 import pytest
 
 from ringserve.errors import InvalidArgument
-from ringserve.prefill_service.scheduler import CostModel, Scheduler, SchedulerConfig, calibration_shapes
+from ringserve.prefill_service.calibration import calibration_shapes
+from ringserve.prefill_service.scheduler import CostModel, Scheduler, SchedulerConfig
 
 # Fitted to one H200's measured passes (Llama-3-8B shape, bf16; bench/profile_gpu.py): fixed, per
 # sequence, per token, per token pair.

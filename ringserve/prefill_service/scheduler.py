@@ -200,26 +200,6 @@ class CostModel:
         return (0.0, 0.0, 0.0, 0.0)
 
 
-def calibration_shapes(max_tokens: int, unit: int, late_chunks: bool) -> list[list[tuple[int, int]]]:
-    """The passes a group times at start to seed its cost model, each as (new tokens, tokens before)
-    per sequence: one chunk alone from ``unit`` up to ``max_tokens`` (x4 apart; fixed and per-token
-    costs), four small chunks packed (per-sequence cost), and a chunk after as many tokens before
-    (attention over earlier KV). ``late_chunks`` adds a small chunk after most of ``max_tokens``: the
-    shape of a long prompt's late chunks, whose attention over long cached KV sizes them (on a GPU,
-    where passes of tens of thousands of tokens are cheap enough to time at start)."""
-    sizes = [unit * 4**k for k in range(32) if unit * 4**k <= max_tokens] or [unit]
-    top = max_tokens // unit * unit
-    if top > sizes[-1] and late_chunks:
-        sizes.append(top)  # the largest pass itself: the long end of the fit
-    top = sizes[-1]
-    shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
-    shapes.append([(top // 2, top // 2)])
-    if late_chunks and top >= 8 * unit:
-        late = top // 8 // unit * unit
-        shapes.append([(late, top - late)])
-    return shapes
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How passes are built; see ``Scheduler.next_pass``."""

@@ -1,0 +1,92 @@
+"""Fitting the prefill scheduler's cost model before a group serves: passes of made-up prompts (one
+chunk alone at several sizes, a packed pass, chunks after a prefix), timed like real ones. On a GPU
+the shapes reach long context and each is timed several times, its fastest run counting, so two
+starts of the same service fit nearly the same model. The model goes on learning from every real
+pass."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ringserve.prefill_service.pass_runner import PassRunner
+from ringserve.prefill_service.prefix_cache import CacheStart, new_blocks_per_rank
+from ringserve.prefill_service.protocol import ChunkWork, Pass
+from ringserve.prefill_service.scheduler import CostModel
+
+log = logging.getLogger(__name__)
+
+
+def calibration_shapes(max_tokens: int, unit: int, late_chunks: bool) -> list[list[tuple[int, int]]]:
+    """The passes to time, each as (new tokens, tokens before) per sequence: one chunk alone from
+    ``unit`` up to ``max_tokens`` (x4 apart; fixed and per-token costs), four small chunks packed
+    (per-sequence cost), and a chunk after as many tokens before (attention over earlier KV).
+    ``late_chunks`` adds the largest pass itself and a small chunk after 7/8 of it: the shape of a
+    long prompt's late chunks, whose attention over long cached KV sizes them (on a GPU, where
+    passes of tens of thousands of tokens are cheap enough to time at start)."""
+    sizes = [unit * 4**k for k in range(32) if unit * 4**k <= max_tokens] or [unit]
+    top = max_tokens // unit * unit
+    if late_chunks and top > sizes[-1]:
+        sizes.append(top)
+    top = sizes[-1]
+    shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
+    shapes.append([(top // 2, top // 2)])
+    if late_chunks and top >= 8 * unit:
+        late = top // 8 // unit * unit
+        shapes.append([(late, top - late)])
+    return shapes
+
+
+def _largest_pass(block_size: int, world: int, calibrate_tokens: int, kv_blocks: int) -> int:
+    """``--calibrate-tokens`` in whole units, halved until a pass of it fits the pool 4 times over."""
+    unit = block_size * world
+    top = max(unit, calibrate_tokens // unit * unit)
+    while top > unit and max(new_blocks_per_rank(top, world, block_size)) * 4 > kv_blocks:
+        top = max(unit, top // 2 // unit * unit)
+    return top
+
+
+def calibrate(ranks: PassRunner, cost: CostModel, vocab: int) -> None:
+    """Time every shape on the group and seed ``cost`` (``CostModel.calibrate``): each shape once
+    untimed (a first call may pay one-time costs: kernel plans), then timed; on a GPU 3 to 10 times
+    (about a second of runs each), interleaved with the other shapes so that a slow stretch (the
+    decode tier loading beside this group) spoils only some runs of each. Runs outside the
+    scheduler and the prefix index."""
+    cfg = ranks.cfg
+    unit = cfg.block_size * cfg.cp
+    on_gpu = cfg.device.startswith("cuda")
+    top = _largest_pass(cfg.block_size, cfg.cp, cfg.calibrate_tokens, cfg.kv_blocks)
+    shapes = calibration_shapes(top, unit, late_chunks=on_gpu)
+    log.info("calibrating the prefill scheduler's cost model (%d shapes)", len(shapes))
+    warm = [_time_pass(ranks, vocab, i, shape) for i, shape in enumerate(shapes)]
+    repeats = [min(10, max(3, math.ceil(1.0 / max(w, 1e-3)))) if on_gpu else 1 for w in warm]
+    times: list[list[float]] = [[] for _ in shapes]
+    for r in range(max(repeats)):
+        for i, shape in enumerate(shapes):
+            if r < repeats[i]:
+                times[i].append(_time_pass(ranks, vocab, i, shape))
+    for shape, t in zip(shapes, times):
+        log.debug("calibration %s: %s s", shape, ", ".join(f"{x:.4f}" for x in t))
+    cost.calibrate(list(zip(shapes, times)))
+    log.info("prefill cost model: %s", cost)
+
+
+def _time_pass(ranks: PassRunner, vocab: int, i: int, shape: list[tuple[int, int]]) -> float:
+    """One calibration pass of made-up prompts (the tokens before a chunk as an untimed pass of
+    their own); its time, its blocks freed."""
+    cfg = ranks.cfg
+    bs, world = cfg.block_size, cfg.cp
+    prefix, work = [], []
+    for k, (new, before) in enumerate(shape):
+        name = f"calibration-{i}.{k}"
+        begin = CacheStart((), new_blocks_per_rank(new + before, world, bs))
+        ids = [(7 * t + k + 1) % vocab for t in range(new + before)]
+        if before:
+            prefix.append(ChunkWork(name, ids[:before], 0, begin))
+            begin = None
+        work.append(ChunkWork(name, ids[before:], before, begin))
+    if prefix:
+        ranks.run(Pass(tuple(prefix), cfg.strategy))
+    _, reports = ranks.run(Pass(tuple(work), cfg.strategy))
+    ranks.run(Pass((), cfg.strategy, drop=tuple(ranks.active)))
+    return max(r.forward_s for r in reports)
