@@ -35,8 +35,8 @@ from ringserve.process_group import check_group, free_port, init_group, next_mes
 
 log = logging.getLogger(__name__)
 
-# (rank, request_id, epoch, transfer_id, first row in the rank's share, rows)
-OnLanded = Callable[[int, str, int, str, int, int], None]
+# (rank, request_id, epoch, transfer_id, first row in the rank's share, rows, local KV heads or None: all)
+OnLanded = Callable[[int, str, int, str, int, int, range | None], None]
 OnDone = Callable[[str, int], None]  # (request_id, epoch): the prefill side writes nothing more
 OnFailure = Callable[[str], None]  # (what happened)
 
@@ -70,7 +70,7 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
     def sink(frame: Frame, kv: torch.Tensor) -> None:
         local = rank.write_kv(frame, kv)
         KV_BYTES.labels("decode", "received").inc(frame.nbytes)
-        on_landed(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count)
+        on_landed(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count, frame.heads)
 
     port = cfg.kv_port + rank.rank if cfg.kv_port else 0
     key = deployment_secret(cfg.deployment_secret_file)
@@ -83,7 +83,9 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
 
         def landed(note: Landed) -> None:
             KV_BYTES.labels("decode", "received").inc(note.count * rank.cache.bytes_per_token)
-            on_landed(rank.rank, note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
+            on_landed(
+                rank.rank, note.request_id, note.epoch, note.transfer_id, note.first_position, note.count, note.heads
+            )
 
         try:
             endpoint = NixlEndpoint(

@@ -266,10 +266,13 @@ class DecodeWorker:
             req.lease_until = max(req.lease_until, time.monotonic() + self.reservation_ttl_s)
             return True
 
-    def _landed(self, rank: int, request_id: str, epoch: int, transfer_id: str, first: int, count: int) -> None:
+    def _landed(
+        self, rank: int, request_id: str, epoch: int, transfer_id: str, first: int, count: int, heads=None
+    ) -> None:
         """Rows [first, first + count) of ``rank``'s share of reservation ``epoch`` landed (from the
-        ranks' KV receivers). Counted once per row, and only for that epoch: a repeated push, or
-        a notification for an ended reservation, adds nothing."""
+        ranks' KV receivers), of the rank's local KV ``heads`` (None: whole rows). A row counts once
+        all its heads landed, and only for that epoch: a repeated push, or a notification for an
+        ended reservation, adds nothing."""
         where = f"request_id={request_id} epoch={epoch} transfer={transfer_id} rank={rank}"
         with self.lock:
             req = self.requests.get(request_id)
@@ -279,15 +282,24 @@ class DecodeWorker:
                 self._count_dropped("stale")
                 log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
                 return
-            if first < 0 or first + count > req.shares.get(rank, 0):
+            rows = req.landed_rows.setdefault(rank, LandedRows(self.group.rank0.cache.k.shape[-2]))
+            try:
+                if first < 0 or first + count > req.shares.get(rank, 0):
+                    raise ValueError(f"KV rows [{first}, {first + count}) are outside the rank's share")
+                added = rows.add(first, first + count, heads)
+            except ValueError as e:
                 self._count_dropped("outside_share")
-                log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
+                log.warning("%s: %s; ignored", where, e)
                 return
-            new = req.landed_rows.setdefault(rank, LandedRows()).add(first, first + count)
-            if new < count:
+            if added.repeated:
                 self._count_dropped("repeated")
-                log.info("%s: %d of %d KV rows had landed already (a repeated push)", where, count - new, count)
-            req.landed += new
+                log.info(
+                    "%s: %d of %d KV cells had landed already (a repeated push)",
+                    where,
+                    added.cells - added.new_cells,
+                    added.cells,
+                )
+            req.landed += added.completed
             if req.quarantined_at is None:  # rows arriving: the prefill side is at work, keep the lease
                 req.lease_until = max(req.lease_until, time.monotonic() + self.reservation_ttl_s)
             elif req.landed >= req.prompt_len:
