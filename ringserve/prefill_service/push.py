@@ -72,7 +72,8 @@ class PushResult:
 
 
 def _wants(targets: Sequence[Target], num_kv_heads: int) -> list[Want]:
-    return [Want(t.first_position, t.num_tokens, t.kv_heads or range(num_kv_heads)) for t in targets]
+    every = range(num_kv_heads)
+    return [Want(t.first_position, t.num_tokens, every if t.kv_heads is None else t.kv_heads) for t in targets]
 
 
 def check_targets(targets: Sequence[Target], prompt_tokens: int, num_kv_heads: int) -> None:
