@@ -12,6 +12,7 @@ that hold the same head (replicated on the decode side) each get their own copy.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,6 +74,21 @@ def _overlap(a: range, b: range) -> range:
     return range(max(a.start, b.start), min(a.stop, b.stop))
 
 
+def _depths(spans: list[tuple[int, int]], total: int) -> set[int]:
+    """How many of ``spans`` cover each point of [0, total), as the set of depths met."""
+    deltas = Counter({0: 0})
+    for a, b in spans:
+        deltas[a] += 1
+        deltas[b] -= 1
+    depth, depths = 0, set()
+    for x in sorted(deltas):
+        if x >= total:
+            break
+        depth += deltas[x]
+        depths.add(depth)
+    return depths
+
+
 def check_wants(total: int, num_kv_heads: int, wants: Sequence[Want]) -> None:
     """Raise ValueError unless every want lies in [0, total) x [0, num_kv_heads) and, for each head,
     the wants holding it cover every token equally often (once per decode replica of the head)."""
@@ -81,12 +97,14 @@ def check_wants(total: int, num_kv_heads: int, wants: Sequence[Want]) -> None:
             raise ValueError(f"a decode share [{w.first}, {w.first + w.count}) is outside the prompt's {total} tokens")
         if not w.heads or w.heads.start < 0 or w.heads.stop > num_kv_heads or w.heads.step != 1:
             raise ValueError(f"a decode rank's KV heads {w.heads} are not a range inside the model's {num_kv_heads}")
+    checked = set()  # heads with the same shares (a TP rank's heads) are checked once
     for h in range(num_kv_heads):
-        edges = sorted({0, total} | {e for w in wants if h in w.heads for e in (w.first, w.first + w.count)})
-        depth = [
-            sum(1 for w in wants if h in w.heads and w.first <= a < w.first + w.count) for a in edges[:-1] if a < total
-        ]
-        if total and (min(depth, default=0) < 1 or len(set(depth)) > 1):
+        spans = tuple(sorted((w.first, w.first + w.count) for w in wants if h in w.heads and w.count))
+        if spans in checked or not total:
+            continue
+        checked.add(spans)
+        depths = _depths(list(spans), total)
+        if min(depths) < 1 or len(depths) > 1:
             raise ValueError(f"the decode shares of KV head {h} do not cover the prompt's {total} tokens evenly")
 
 
