@@ -15,14 +15,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_decode_worker import drain, prompt_kv_and_first_token
 
 from ringserve.config import DecodeConfig
-from ringserve.decode_service.group import _receivers
+from ringserve.decode_service.group import DecodeGroup, _receivers
 from ringserve.decode_service.kvp import KVPRank
 from ringserve.decode_service.landed_rows import Added, LandedRows
+from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.config import ModelConfig
+from ringserve.engine.engine import Engine
 from ringserve.engine.kv_cache import KVCache, blocks_needed
 from ringserve.engine.model import Llama
+from ringserve.engine.sampling import SamplingParams
 from ringserve.engine.tp import kv_heads
 from ringserve.kv_transfer.nixl import NixlEndpoint
 from ringserve.kv_transfer.plan import Want, balanced_shares, check_wants, plan_layout, plan_moves
@@ -169,16 +173,16 @@ HANDOFFS = [
 ]
 
 
-def _config(local_kv_heads: int) -> ModelConfig:
+def _config(local_kv_heads: int, layers: int = LAYERS, dim: int = DIM) -> ModelConfig:
     """A rank's model config: its local KV heads (and as many query heads)."""
     return ModelConfig(
         vocab_size=16,
-        hidden_size=local_kv_heads * DIM,
+        hidden_size=local_kv_heads * dim,
         intermediate_size=8,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=local_kv_heads,
         num_key_value_heads=local_kv_heads,
-        head_dim=DIM,
+        head_dim=dim,
     )
 
 
@@ -194,22 +198,25 @@ def _cp_tokens(h: Handoff) -> list[list[int]]:
     return [pieces[r] + pieces[2 * h.cp - 1 - r] for r in range(h.cp)]
 
 
-def _prefill_side(h: Handoff, target_bytes: list[bytes], transport: str) -> tuple[int, list[int]]:
+def _prefill_side(
+    h: Handoff, target_bytes: list[bytes], transport: str, ref: torch.Tensor | None = None
+) -> tuple[int, list[int]]:
     """One process for all (TP x CP) prefill ranks: each a KVCache of its local heads holding its
-    tokens in fragmented blocks, pushing concurrently with ``push_kv``. Returns (bytes sent, blocks
-    each allocator holds afterwards)."""
+    tokens of ``ref`` (default: the layout's random KV) in fragmented blocks, pushing concurrently
+    with ``push_kv``. Returns (bytes sent, blocks each allocator holds afterwards)."""
     torch.set_num_threads(1)
-    ref, tokens = _reference(h), _cp_tokens(h)
+    ref = _reference(h) if ref is None else ref
+    tokens = _cp_tokens(h)
     targets = [Target.from_proto(common_pb2.KVTarget.FromString(b)) for b in target_bytes]
     check_targets(targets, h.tokens, h.heads)
     ranks = []
     for c, t in itertools.product(range(h.cp), range(h.tp)):
         heads = kv_heads(t, h.tp, h.heads)
-        cache = KVCache(_config(len(heads)), 32, SRC_BLOCK)
+        cache = KVCache(_config(len(heads), ref.shape[0], ref.shape[-1]), 32, SRC_BLOCK)
         table = cache.allocator.allocate(blocks_needed(len(tokens[c]), SRC_BLOCK))
         random.Random(c * 10 + t).shuffle(table)
         slots = cache.slots(table, 0, len(tokens[c]))
-        for layer in range(LAYERS):
+        for layer in range(ref.shape[0]):
             rows = ref[layer][:, tokens[c]][:, :, heads.start : heads.stop]
             cache.write(layer, slots, rows[0], rows[1])
         endpoint = NixlEndpoint(cache) if transport == "nixl" else None
@@ -247,8 +254,8 @@ def prefill_side():
     proc = ctx.Process(target=_side_main, args=(commands, results), daemon=True)
     proc.start()
 
-    def run(h: Handoff, target_bytes: list[bytes], transport: str):
-        commands.put((h, target_bytes, transport))
+    def run(h: Handoff, target_bytes: list[bytes], transport: str, ref: torch.Tensor | None = None):
+        commands.put((h, target_bytes, transport, ref))
         status, value = results.get(timeout=120)
         assert status == "ok", value
         return value
@@ -339,3 +346,35 @@ def test_handoff_between_layouts_is_bit_identical_to_the_single_process_kv(prefi
         assert all(d.repeated == 0 and not d.receiver.dropped for d in ranks)
     finally:
         assert [d.close() for d in ranks] == [0] * len(ranks)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "nixl"])
+def test_a_decode_group_takes_head_pieces_from_tp_ranks_and_decodes_exactly(prefill_side, default_model, transport):
+    """(TP 3, CP 2) prefill ranks, each holding one of the default model's 3 KV heads of its tokens,
+    push into a real TP 1 decode group (its receivers, its leader's count of head pieces): the
+    decode starts once every piece landed, and greedy decoding equals the single-process engine."""
+    if transport == "nixl":
+        pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl)")
+    model, tokenizer = default_model
+    ids = tokenizer.encode("The capital of France is")
+    h = Handoff(model.config.num_key_value_heads, 3, 2, 1, 1, len(ids))
+    kv, first = prompt_kv_and_first_token(model, ids)
+    order = [t for ts in _cp_tokens(h) for t in ts]  # the decode share holds the rows in the plan's order
+    group = DecodeGroup(DecodeConfig(kv_blocks=16, block_size=16, kv_transfer=transport), model=model)
+    worker = DecodeWorker(group, tokenizer, reservation_ttl_s=60.0)
+    try:
+        res = worker.reserve("req", len(ids), 8)
+        [(rank, address, start, count, landing)] = res.targets
+        target = common_pb2.KVTarget(
+            rank=rank, address=address, first_position=start, num_tokens=count, nixl_landing=landing, epoch=res.epoch
+        )
+        # The prefill side's KV in its ranks' order: the plan lays CP ranks' tokens end to end.
+        sent, held = prefill_side(h, [target.SerializeToString()], transport, kv[:, :, order].contiguous())
+        assert sent == kv.numel() * 4 and held == [0] * 6
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        got = [e.token_id for e in drain(worker.start("req", len(ids), first, params))]
+        assert got == [e.token_id for e in Engine(model, tokenizer).generate(ids, params)]
+        assert not worker.dropped and not group.receiver.dropped
+    finally:
+        worker.close()
+    assert worker.blocks_used == 0
