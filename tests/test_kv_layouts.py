@@ -28,6 +28,7 @@ from ringserve.engine.kv_cache import KVCache, blocks_needed
 from ringserve.engine.model import Llama
 from ringserve.engine.sampling import SamplingParams
 from ringserve.engine.tp import kv_heads
+from ringserve.errors import InvalidArgument
 from ringserve.kv_transfer.nixl import NixlEndpoint
 from ringserve.kv_transfer.plan import Want, balanced_shares, check_wants, plan_layout, plan_moves
 from ringserve.prefill_service.push import SourceRank, Target, check_targets, push_kv
@@ -378,3 +379,18 @@ def test_a_decode_group_takes_head_pieces_from_tp_ranks_and_decodes_exactly(pref
     finally:
         worker.close()
     assert worker.blocks_used == 0
+
+
+def test_push_kv_refuses_a_layout_or_targets_that_do_not_fit_before_sending():
+    cache = KVCache(_config(2), 4, SRC_BLOCK)  # a rank holding 2 KV heads
+    targets = [Target("127.0.0.1:1", 0, 5, kv_heads=range(0, 2)), Target("127.0.0.1:1", 0, 5, kv_heads=range(2, 4))]
+    check_targets(targets, 5, 4)
+    with pytest.raises(InvalidArgument, match="should hold KV heads range"):
+        push_kv(cache, [0, 1], "r", targets, [5], SourceRank(0, 4, 0, 4), None, 1.0)  # TP 4 of 4: one head
+    for bad in ([targets[0]], [*targets, Target("127.0.0.1:1", 0, 6)]):
+        with pytest.raises(InvalidArgument, match="exactly once"):
+            check_targets(bad, 5, 4)
+        with pytest.raises(InvalidArgument, match="no transfer plan"):
+            push_kv(cache, [0, 1], "r", bad, [5], SourceRank(0, 4, 0, 2), None, 1.0)
+    with pytest.raises(InvalidArgument, match="there are none"):
+        check_targets([], 5, 4)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.tp import kv_heads
 from ringserve.errors import Aborted, InvalidArgument, RingserveError
 from ringserve.kv_transfer.nixl import NixlEndpoint
 from ringserve.kv_transfer.plan import HeadMove, Want, check_wants, plan_layout
@@ -106,11 +107,20 @@ def push_kv(
     sent once they have landed. With NIXL and a landing, rows go as WRITEs straight from this
     rank's blocks into the decode rank's; otherwise over TCP, gathered a bounded slice at a time
     (frames signed under ``frame_key``, the deployment secret, if given). Raises Aborted naming
-    the decode rank that failed."""
+    the decode rank that failed, InvalidArgument for targets or a layout that do not fit."""
     sent = 0
     local_heads = cache.k.shape[-2]
+    held = kv_heads(source.tp_rank, source.tp, source.num_kv_heads)
+    if len(held) != local_heads:
+        raise InvalidArgument(
+            f"prefill rank (CP {source.cp_rank}, TP {source.tp_rank} of {source.tp}) should hold KV heads {held} "
+            f"of {source.num_kv_heads}, but its cache has {local_heads}: build it from the TP rank's local config"
+        )
     wants = _wants(targets, source.num_kv_heads)
-    plan = plan_layout(counts, source.tp, source.num_kv_heads, wants)
+    try:
+        plan = plan_layout(counts, source.tp, source.num_kv_heads, wants)
+    except ValueError as e:
+        raise InvalidArgument(f"request {request_id}: no transfer plan for these decode targets: {e}") from e
     moves = [m for m in plan if m.src_rank == source.cp_rank and m.src_tp == source.tp_rank]
     for i, m in enumerate(moves):
         target = targets[m.dst]
