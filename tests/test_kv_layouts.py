@@ -136,6 +136,7 @@ def test_a_row_counts_once_every_head_piece_landed_each_piece_once():
     assert rows.add(0, 10, range(0, 2)).repeated  # a retried piece adds nothing
     assert rows.add(0, 6, range(2, 4)) == Added(10, 12, 5)  # two cells had landed, five rows complete
     assert rows.add(3, 4) == Added(0, 4, 0)  # whole rows, all landed before
+    assert rows.holds(range(2, 4)) and rows.holds(None) and not rows.holds(range(3, 5))
     with pytest.raises(ValueError, match="outside"):
         rows.add(0, 1, range(3, 5))  # a stray piece: heads this rank does not hold
     whole = LandedRows()

@@ -53,12 +53,17 @@ class LandedRows:
         self.kv_heads = kv_heads
         self.heads: list[list[tuple[int, int]]] = [[] for _ in range(kv_heads)]
 
+    def holds(self, heads: range | None) -> bool:
+        """Whether ``heads`` (local indices; None: whole rows) are heads of this rank: a piece of
+        others is stray."""
+        return heads is None or (bool(heads) and heads.start >= 0 and heads.stop <= self.kv_heads)
+
     def add(self, start: int, end: int, heads: range | None = None) -> Added:
         """Record rows [start, end) of local heads ``heads`` (None: whole rows). Raises ValueError
-        for heads this rank does not hold (a stray piece: count it and drop it)."""
-        heads = range(self.kv_heads) if heads is None else heads
-        if not heads or heads.start < 0 or heads.stop > self.kv_heads:
+        for heads this rank does not hold (check ``holds`` first: a stray piece is counted, not added)."""
+        if not self.holds(heads):
             raise ValueError(f"KV heads {heads} are outside this rank's {self.kv_heads}")
+        heads = range(self.kv_heads) if heads is None else heads
         before = _common(start, end, self.heads)
         new = 0
         for h in heads:

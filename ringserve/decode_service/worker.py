@@ -283,14 +283,11 @@ class DecodeWorker:
                 log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
                 return
             rows = req.landed_rows.setdefault(rank, LandedRows(self.group.rank0.cache.k.shape[-2]))
-            try:
-                if first < 0 or first + count > req.shares.get(rank, 0):
-                    raise ValueError(f"KV rows [{first}, {first + count}) are outside the rank's share")
-                added = rows.add(first, first + count, heads)
-            except ValueError as e:
+            if first < 0 or first + count > req.shares.get(rank, 0) or not rows.holds(heads):
                 self._count_dropped("outside_share")
-                log.warning("%s: %s; ignored", where, e)
+                log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
                 return
+            added = rows.add(first, first + count, heads)
             if added.repeated:
                 self._count_dropped("repeated")
                 log.info(

@@ -2,8 +2,8 @@
 
 A connection carries one move as frames: a length-prefixed JSON header (request id, reservation
 epoch, transfer id, first cache position, rows, the receiver's KV heads they fill when not all of
-them, shape, dtype, byte count, xxh3 checksum and, when
-the deployment has a secret, an HMAC-SHA256 of all that under it), then the payload; the receiver
+them, shape, dtype, byte count, xxh3 checksum and, when the deployment has a secret, an
+HMAC-SHA256 of all that under it), then the payload; the receiver
 answers each frame ok or an error. The receiver trusts nothing: a header is bounded, its MAC is
 checked (a frame without a valid one is dropped and counted, ``reason="unauthenticated"``; the
 checksum it covers then vouches for the payload), ``admit`` checks it against a live reservation
