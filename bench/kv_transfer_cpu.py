@@ -11,6 +11,10 @@ writes into the cache as the decode worker's does). Per KV shape, request length
   whose sink scatters them into the destination blocks;
 - ``copy``: the same gather/scatter between two caches inside this process (no transport).
 
+With ``--heads N`` only the first N KV heads of each row move (a TP rank's piece of a decode
+rank's rows): a head sub-range is strided in the pool, so NIXL takes one descriptor per row,
+layer and K/V, and TCP frames carry the heads.
+
 Block tables are shuffled on both sides (a pool in use is fragmented, so few blocks coalesce);
 ``--layout contiguous`` gives fresh pools instead. A KV too large for this machine's RAM is
 moved in layer slices through one reused pair of caches (``--max-slice-gib`` per side): every
@@ -18,7 +22,7 @@ byte of every layer is moved, slice by slice, and the times add up. Each process
 thread. Every method's result is checked bit for bit (xxh3 of the rows on both sides).
 
     python bench/kv_transfer_cpu.py [--tokens 32768,131072] [--shapes smollm2,llama8b]
-        [--block-sizes 16,64,256] [--methods nixl,tcp,copy] [--repeats 3] [--out FILE]
+        [--block-sizes 16,64,256] [--methods nixl,tcp,copy] [--heads N] [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -83,16 +87,14 @@ def digest(t: torch.Tensor) -> str:
 def decode_main(conn) -> None:
     """The decode side: answers commands on ``conn`` until told to stop."""
     from ringserve.kv_transfer.nixl import NixlEndpoint
-    from ringserve.kv_transfer.tcp import KVReceiver
+    from ringserve.kv_transfer.tcp import KVReceiver, store_rows
 
     torch.set_num_threads(1)
     state: dict = {}
 
     def sink(frame, kv: torch.Tensor) -> None:
         cache, table = state["cache"], state["table"]
-        slots = cache.slots(table, frame.first_position, frame.first_position + kv.shape[2])
-        for layer in range(kv.shape[0]):
-            cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        store_rows(cache, cache.slots(table, frame.first_position, frame.first_position + kv.shape[2]), kv, frame.heads)
 
     receiver = KVReceiver(lambda frame: None, sink)
     while (msg := conn.recv()) is not None:
@@ -111,17 +113,20 @@ def decode_main(conn) -> None:
             state["cache"].v.zero_()
             conn.send(None)
         elif cmd == "digest":
-            conn.send(digest(gather(state["cache"], state["table"], args)))
+            tokens, n_heads = args
+            conn.send(digest(gather(state["cache"], state["table"], tokens)[..., :n_heads, :]))
     receiver.close()
 
 
 def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dict]:
     layers, heads, dim, dtype = SHAPES[shape]
+    n_heads = min(args.heads or heads, heads)
+    part = None if n_heads == heads else range(n_heads)  # a head sub-range, or whole rows
     row_bytes = 2 * heads * dim * dtype.itemsize  # K and V of one token in one layer
     # The largest slice of whole layers that fits --max-slice-gib per side.
     slice_layers = max(d for d in range(1, layers + 1) if layers % d == 0 and d * tokens * row_bytes <= args.max_slice)
     slices = layers // slice_layers
-    total = layers * tokens * row_bytes
+    total = layers * tokens * row_bytes * n_heads // heads
     conn.send(("setup", (shape, slice_layers, tokens, block_size, args.layout)))
     src = make_cache(shape, slice_layers, tokens, block_size)
     src.k.normal_()
@@ -134,21 +139,23 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
 
     endpoint = NixlEndpoint(src) if "nixl" in args.methods else None
     parsed = Landing.from_bytes(landing)
-    want = digest(gather(src, table, tokens))
+    want = digest(gather(src, table, tokens)[..., :n_heads, :])
     copy_dst = make_cache(shape, slice_layers, tokens, block_size) if "copy" in args.methods else None
     copy_table = block_table(tokens // block_size, args.layout, seed=2)
 
     def one_slice(method: str) -> None:
         if method == "nixl":
-            endpoint.push(table, 0, tokens, parsed, 0, transfer_id=uuid.uuid4().hex[:8], timeout_s=600)
+            endpoint.push(table, 0, tokens, parsed, 0, uuid.uuid4().hex[:8], 600, part, part)
         elif method == "tcp":
-            send_kv(address, "bench", 1, "t", [(0, gather(src, table, tokens))], timeout_s=600)
+            rows = gather(src, table, tokens)[..., :n_heads, :]
+            send_kv(address, "bench", 1, "t", [(0, rows)], timeout_s=600, heads=part)
         else:  # copy: gather and scatter in this process
             s_slots = src.slots(table, 0, tokens)
             d_slots = copy_dst.slots(copy_table, 0, tokens)
             for layer in range(slice_layers):
                 for a, b in ((src.k, copy_dst.k), (src.v, copy_dst.v)):
-                    b[layer].flatten(0, 1).index_copy_(0, d_slots, a[layer].flatten(0, 1).index_select(0, s_slots))
+                    rows = a[layer].flatten(0, 1).index_select(0, s_slots)[:, :n_heads]
+                    b[layer].flatten(0, 1)[d_slots, :n_heads] = rows
 
     rows = []
     for method in args.methods:
@@ -165,9 +172,9 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
                 one_slice(method)
             times.append(time.perf_counter() - t0)
         if method == "copy":
-            got = digest(gather(copy_dst, copy_table, tokens))
+            got = digest(gather(copy_dst, copy_table, tokens)[..., :n_heads, :])
         else:
-            conn.send(("digest", tokens))
+            conn.send(("digest", (tokens, n_heads)))
             got = conn.recv()
         seconds = statistics.median(times)
         row = {
@@ -175,6 +182,7 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
             "tokens": tokens,
             "block_size": block_size,
             "layout": args.layout,
+            "heads": n_heads,
             "gib": total / GIB,
             "slices": slices,
             "method": method,
@@ -185,8 +193,8 @@ def run_config(conn, args, shape: str, tokens: int, block_size: int) -> list[dic
         }
         rows.append(row)
         log(
-            f"{shape} {tokens} tok bs={block_size} {method}: {seconds:.3f} s, {row['gb_per_s']:.2f} GB/s, "
-            f"{slices} slice(s), bit-identical={row['bit_identical']}"
+            f"{shape} {tokens} tok bs={block_size} heads={n_heads} {method}: {seconds:.3f} s, "
+            f"{row['gb_per_s']:.2f} GB/s, {slices} slice(s), bit-identical={row['bit_identical']}"
         )
     if endpoint is not None:
         endpoint.close()
@@ -200,6 +208,7 @@ def main() -> None:
     ap.add_argument("--block-sizes", default="16,64,256")
     ap.add_argument("--methods", default="nixl,tcp,copy")
     ap.add_argument("--layout", choices=("fragmented", "contiguous"), default="fragmented")
+    ap.add_argument("--heads", type=int, default=0, help="move only this many KV heads of each row (0: all)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     ap.add_argument("--max-slice-gib", type=float, default=2.0, help="largest cache per side, in GiB")
     ap.add_argument("--out", help="also write every number as JSON here")

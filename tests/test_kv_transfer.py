@@ -7,10 +7,12 @@ import socket
 import pytest
 import torch
 
+from ringserve.engine.config import ModelConfig
+from ringserve.engine.kv_cache import KVCache
 from ringserve.errors import InvalidArgument, PermissionDenied, Unavailable
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves
 from ringserve.kv_transfer.secret import tag
-from ringserve.kv_transfer.tcp import KVReceiver, _recv_msg, _send_msg, _signed, row_slices, send_kv
+from ringserve.kv_transfer.tcp import KVReceiver, _recv_msg, _send_msg, _signed, row_slices, send_kv, store_rows
 from ringserve.metrics import KV_DROPPED
 
 
@@ -114,5 +116,40 @@ def test_tcp_frames_without_a_valid_mac_are_dropped_and_counted():
         assert admitted == [] and receiver.dropped["unauthenticated"] == 3
         assert KV_DROPPED.labels("unauthenticated")._value.get() == before + 3
         assert send_kv(receiver.address, "r", 1, "t", [(0, kv)], key=key) == 8 and admitted == ["r"]
+    finally:
+        receiver.close()
+
+
+def test_tcp_frames_carry_head_pieces_into_their_heads_only():
+    """TP: a frame holds some KV heads of its rows; the receiver checks them against its cache and
+    writes only those heads; pieces whose heads, shape or bytes do not fit are refused unread."""
+    config = ModelConfig(16, 16, 8, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=4)
+    cache = KVCache(config, 8, 4)
+    cache.k.zero_(), cache.v.zero_()
+    table = [5, 2, 7]
+    stored = []
+
+    def sink(frame, kv):
+        store_rows(cache, cache.slots(table, frame.first_position, frame.first_position + frame.count), kv, frame.heads)
+        stored.append(frame.heads)
+
+    receiver = KVReceiver(lambda frame: frame.check_fits(cache), sink)
+    try:
+        kv = torch.randn(2, 2, 9, 2, 4)
+        assert send_kv(receiver.address, "r", 1, "0.0", [(1, kv)], heads=range(1, 3)) == kv.numel() * 4
+        assert stored == [range(1, 3)]
+        slots = cache.slots(table, 1, 10)
+        got = torch.stack([cache.k.flatten(1, 2)[:, slots], cache.v.flatten(1, 2)[:, slots]], dim=1)
+        assert torch.equal(got[:, :, :, 1:3], kv) and not got[:, :, :, [0, 3]].any()
+        assert send_kv(receiver.address, "r", 1, "0.1", [(0, torch.ones(2, 2, 1, 4, 4))]) == 256  # whole rows
+        assert stored[-1] is None and cache.k.flatten(1, 2)[:, cache.slots(table, 0, 1)].eq(1).all()
+        for heads, rows, match in (
+            (range(3, 5), torch.zeros(2, 2, 1, 2, 4), "outside this rank's 4 KV heads"),
+            (range(0, 2), torch.zeros(2, 2, 1, 3, 4), "does not match"),
+            (None, torch.zeros(2, 2, 1, 2, 4), "does not match"),
+        ):
+            with pytest.raises(InvalidArgument, match=match):
+                send_kv(receiver.address, "r", 1, "t", [(0, rows)], heads=heads)
+        assert receiver.dropped["refused"] == 3 and len(stored) == 2
     finally:
         receiver.close()

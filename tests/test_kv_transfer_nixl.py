@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 import xxhash
@@ -485,3 +486,62 @@ def test_killed_decode_worker_fails_the_push_within_seconds_and_its_restart_is_u
         assert decode.call(_receive, "resumed", rows) == (True, True, 0)
     finally:
         _stop([prefill, decode])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_descriptors_copy_exactly_a_head_sub_range_of_the_rows(seed):
+    """TP: a source rank's heads fill part of each destination row (strided: one descriptor per row)."""
+    rng = random.Random(seed)
+    src_h, dst_h = rng.choice([(1, 2), (2, 1), (4, 2), (2, 4), (1, 1), (3, 3)])
+    n = rng.randint(1, min(src_h, dst_h))
+    src_heads = range(a := rng.randint(0, src_h - n), a + n)
+    dst_heads = range(b := rng.randint(0, dst_h - n), b + n)
+    src_bs, dst_bs = rng.choice([1, 3, 4]), rng.choice([2, 5, 16])
+    src = KVCache(dataclasses.replace(CONFIG, num_key_value_heads=src_h), 16, src_bs)
+    dst = KVCache(dataclasses.replace(CONFIG, num_key_value_heads=dst_h), 16, dst_bs)
+    for t in (src.k, src.v, dst.k, dst.v):
+        t.copy_(torch.randn(t.shape))
+    src_table, dst_table = rng.sample(range(16), 16), rng.sample(range(16), 16)
+    count = rng.randint(1, min(16 * src_bs, 16 * dst_bs) // 2)
+    src_start, dst_start = rng.randint(0, 16 * src_bs - count), rng.randint(0, 16 * dst_bs - count)
+    before = (dst.k.clone(), dst.v.clone())
+    local, remote = plan_descriptors(
+        PoolLayout.of(src), src_table, src_start, PoolLayout.of(dst), dst_table, dst_start, count, src_heads, dst_heads
+    )
+    if not n == src_h == dst_h:  # a part of each row: one descriptor per row, layer and K/V
+        assert len(local) == len(remote) == 2 * LAYERS * count
+    _memmove_descriptors(local, remote)
+    got = _rows(dst, dst_table, dst_start, count)
+    want = _rows(src, src_table, src_start, count)
+    assert torch.equal(got[:, :, :, dst_heads.start : dst_heads.stop], want[:, :, :, src_heads.start : src_heads.stop])
+    # Nothing else changed: put the written heads back and compare the whole pool.
+    written = dst.slots(dst_table, dst_start, dst_start + count)
+    for now, old in zip((dst.k, dst.v), before):
+        flat_now, flat_old = now.flatten(1, 2), old.flatten(1, 2)
+        flat_now[:, written, dst_heads.start : dst_heads.stop] = flat_old[:, written, dst_heads.start : dst_heads.stop]
+        assert torch.equal(now, old)
+
+
+def test_whole_head_ranges_keep_the_row_descriptors_and_bad_ranges_are_refused():
+    src, dst = KVCache(CONFIG, 64, 16), KVCache(CONFIG, 64, 16)
+    args = (PoolLayout.of(src), range(64), 0, PoolLayout.of(dst), range(10, 64), 0, 800)
+    plain = plan_descriptors(*args)
+    whole = plan_descriptors(*args, range(HEADS), range(HEADS))
+    assert all(np.array_equal(a, b) for a, b in zip(plain, whole)) and len(plain[0]) == 2 * LAYERS
+    for src_heads, dst_heads, match in (
+        (range(1), range(2), "cannot fill"),
+        (range(1, 3), range(2), "inside the pool"),
+        (range(0), range(0), "inside the pool"),
+    ):
+        with pytest.raises(InvalidArgument, match=match):
+            plan_descriptors(*args, src_heads, dst_heads)
+    one = PoolLayout.of(KVCache(dataclasses.replace(CONFIG, num_key_value_heads=1), 4, 4))
+    with pytest.raises(InvalidArgument, match="cannot fill"):  # whole rows of pools with different heads
+        plan_descriptors(PoolLayout.of(src), [0], 0, one, [0], 0, 2)
+
+
+def test_notifications_of_head_pieces_name_the_heads():
+    assert parse_notif("p", landed_notif("r", 7, "0.1", 5, 3, range(2, 4))) == Landed(
+        "r", 7, "0.1", 5, 3, "p", range(2, 4)
+    )
+    assert b"heads" not in landed_notif("r", 7, "0.1", 5, 3)  # whole rows: the notification of TP 1

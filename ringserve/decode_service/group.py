@@ -71,7 +71,9 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
     def sink(frame: Frame, kv: torch.Tensor) -> None:
         local = rank.write_kv(frame, kv)
         KV_BYTES.labels("decode", "received").inc(frame.nbytes)
-        on_landed(RowsLanded(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count))
+        on_landed(
+            RowsLanded(rank.rank, frame.request_id, frame.epoch, frame.transfer_id, local, frame.count, frame.heads)
+        )
 
     port = cfg.kv_port + rank.rank if cfg.kv_port else 0
     key = deployment_secret(cfg.deployment_secret_file)
@@ -85,7 +87,15 @@ def _receivers(cfg: DecodeConfig, rank: KVPRank, on_landed: OnLanded, on_done: O
         def landed(note: Landed) -> None:
             KV_BYTES.labels("decode", "received").inc(note.count * rank.cache.bytes_per_token)
             on_landed(
-                RowsLanded(rank.rank, note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
+                RowsLanded(
+                    rank.rank,
+                    note.request_id,
+                    note.epoch,
+                    note.transfer_id,
+                    note.first_position,
+                    note.count,
+                    note.heads,
+                )
             )
 
         try:

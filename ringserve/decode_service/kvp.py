@@ -24,7 +24,7 @@ from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
 from ringserve.engine.paged_decode import DecodeBatch, decode_attention, merge_partials
 from ringserve.errors import InvalidArgument, NotFound, Unavailable
-from ringserve.kv_transfer.tcp import Frame
+from ringserve.kv_transfer.tcp import Frame, store_rows
 
 # all_gather_into_tensor was renamed all_gather_single in torch 2.12; the GPU image has 2.11.
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -125,20 +125,10 @@ class KVPRank:
                     f"rank {self.rank}'s share [{shard.prompt_start}, {shard.prompt_start + shard.prompt_len}) "
                     f"of request {frame.request_id}"
                 )
-        expected = (self.model.config.num_hidden_layers, 2, frame.count, *self.cache.k.shape[-2:])
-        if frame.shape != expected or frame.dtype != str(self.cache.k.dtype).removeprefix("torch."):
-            raise InvalidArgument(
-                f"KV frame shape {frame.shape} {frame.dtype} does not match this model's {expected} "
-                f"{self.cache.k.dtype}"
-            )
-        if frame.nbytes != frame.count * self.cache.bytes_per_token:
-            raise InvalidArgument(
-                f"KV frame of request {frame.request_id} claims {frame.nbytes} bytes for {frame.count} rows; "
-                f"they take {frame.count * self.cache.bytes_per_token}"
-            )
+        frame.check_fits(self.cache)
 
     def write_kv(self, frame: Frame, kv: torch.Tensor) -> int:
-        """Store an admitted frame's prompt rows [layers, 2, n, Hkv, D]; returns their first
+        """Store an admitted frame's prompt rows [layers, 2, n, heads, D]; returns their first
         position in this rank's share. The write holds the lock, so a reservation that ends
         meanwhile is freed only after it (never a write into blocks handed to someone else)."""
         with self.lock:
@@ -146,10 +136,7 @@ class KVPRank:
             if shard is None:
                 raise NotFound(f"request {frame.request_id} (epoch {frame.epoch}) ended while its KV was arriving")
             local = frame.first_position - shard.prompt_start
-            slots = self.cache.slots(shard.block_table, local, local + frame.count)
-            kv = kv.to(self.device)
-            for layer in range(kv.shape[0]):
-                self.cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+            store_rows(self.cache, self.cache.slots(shard.block_table, local, local + frame.count), kv, frame.heads)
         return local
 
     def _shard(self, request_id: str, epoch: int) -> Shard | None:

@@ -72,7 +72,8 @@ class Ready:
 
 @dataclass(frozen=True)
 class RowsLanded:
-    """Rows [first, first + count) of ``rank``'s share of reservation ``epoch`` landed."""
+    """Rows [first, first + count) of ``rank``'s share of reservation ``epoch`` landed, of the
+    rank's local KV ``heads`` (None: whole rows)."""
 
     rank: int
     request_id: str
@@ -80,6 +81,7 @@ class RowsLanded:
     transfer_id: str
     first: int
     count: int
+    heads: range | None = None
 
 
 @dataclass(frozen=True)

@@ -213,12 +213,12 @@ class Reservations:
             return True
 
     def _landed(self, note: RowsLanded) -> None:
-        """Rows of a rank's share of a reservation landed (from the ranks' KV receivers). Counted
-        once per row, and only for that epoch: a repeated push, or a notification for an ended
+        """Rows of a rank's share of a reservation landed (from the ranks' KV receivers), of the
+        rank's local KV heads ``note.heads`` (None: whole rows). A row counts once all its heads
+        landed, and only for that epoch: a repeated push, or a notification for an ended
         reservation, adds nothing."""
         rank, request_id, epoch, first, count = note.rank, note.request_id, note.epoch, note.first, note.count
-        transfer_id = note.transfer_id
-        where = f"request_id={request_id} epoch={epoch} transfer={transfer_id} rank={rank}"
+        where = f"request_id={request_id} epoch={epoch} transfer={note.transfer_id} rank={rank}"
         with self.lock:
             req = self.requests.get(request_id)
             if req is None or req.epoch != epoch:
@@ -227,15 +227,21 @@ class Reservations:
                 self._count_dropped("stale")
                 log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
                 return
-            if first < 0 or first + count > req.shares.get(rank, 0):
+            rows = req.landed_rows.setdefault(rank, LandedRows(self.group.rank0.cache.k.shape[-2]))
+            if first < 0 or first + count > req.shares.get(rank, 0) or not rows.holds(note.heads):
                 self._count_dropped("outside_share")
                 log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
                 return
-            new = req.landed_rows.setdefault(rank, LandedRows()).add(first, first + count)
-            if new < count:
+            added = rows.add(first, first + count, note.heads)
+            if added.repeated:
                 self._count_dropped("repeated")
-                log.info("%s: %d of %d KV rows had landed already (a repeated push)", where, count - new, count)
-            req.landed += new
+                log.info(
+                    "%s: %d of %d KV cells had landed already (a repeated push)",
+                    where,
+                    added.cells - added.new_cells,
+                    added.cells,
+                )
+            req.landed += added.completed
             if req.quarantined_at is None:  # rows arriving: the prefill side is at work, keep the lease
                 req.lease_until = max(req.lease_until, time.monotonic() + self.reservation_ttl_s)
             elif req.landed >= req.prompt_len:

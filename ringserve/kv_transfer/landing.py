@@ -82,12 +82,13 @@ class PoolLayout:
         return self.num_blocks * self.block_size * self.row_bytes
 
     def check_compatible(self, other: PoolLayout) -> None:
-        """Raise unless rows of ``other`` can be copied byte for byte into this layout."""
-        mine = (self.num_layers, self.kv_heads, self.head_dim, self.dtype)
-        theirs = (other.num_layers, other.kv_heads, other.head_dim, other.dtype)
+        """Raise unless heads of ``other``'s rows can be copied byte for byte into this layout
+        (the number of KV heads may differ: a TP rank holds some of them)."""
+        mine = (self.num_layers, self.head_dim, self.dtype)
+        theirs = (other.num_layers, other.head_dim, other.dtype)
         if mine != theirs:
             raise InvalidArgument(
-                f"KV layouts differ (layers, kv heads, head dim, dtype): here {mine}, peer {theirs}; "
+                f"KV layouts differ (layers, head dim, dtype): here {mine}, peer {theirs}; "
                 "run the prefill and decode tiers with the same model and --dtype"
             )
 
@@ -226,7 +227,8 @@ def landing_bytes(
 @dataclass(frozen=True)
 class Landed:
     """Rows [first_position, first_position + count) of a request's reservation ``epoch`` landed
-    (``first_position`` counts from the start of the receiving rank's share)."""
+    (``first_position`` counts from the start of the receiving rank's share): of its local KV heads
+    ``heads``, or whole rows (None)."""
 
     request_id: str
     epoch: int
@@ -234,6 +236,7 @@ class Landed:
     first_position: int
     count: int
     sender: str
+    heads: range | None = None
 
 
 @dataclass(frozen=True)
@@ -245,8 +248,12 @@ class Done:
     sender: str
 
 
-def landed_notif(request_id: str, epoch: int, transfer_id: str, first_position: int, count: int) -> bytes:
+def landed_notif(
+    request_id: str, epoch: int, transfer_id: str, first_position: int, count: int, heads: range | None = None
+) -> bytes:
     body = {"request_id": request_id, "epoch": epoch, "transfer_id": transfer_id, "first": first_position}
+    if heads is not None:  # part of each row: these local KV heads (whole rows say nothing)
+        body["heads"] = [heads.start, heads.stop]
     return _NOTIF_PREFIX + json.dumps({**body, "count": count}, separators=(",", ":")).encode()
 
 
@@ -264,6 +271,7 @@ def parse_notif(sender: str, msg: bytes) -> Landed | Done | None:
         rid, epoch = str(body["request_id"]), int(body["epoch"])
         if body.get("done"):
             return Done(rid, epoch, sender)
-        return Landed(rid, epoch, str(body["transfer_id"]), int(body["first"]), int(body["count"]), sender)
-    except (ValueError, KeyError, TypeError):
+        heads = range(int(body["heads"][0]), int(body["heads"][1])) if "heads" in body else None
+        return Landed(rid, epoch, str(body["transfer_id"]), int(body["first"]), int(body["count"]), sender, heads)
+    except (ValueError, KeyError, TypeError, IndexError):
         return None

@@ -159,11 +159,14 @@ class NixlEndpoint:
         dst_start: int,
         transfer_id: str | None = None,
         timeout_s: float = 30.0,
+        src_heads: range | None = None,
+        dst_heads: range | None = None,
     ) -> int:
         """WRITE rows [src_start, src_start + count) of a local sequence (``block_table``) to cache
         positions [dst_start, dst_start + count) of a landing; returns the bytes written once NIXL
         reports the WRITE complete. The notification names the landing's request and epoch, the
-        transfer and the rows.
+        transfer and the rows. With head ranges (local KV head indices on each side; None: all),
+        only those heads of each row move, and the notification names ``dst_heads``.
 
         Raises InvalidArgument/FailedPrecondition for bad input (rows out of range, foreign or
         corrupt landing, mismatched layouts) and Unavailable when the transfer fails or does not
@@ -183,8 +186,17 @@ class NixlEndpoint:
             limit=landing.num_tokens,
         )
         local, remote = plan_descriptors(
-            self.layout, block_table, src_start, landing.layout, landing.block_table, dst_start, count
+            self.layout,
+            block_table,
+            src_start,
+            landing.layout,
+            landing.block_table,
+            dst_start,
+            count,
+            src_heads,
+            dst_heads,
         )
+        whole = dst_heads is None or len(dst_heads) == landing.layout.kv_heads
         transfer_id = transfer_id or uuid.uuid4().hex[:12]
         nbytes = int(local[:, 1].sum())
         if self.layout.mem == "VRAM":  # the kernels that wrote this KV must be done before NIXL reads it
@@ -199,7 +211,7 @@ class NixlEndpoint:
                     self._agent.get_xfer_descs(local, self.layout.mem),
                     self._agent.get_xfer_descs(remote, landing.layout.mem),
                     landing.agent,
-                    landed_notif(rid, landing.epoch, transfer_id, dst_start, count),
+                    landed_notif(rid, landing.epoch, transfer_id, dst_start, count, None if whole else dst_heads),
                 )
             except Exception as e:
                 self._forget(landing.agent, fingerprint)

@@ -1,8 +1,9 @@
 """The TCP KV data path: a prefill rank pushes runs of KV rows to a decode rank's receiver.
 
 A connection carries one move as frames: a length-prefixed JSON header (request id, reservation
-epoch, transfer id, first cache position, rows, shape, dtype, byte count, xxh3 checksum and, when
-the deployment has a secret, an HMAC-SHA256 of all that under it), then the payload; the receiver
+epoch, transfer id, first cache position, rows, the receiver's KV heads they fill when not all of
+them, shape, dtype, byte count, xxh3 checksum and, when the deployment has a secret, an
+HMAC-SHA256 of all that under it), then the payload; the receiver
 answers each frame ok or an error. The receiver trusts nothing: a header is bounded, its MAC is
 checked (a frame without a valid one is dropped and counted, ``reason="unauthenticated"``; the
 checksum it covers then vouches for the payload), ``admit`` checks it against a live reservation
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from ringserve.engine.kv_cache import KVCache
 from ringserve.errors import InvalidArgument, PermissionDenied, RingserveError, Unavailable, error_from_code
 from ringserve.kv_transfer.secret import tag, verify
 from ringserve.metrics import KV_DROPPED
@@ -51,10 +53,12 @@ class Frame:
     dtype: str
     nbytes: int
     checksum: str
+    heads: range | None = None  # the receiver's local KV heads these rows fill; None: whole rows
 
     @classmethod
     def parse(cls, header: dict) -> Frame:
         try:
+            heads = header.get("heads")
             frame = cls(
                 str(header["request_id"]),
                 int(header["epoch"]),
@@ -65,17 +69,51 @@ class Frame:
                 str(header["dtype"]),
                 int(header["nbytes"]),
                 str(header["checksum"]),
+                None if heads is None else range(int(heads[0]), int(heads[1])),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise InvalidArgument(f"malformed KV frame header: {type(e).__name__}: {e}") from e
         if not isinstance(getattr(torch, frame.dtype, None), torch.dtype):
             raise InvalidArgument(f"KV frame of request {frame.request_id}: unknown dtype {frame.dtype!r}")
         return frame
 
+    def check_fits(self, cache: KVCache) -> None:
+        """Raise InvalidArgument unless this frame's payload is ``count`` rows of its heads (whole
+        rows: every head) in ``cache``'s layers, head dim and dtype, and exactly their bytes."""
+        layers, _, _, kv_heads, dim = cache.k.shape
+        heads = range(kv_heads) if self.heads is None else self.heads
+        if not heads or heads.start < 0 or heads.stop > kv_heads:
+            raise InvalidArgument(
+                f"KV frame of request {self.request_id}: heads {heads} are outside this rank's {kv_heads} KV heads"
+            )
+        expected = (layers, 2, self.count, len(heads), dim)
+        if self.shape != expected or self.dtype != str(cache.k.dtype).removeprefix("torch."):
+            raise InvalidArgument(
+                f"KV frame shape {self.shape} {self.dtype} does not match this model's {expected} {cache.k.dtype}"
+            )
+        nbytes = self.count * cache.bytes_per_token * len(heads) // kv_heads
+        if self.nbytes != nbytes:
+            raise InvalidArgument(
+                f"KV frame of request {self.request_id} claims {self.nbytes} bytes for {self.count} rows; "
+                f"they take {nbytes}"
+            )
+
+
+def store_rows(cache: KVCache, slots: torch.Tensor, kv: torch.Tensor, heads: range | None = None) -> None:
+    """Write rows ``kv`` [layers, 2, n, heads, D] into ``cache`` at flat ``slots``: whole rows, or
+    only the local KV heads ``heads`` of each."""
+    kv = kv.to(cache.k.device)
+    for layer in range(kv.shape[0]):
+        if heads is None:
+            cache.write(layer, slots, kv[layer, 0], kv[layer, 1])
+        else:
+            for pool, part in ((cache.k, kv[layer, 0]), (cache.v, kv[layer, 1])):
+                pool[layer].view(-1, *pool.shape[-2:])[slots, heads.start : heads.stop] = part.to(pool.dtype)
+
 
 # admit(frame): raise RingserveError to refuse a frame before its payload is read.
 Admit = Callable[[Frame], None]
-# sink(frame, kv [layers, 2, n, Hkv, D]): store the rows; raise RingserveError to refuse.
+# sink(frame, kv [layers, 2, n, heads, D]): store the rows; raise RingserveError to refuse.
 Sink = Callable[[Frame, torch.Tensor], None]
 
 
@@ -138,11 +176,13 @@ def send_kv(
     slices: Iterable[tuple[int, torch.Tensor]],
     timeout_s: float = 30.0,
     key: bytes | None = None,
+    heads: range | None = None,
 ) -> int:
     """Push ``(first_position, kv [layers, 2, n, Hkv, D])`` slices over one connection to the
     receiver at ``address``; returns bytes sent once every slice has landed. ``slices`` may be a
     generator: each slice is gathered only when its turn comes. With ``key`` (the deployment
-    secret) each header carries its MAC."""
+    secret) each header carries its MAC. With ``heads`` (the receiver's local KV heads the rows
+    fill) each slice holds only those heads of its rows."""
     host, port = address.rsplit(":", 1)
     sent = 0
     try:
@@ -160,6 +200,8 @@ def send_kv(
                     "nbytes": payload.nbytes,
                     "checksum": xxhash.xxh3_64_hexdigest(payload),
                 }
+                if heads is not None:
+                    header["heads"] = [heads.start, heads.stop]
                 if key is not None:
                     header["mac"] = tag(key, _signed(header)).hex()
                 _send_msg(sock, header)

@@ -15,7 +15,7 @@ from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH
 from ringserve.prefill_service.group import Prefilled, PrefillGroup
 from ringserve.prefill_service.protocol import Job
-from ringserve.prefill_service.push import Target
+from ringserve.prefill_service.push import Target, check_targets
 from ringserve.prefill_service.strategy import STRATEGIES
 from ringserve.registry import Load, WorkCounter
 from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto
@@ -53,8 +53,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         ids = check_prompt(request.token_ids, config.max_position_embeddings, config.vocab_size)
         if request.strategy not in ("", *STRATEGIES):
             raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {request.strategy!r}")
-        if not targets or sum(t.num_tokens for t in targets) != len(ids):
-            raise InvalidArgument("targets must cover every prompt token exactly once (from Decode.Reserve)")
+        check_targets(targets, len(ids), config.num_key_value_heads)
         params = sampling_from_proto(request.sampling)
         params.validate_for(config.vocab_size)
         ttft_s = check_ttft_slo(request.ttft_slo_seconds)
@@ -62,7 +61,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     @rpc_errors("prefill")
     def Prefill(self, request, context):
-        targets = [Target(t.address, t.first_position, t.num_tokens, t.nixl_landing, t.epoch) for t in request.targets]
+        targets = [Target.from_proto(t) for t in request.targets]
         self._admit_landings(request)  # an untrusted landing gets no done notice either
         try:
             job, params = self._job(request, targets)

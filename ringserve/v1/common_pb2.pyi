@@ -47,20 +47,24 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("rank", "address", "first_position", "num_tokens", "nixl_landing", "epoch")
+    __slots__ = ("rank", "address", "first_position", "num_tokens", "nixl_landing", "epoch", "first_kv_head", "kv_heads")
     RANK_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FIRST_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NIXL_LANDING_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_KV_HEAD_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     address: str
     first_position: int
     num_tokens: int
     nixl_landing: bytes
     epoch: int
-    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., first_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., nixl_landing: _Optional[bytes] = ..., epoch: _Optional[int] = ...) -> None: ...
+    first_kv_head: int
+    kv_heads: int
+    def __init__(self, rank: _Optional[int] = ..., address: _Optional[str] = ..., first_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., nixl_landing: _Optional[bytes] = ..., epoch: _Optional[int] = ..., first_kv_head: _Optional[int] = ..., kv_heads: _Optional[int] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
     __slots__ = ("name", "vocab_size", "max_context", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "dtype", "block_size")
