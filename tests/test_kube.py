@@ -321,13 +321,25 @@ def test_planner_command_dry_run_logs_and_exports_without_scaling(kube, api, rel
         assert "prefill rs-ringserve-prefill: up 1 -> 3" in log.read_text(), log.read_text()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             metrics = reply.read().decode()
-        assert 'ringserve_planner_replicas{kind="desired",tier="prefill"} 3.0' in metrics
-        assert 'ringserve_planner_input{input="queued_tokens",tier="prefill"} 30000.0' in metrics
+        assert 'ringserve_planner_replicas{tier="prefill",kind="desired"} 3.0' in metrics
+        assert 'ringserve_planner_input{tier="prefill",input="queued_tokens"} 30000.0' in metrics
         assert api[0].read_namespaced_stateful_set_scale(PREFILL, NS).spec.replicas == 1, "nothing applied"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         group.registration.deregister()
+
+
+def test_planner_command_rejects_bad_limits():
+    """Checked before anything is contacted: exit 2 and a message naming the flags."""
+    for flags, message in (
+        (["--prefill-min", "3", "--prefill-max", "2"], "--prefill-min (3) and --prefill-max (2) need 0 <= min <= max"),
+        (["--scale-down-below", "1"], "--scale-down-below must be in (0, 1), got 1.0"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "ringserve.cli", "planner", *flags], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_helm_uninstall(kube, api, release):
