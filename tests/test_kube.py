@@ -321,8 +321,8 @@ def test_planner_command_dry_run_logs_and_exports_without_scaling(kube, api, rel
         assert "prefill rs-ringserve-prefill: up 1 -> 3" in log.read_text(), log.read_text()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             metrics = reply.read().decode()
-        assert 'ringserve_planner_replicas{tier="prefill",kind="desired"} 3.0' in metrics
-        assert 'ringserve_planner_input{tier="prefill",input="queued_tokens"} 30000.0' in metrics
+        assert 'ringserve_planner_replicas{kind="desired",tier="prefill"} 3.0' in metrics
+        assert 'ringserve_planner_input{input="queued_tokens",tier="prefill"} 30000.0' in metrics
         assert api[0].read_namespaced_stateful_set_scale(PREFILL, NS).spec.replicas == 1, "nothing applied"
     finally:
         proc.terminate()
