@@ -9,6 +9,10 @@ Kubernetes API's scale subresource, and decides per tier:
 - decode needs ``max(KV blocks in use / (blocks per group * kv_target), active requests / requests
   target)`` groups.
 
+Optionally (--prometheus-url) prefill also reads the rate of missed TTFT deadlines
+(``ringserve_prefill_deadlines_total``): while it is above zero, prefill does not scale down, and it
+gets one group more than it has, at most once per stabilisation window (the rate lags by its window).
+
 Scale-up is immediate (to ``ceil(need)``). Scale-down has hysteresis (fewer groups only when they
 would run at most ``scale_down_below`` of their target) and a stabilisation window (the highest
 recommendation of the last ``stabilization_s`` wins, as in the HorizontalPodAutoscaler's), and it
@@ -22,9 +26,12 @@ with their inputs, and exported as metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+import urllib.parse
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -44,7 +51,10 @@ REPLICAS = Gauge(
 NEED = Gauge("ringserve_planner_need_groups", "Planner: groups the tier's load needs at its targets", ["tier"])
 INPUTS = Gauge("ringserve_planner_input", "Planner: the load inputs of the last decision", ["tier", "input"])
 DECISIONS = Counter("ringserve_planner_decisions_total", "Planner: decisions by action", ["tier", "action"])
-ERRORS = Counter("ringserve_planner_errors_total", "Planner: failed steps by source (redis, kubernetes)", ["source"])
+ERRORS = Counter(
+    "ringserve_planner_errors_total", "Planner: failed reads by source (redis, kubernetes, prometheus)", ["source"]
+)
+DEADLINES_MISSED = 'sum(rate(ringserve_prefill_deadlines_total{outcome=~"missed|rejected"}[2m]))'
 
 
 @dataclass
@@ -68,6 +78,8 @@ class PlannerConfig(RedisArgs):
     prefill_max: int = _opt(8, "most prefill groups")
     decode_min: int = _opt(1, "fewest decode groups")
     decode_max: int = _opt(8, "most decode groups")
+    prometheus_url: str | None = _opt(None, "Prometheus to read missed TTFT deadlines from; default: off", str)
+    prometheus_query: str = _opt(DEADLINES_MISSED, "PromQL: missed prefill deadlines per second (add your labels)")
     dry_run: bool = _opt(False, "log and export decisions without applying them")
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)
 
@@ -113,6 +125,19 @@ def decode_need(cfg: PlannerConfig, groups: list[GroupRecord], current: int) -> 
     return max(kv_need, active / cfg.decode_requests_target), inputs
 
 
+def query_prometheus(url: str, query: str, timeout_s: float = 5.0) -> float:
+    """An instant query's value: the sum of its series (0 when none), or its scalar."""
+    address = f"{url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    with urllib.request.urlopen(address, timeout=timeout_s) as reply:
+        answer = json.load(reply)
+    if answer.get("status") != "success":
+        raise ValueError(f"Prometheus answered {answer.get('errorType')}: {answer.get('error')}")
+    data = answer["data"]
+    if data["resultType"] == "scalar":
+        return float(data["result"][1])
+    return sum(float(series["value"][1]) for series in data["result"])
+
+
 @dataclass
 class Decision:
     """One tier's decision: replicas now, the recommendation of this step, what it scales to, and why."""
@@ -136,6 +161,7 @@ class Tier:
         self.min, self.max = getattr(cfg, f"{role}_min"), getattr(cfg, f"{role}_max")
         self.need = prefill_need if role == "prefill" else decode_need
         self.history: deque[tuple[float, int]] = deque()
+        self.last_miss_bump = -math.inf
 
     def ordinal(self, group: GroupRecord) -> int | None:
         """The pod ordinal in the group's advertised address (``<statefulset>-<n>.<service>...:port``)."""
@@ -153,15 +179,24 @@ class Tier:
             wanted = min(current, math.ceil(need / self.cfg.scale_down_below - eps))
         return max(self.min, min(self.max, wanted))
 
-    def decide(self, now: float, current: int, groups: list[GroupRecord]) -> Decision:
+    def decide(self, now: float, current: int, groups: list[GroupRecord], missed: float | None = None) -> Decision:
+        """This step's decision; ``missed``: TTFT deadlines missed per second (Prometheus), if read."""
         need, inputs = self.need(self.cfg, groups, current)
         recommended = self.recommend(need, current)
+        reason = f"need {need:.2f} groups"
+        if missed is not None:
+            inputs["deadlines_missed_per_s"] = missed
+        if missed:  # no scale-down while deadlines are missed; one group more once per window
+            bump = now - self.last_miss_bump >= self.cfg.stabilization_s and recommended <= current < self.max
+            recommended = max(recommended, current + bump)
+            self.last_miss_bump = now if bump else self.last_miss_bump
+            reason += f"; TTFT deadlines missed ({missed:.3g}/s)" + (": one group more" if bump else "")
         self.history.append((now, recommended))
         while self.history[0][0] < now - self.cfg.stabilization_s:
             self.history.popleft()
         if recommended >= current:
             action = "up" if recommended > current else "hold"
-            reason = f"need {need:.2f} groups" if action == "up" else "within the hysteresis band and limits"
+            reason = reason if action == "up" or missed else "within the hysteresis band and limits"
             return Decision(self.role, current, recommended, recommended, action, reason, need, inputs)
         desired = min(current, max(r for _, r in self.history))
         if desired == current:
@@ -224,10 +259,13 @@ class Planner:
         """Read the load and the replicas, decide, apply (unless --dry-run), log and export."""
         now = time.monotonic() if now is None else now
         groups = self.registry.groups()
+        missed = self._deadlines_missed()
         decisions = []
         for tier in self.tiers:
             current = self.scaler.replicas(tier.statefulset)
-            d = tier.decide(now, current, [g for g in groups if g.role == tier.role])
+            d = tier.decide(
+                now, current, [g for g in groups if g.role == tier.role], missed if tier.role == "prefill" else None
+            )
             applied = d.desired != d.current and not self.cfg.dry_run
             if applied:
                 self.scaler.scale(tier.statefulset, d.desired)
@@ -246,6 +284,17 @@ class Planner:
             self._export(d)
             decisions.append(d)
         return decisions
+
+    def _deadlines_missed(self) -> float | None:
+        """Missed TTFT deadlines per second from Prometheus; None when off or unreadable (logged)."""
+        if not self.cfg.prometheus_url:
+            return None
+        try:
+            return query_prometheus(self.cfg.prometheus_url, self.cfg.prometheus_query)
+        except (OSError, ValueError, KeyError, IndexError) as e:  # URLError is an OSError
+            ERRORS.labels("prometheus").inc()
+            log.warning("planner: no deadline signal from Prometheus at %s (%s)", self.cfg.prometheus_url, e)
+            return None
 
     @staticmethod
     def _export(d: Decision) -> None:

@@ -1,6 +1,7 @@
 """A real Kubernetes control plane on loopback for tests: etcd, kube-apiserver and kube-controller-manager.
 
-The binaries (v1.20.2, built from Debian's `kubernetes` source package by tests/tools/build_kube.sh)
+The binaries (v1.20.2, built from Debian's `kubernetes` source package by tests/tools/build_kube.sh, which
+also unpacks Debian's Prometheus for the planner's optional signal)
 are built once per machine into a cache outside the repository; a build already under way (the one
 .ci/run starts in the background) is waited for through the script's lock. A failed build raises
 with the tail of its log, so the tests fail saying why instead of skipping.
@@ -26,15 +27,16 @@ from ringserve.process_group import free_port
 from tests.helm_tools import TOOLS_DIR
 
 CACHE = Path(os.environ.get("RINGSERVE_KUBE_CACHE", TOOLS_DIR / "k8s-1.20.2"))
+STAMP = "complete-v2"  # build_kube.sh writes it last
 BUILD = Path(__file__).resolve().parent / "tools" / "build_kube.sh"
 ADMIN_TOKEN = "ringserve-test-admin"
 
 
 def kube_binaries(timeout_s: float = 3600) -> Path:
-    """The directory with etcd, kube-apiserver and kube-controller-manager, built if not cached yet."""
-    if not (CACHE / "complete").exists():
+    """The directory with etcd, kube-apiserver, kube-controller-manager and prometheus, built if not cached yet."""
+    if not (CACHE / STAMP).exists():
         done = subprocess.run(["bash", str(BUILD), str(CACHE)], capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0 or not (CACHE / "complete").exists():
+        if done.returncode != 0 or not (CACHE / STAMP).exists():
             log = Path(f"{CACHE}.log")
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-40:]) if log.exists() else ""
             raise RuntimeError(
@@ -42,6 +44,38 @@ def kube_binaries(timeout_s: float = 3600) -> Path:
                 f"the last lines of {log}:\n{tail}"
             )
     return CACHE / "bin"
+
+
+def _wait_http(url: str, procs: dict[str, subprocess.Popen], timeout_s: float, context=None, headers=None) -> None:
+    """Until ``url`` answers 200; raises if one of ``procs`` exits first or time runs out."""
+    request = urllib.request.Request(url, headers=headers or {})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer in {timeout_s} s")
+        time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM all, then wait for each (SIGKILL after 30 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _openssl(command: str) -> None:
@@ -104,21 +138,11 @@ class KubeCluster:
 
     def _wait_ready(self, timeout_s: float) -> None:
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        request = urllib.request.Request(f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
-            try:
-                with urllib.request.urlopen(request, context=context, timeout=5) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kube-apiserver not ready in {timeout_s} s:\n{self.log_tail('kube-apiserver')}")
-            time.sleep(0.5)
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        try:
+            _wait_http(f"{self.url}/readyz", self.procs, timeout_s, context, headers)
+        except RuntimeError as e:
+            raise RuntimeError(f"kube-apiserver not ready: {e}\n{self.log_tail('kube-apiserver')}") from None
 
     def write_kubeconfig(self, path: Path, token: str, namespace: str = "default") -> Path:
         """A kubeconfig for this API server that authenticates with ``token``."""
@@ -137,14 +161,36 @@ class KubeCluster:
 
     def stop(self) -> None:
         """Controller manager and API server first, then etcd (which they write to)."""
-        for group in (("kube-controller-manager", "kube-apiserver"), ("etcd",)):
-            procs = [self.procs[n] for n in group if n in self.procs]
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        _stop([self.procs[n] for n in ("kube-controller-manager", "kube-apiserver") if n in self.procs])
+        _stop([self.procs[n] for n in ("etcd",) if n in self.procs])
+
+
+class Prometheus:
+    """A real Prometheus server scraping ``targets`` (host:port of /metrics endpoints) every second."""
+
+    def __init__(self, bin_dir: Path, work: Path, targets: list[str]):
+        self.bin, self.work, self.targets = bin_dir, work, targets
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120) -> Prometheus:
+        config = self.work / "prometheus.yml"
+        targets = ", ".join(f"'{t}'" for t in self.targets)
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"scrape_configs: [{{job_name: ringserve, static_configs: [{{targets: [{targets}]}}]}}]\n"
+        )
+        with open(self.work / "prometheus.log", "w") as out:
+            argv = [
+                str(self.bin / "prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.work}/tsdb",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ]
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        _wait_http(f"{self.url}/-/ready", {"prometheus": self.proc}, timeout_s)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop([self.proc])

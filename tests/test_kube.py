@@ -330,6 +330,52 @@ def test_planner_command_dry_run_logs_and_exports_without_scaling(kube, api, rel
         group.registration.deregister()
 
 
+def test_planner_adds_a_prefill_group_while_deadlines_are_missed(kube, api, release, planner_kubeconfig, redis_server):
+    """--prometheus-url: a real Prometheus scrapes the real ``ringserve_prefill_deadlines_total`` counter (this
+    process's /metrics, as a prefill group serves it); missed deadlines add one prefill group per stabilisation
+    window though the registry shows no queue, up to --prefill-max; decode does not read them."""
+    from prometheus_client import start_http_server
+
+    from ringserve.metrics import PREFILL_DEADLINES
+    from ringserve.planner import Planner, Scaler, query_prometheus
+    from ringserve.process_group import free_port
+    from ringserve.registry import Registry, connect
+    from tests.kube import Prometheus
+
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1")
+    prometheus = Prometheus(kube.bin, kube.work, [f"127.0.0.1:{port}"]).start()
+    query = 'sum(rate(ringserve_prefill_deadlines_total{outcome="missed"}[15s]))'
+    cfg = planner_config(
+        redis_server.url, "kube-planner-prom", planner_kubeconfig, prometheus_url=prometheus.url, prometheus_query=query
+    )
+    group = Group(redis_server.url, cfg.cluster, "prefill", 0)
+    try:
+        planner = Planner(cfg, Registry(connect(cfg), cfg.cluster), Scaler(cfg.namespace, cfg.kubeconfig))
+        assert {d.tier: d.action for d in planner.step(0)} == {"prefill": "hold", "decode": "hold"}
+
+        def missing() -> bool:
+            PREFILL_DEADLINES.labels("missed").inc()
+            return query_prometheus(prometheus.url, query) > 0
+
+        wait_for("Prometheus sees deadlines missed", missing, timeout_s=120)
+        prefill, decode = planner.step(1)
+        assert (prefill.action, prefill.desired, decode.action) == ("up", 2, "hold"), prefill.reason
+        assert "TTFT deadlines missed" in prefill.reason and prefill.inputs["deadlines_missed_per_s"] > 0
+        assert prefill.inputs["queued_tokens"] == 0, "the registry alone would not scale up"
+        assert planner.step(2)[0].action == "hold", "one group more per stabilisation window"
+        PREFILL_DEADLINES.labels("missed").inc()
+        assert planner.step(40)[0].desired == 3
+        PREFILL_DEADLINES.labels("missed").inc()
+        assert planner.step(80)[0].desired == 3, "--prefill-max"
+        assert api[0].read_namespaced_stateful_set_scale(PREFILL, NS).spec.replicas == 3
+    finally:
+        group.registration.deregister()
+        prometheus.stop()
+        server.shutdown()
+        api[0].patch_namespaced_stateful_set_scale(PREFILL, NS, {"spec": {"replicas": 1}})
+
+
 def test_planner_command_rejects_bad_limits():
     """Checked before anything is contacted: exit 2 and a message naming the flags."""
     for flags, message in (

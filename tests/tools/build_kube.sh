@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Builds kube-apiserver and kube-controller-manager v1.20.2 from Debian bookworm's `kubernetes` source
 # package (the only source of an API server our CI machines can reach: PyPI, Debian and npm, no Go
-# proxy), with Debian's Go 1.19, and takes etcd 3.4 from Debian's etcd-server package.
+# proxy), with Debian's Go 1.19, and takes etcd 3.4 and Prometheus 2.42 (the planner's optional signal) from
+# Debian's packages.
 #
 # Usage: build_kube.sh CACHE_DIR   (as root, with apt access to Debian's mirror; output goes to CACHE_DIR.log)
-# Once per machine: CACHE_DIR/bin/{etcd,kube-apiserver,kube-controller-manager} and the stamp
-# CACHE_DIR/complete. A second caller waits on the lock and then finds the stamp. Everything is
+# Once per machine: CACHE_DIR/bin/{etcd,kube-apiserver,kube-controller-manager,prometheus} and the stamp
+# CACHE_DIR/$STAMP. A second caller waits on the lock and then finds the stamp. Everything is
 # unpacked under CACHE_DIR: apt runs with its own lists/sources there, and no package is installed.
 # Cold: 16 min measured on 2 cores shared with other work (the reference recipe saw ~20); warm Go cache ~80 s.
 set -euo pipefail
 W=$(mkdir -p "$1" && cd "$1" && pwd)
-[ -e "$W/complete" ] && exit 0
+STAMP=complete-v2  # tests/kube.py checks the same name; a new name rebuilds older caches
+[ -e "$W/$STAMP" ] && exit 0
 echo "build_kube.sh: building into $W (log: $W.log)"
 exec >>"$W.log" 2>&1 9>"$W.lock"
 flock 9
-[ -e "$W/complete" ] && exit 0
+[ -e "$W/$STAMP" ] && exit 0
 echo "=== build_kube.sh started $(date -u +%FT%TZ)"
 K8S_DEB=1.20.5+really1.20.2-1.1+deb12u1
 mkdir -p "$W/apt/lists/partial" "$W/apt/cache/archives/partial" "$W/apt/sources.list.d" "$W/deb" "$W/bin"
@@ -29,7 +31,7 @@ cd "$W"
   apt-get "${APT[@]}" source --download-only "kubernetes=$K8S_DEB"
   tar xzf kubernetes_1.20.5+really1.20.2.orig.tar.gz
 }
-(cd deb && apt-get "${APT[@]}" download golang-1.19-go golang-1.19-src etcd-server golang-github-modern-go-reflect2-dev \
+(cd deb && apt-get "${APT[@]}" download golang-1.19-go golang-1.19-src etcd-server golang-github-modern-go-reflect2-dev prometheus \
    && for f in *.deb; do dpkg-deb -x "$f" root; done)
 
 # 2. Go 1.19 in GOPATH mode (k8s 1.20 predates module builds with -mod=vendor), reflect2 1.0.2 for Go >= 1.18.
@@ -59,7 +61,7 @@ done
 for c in kube-apiserver kube-controller-manager; do
   go build -trimpath -ldflags "$LD" -o "$W/bin/$c.tmp" "k8s.io/kubernetes/cmd/$c" && mv "$W/bin/$c.tmp" "$W/bin/$c"
 done
-cp "$W/deb/root/usr/bin/etcd" "$W/bin/"
+cp "$W/deb/root/usr/bin/etcd" "$W/deb/root/usr/bin/prometheus" "$W/bin/"
 "$W/bin/kube-apiserver" --version
-date -u +%FT%TZ > "$W/complete"
+date -u +%FT%TZ > "$W/$STAMP"
 echo "=== build_kube.sh complete $(date -u +%FT%TZ)"
