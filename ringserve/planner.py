@@ -187,10 +187,11 @@ class Tier:
         if missed is not None:
             inputs["deadlines_missed_per_s"] = missed
         if missed:  # no scale-down while deadlines are missed; one group more once per window
-            bump = now - self.last_miss_bump >= self.cfg.stabilization_s and recommended <= current < self.max
-            recommended = max(recommended, current + bump)
-            self.last_miss_bump = now if bump else self.last_miss_bump
-            reason += f"; TTFT deadlines missed ({missed:.3g}/s)" + (": one group more" if bump else "")
+            reason += f"; TTFT deadlines missed ({missed:.3g}/s)"
+            recommended = max(recommended, current)
+            if now - self.last_miss_bump >= self.cfg.stabilization_s and recommended == current < self.max:
+                recommended, self.last_miss_bump = current + 1, now
+                reason += ": one group more"
         self.history.append((now, recommended))
         while self.history[0][0] < now - self.cfg.stabilization_s:
             self.history.popleft()

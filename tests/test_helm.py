@@ -126,7 +126,14 @@ VALUE_SETS = {
     "tls-secrets": {  # certificates from Secrets the user made
         "tls": {"enabled": True, "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls"}},
     },
-    "planner": {"planner": {"enabled": True, "dryRun": True, "prefill": {"min": 2, "max": 6}}},
+    "planner": {
+        "planner": {
+            "enabled": True,
+            "dryRun": True,
+            "prefill": {"min": 2, "max": 6},
+            "prometheusUrl": "http://prometheus.monitoring:9090",
+        }
+    },
     "hostpath-model-cpu": {
         "gpu": {"enabled": False},
         "model": {"source": "hostPath", "hostPath": {"path": "/data/models"}, "path": "smollm2.gguf"},
@@ -283,6 +290,7 @@ def check_planner(values: dict, docs: list[dict], prefill: dict) -> None:
     args = dict(zip(c["args"][::2], c["args"][1::2]))
     assert args["--prefill-statefulset"] == statefulsets[0] and args["--decode-statefulset"] == statefulsets[1]
     assert (args["--prefill-min"], args["--prefill-max"]) == ("2", "6") and "--dry-run" in c["args"]
+    assert args["--prometheus-url"] == "http://prometheus.monitoring:9090" and "--prometheus-query" not in args
     assert env_of(c)["RINGSERVE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env_of(container(prefill))["RINGSERVE_ADVERTISE_HOST"] == f"$(POD_NAME).{FULLNAME}-prefill.default.svc"
 

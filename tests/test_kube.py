@@ -1,6 +1,7 @@
 """The chart and `ringserve planner` against a real Kubernetes API server (v1.20.2, tests/kube.py): helm install,
 upgrade, rollback and uninstall; kubectl scale of each tier; the planner's RBAC; the planner scaling each tier on
-its own load, written to a real Redis by real registrations of test groups.
+its own load, written to a real Redis by real registrations of test groups, and on missed deadlines read from a
+real Prometheus.
 
 No kubelet runs: the controller manager creates the StatefulSets' pods and they stay Pending, which is all these
 tests need (no test needs a pod ready, so none patches pod status). One API server serves the whole module; the
