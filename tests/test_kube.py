@@ -277,45 +277,33 @@ def test_planner_scales_each_tier_on_its_own_load(api, release, planner_kubeconf
 
 
 def test_planner_command_dry_run_logs_and_exports_without_scaling(kube, api, release, planner_kubeconfig, redis_server):
-    """`ringserve planner --dry-run` as the chart runs it: decides from the registry, logs and exports the
-    decision, applies nothing."""
+    """The planner container the release deployed (its command, args and env as the API server holds them),
+    run here with --dry-run, its token's kubeconfig and the test's Redis: it decides from the registry, logs
+    and exports the decision, applies nothing."""
+    import shutil
     import urllib.request
 
     from ringserve.process_group import free_port
 
     cluster = "kube-planner-cli"
     group = Group(redis_server.url, cluster, "prefill", 0, queued_tokens=30_000, tokens_per_s=10_000)
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "ringserve.cli",
-        "planner",
-        "--dry-run",
-        "--interval-s",
-        "0.5",
-        "--namespace",
-        NS,
-        "--prefill-statefulset",
-        PREFILL,
-        "--decode-statefulset",
-        DECODE,
-        "--kubeconfig",
-        str(planner_kubeconfig),
-        "--redis-url",
-        redis_server.url,
-        "--cluster",
-        cluster,
-        "--ttft-target-s",
-        "1",
-        "--prefill-max",
-        "4",
-        "--metrics-port",
-        str(port),
+    (c,) = api[0].read_namespaced_deployment(f"{FULLNAME}-planner", NS).spec.template.spec.containers
+    config_map = api[1].read_namespaced_config_map(FULLNAME, NS).data
+    env = config_map | {e.name: e.value for e in c.env if e.value is not None}  # envFrom, then env
+    assert [e.value_from.field_ref.field_path for e in c.env if e.name == "RINGSERVE_NAMESPACE"] == [
+        "metadata.namespace"
     ]
+    port = free_port()
+    env |= {"RINGSERVE_NAMESPACE": NS, "RINGSERVE_METRICS_PORT": str(port)}  # the downward API; a free port here
+    env |= {"RINGSERVE_REDIS_URL": redis_server.url, "RINGSERVE_CLUSTER": cluster}  # instead of the release's Redis
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+    executable = shutil.which(c.command[0], path=str(Path(sys.executable).parent))
+    assert [e.config_map_ref.name for e in c.env_from] == [FULLNAME] and c.command == ["ringserve", "planner"]
+    test_flags = ["--dry-run", "--interval-s", "0.5", "--ttft-target-s", "1", "--kubeconfig", str(planner_kubeconfig)]
+    argv = [executable, *c.command[1:], *c.args, *test_flags]  # later flags win
     log = kube.work / "planner-cli.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, env={**base, **env}, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for("a dry-run decision", lambda: "[dry run: not applied]" in log.read_text() or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()
