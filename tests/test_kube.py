@@ -22,7 +22,7 @@ import yaml
 from tests.helm_tools import helm_binary, kubectl_binary
 from tests.kube import KubeCluster, kube_binaries
 
-pytestmark = pytest.mark.timeout(2400)  # the first test may wait for the cold build (~20 min) .ci/run started
+pytestmark = pytest.mark.timeout(2400)  # the first test may wait for the build .ci/run started (16+ min cold)
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "ringserve"
 NS, RELEASE, FULLNAME = "rs", "rs", "rs-ringserve"
