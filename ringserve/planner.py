@@ -267,8 +267,8 @@ class Planner:
             d = tier.decide(
                 now, current, [g for g in groups if g.role == tier.role], missed if tier.role == "prefill" else None
             )
-            applied = d.desired != d.current and not self.cfg.dry_run
-            if applied:
+            change = d.desired != d.current
+            if change and not self.cfg.dry_run:
                 self.scaler.scale(tier.statefulset, d.desired)
             log.info(
                 "%s %s: %s %d -> %d (recommended %d; %s) inputs %s%s",
@@ -280,7 +280,7 @@ class Planner:
                 d.recommended,
                 d.reason,
                 d.inputs,
-                " [dry run: not applied]" if self.cfg.dry_run and d.desired != d.current else "",
+                " [dry run: not applied]" if change and self.cfg.dry_run else "",
             )
             self._export(d)
             decisions.append(d)

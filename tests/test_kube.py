@@ -365,6 +365,24 @@ def test_planner_adds_a_prefill_group_while_deadlines_are_missed(kube, api, rele
         api[0].patch_namespaced_stateful_set_scale(PREFILL, NS, {"spec": {"replicas": 1}})
 
 
+def test_planner_command_outlives_an_unreachable_redis(kube, release, planner_kubeconfig):
+    """A Redis outage costs decisions, not the planner: each step logs it and counts it; the process keeps going."""
+    from ringserve.process_group import free_port
+
+    redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    argv = [sys.executable, "-m", "ringserve.cli", "planner", "--interval-s", "0.2", "--namespace", NS,
+            "--kubeconfig", str(planner_kubeconfig), "--redis-url", redis_url]  # fmt: skip
+    log = kube.work / "planner-no-redis.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("two failed steps", lambda: log.read_text().count("unreachable") >= 2 or proc.poll() is not None)
+        assert proc.poll() is None and f"Redis at {redis_url} unreachable" in log.read_text(), log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_planner_command_rejects_bad_limits():
     """Checked before anything is contacted: exit 2 and a message naming the flags."""
     for flags, message in (
