@@ -208,11 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="health name, e.g. ringserve.live or ringserve.ready")
     health.set_defaults(func=cmd_health)
 
+    from ringserve.config import add_config_args, config_from_args
     from ringserve.launch import add_service_commands
+    from ringserve.planner import PlannerConfig, run
     from ringserve.supervise import add_up_command
 
     add_service_commands(sub)
     add_up_command(sub)
+    planner = sub.add_parser(
+        "planner", help="scale the prefill and decode StatefulSets on their load (docs/KUBERNETES.md)"
+    )
+    add_config_args(planner, PlannerConfig)
+    planner.set_defaults(func=lambda args: run(config_from_args(PlannerConfig, args)))
     return parser
 
 

@@ -48,3 +48,8 @@ def redis_server():
     server = EmbeddedRedis().start()
     yield server
     server.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """tests/test_kube.py last, so the API server build .ci/run starts in the background overlaps the rest."""
+    items.sort(key=lambda item: item.path.name == "test_kube.py")  # stable: the others keep their order

@@ -50,12 +50,16 @@ def run_helm(helm: Path, *args: str, check: bool = True) -> subprocess.Completed
     return done
 
 
-def render(helm: Path, values: dict, tmp_path: Path, name: str = "values") -> tuple[str, list[dict]]:
-    """`helm lint --strict` then `helm template` with these values: the manifests' text and documents."""
+def render(
+    helm: Path, values: dict, tmp_path: Path, name: str = "values", kube_version: str | None = None
+) -> tuple[str, list[dict]]:
+    """`helm lint --strict` then `helm template` with these values (for this Kubernetes version, else helm's
+    default): the manifests' text and documents."""
     values_file = tmp_path / f"{name}.yaml"
     values_file.write_text(yaml.safe_dump(values))
-    run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file))
-    text = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file)).stdout
+    version = ["--kube-version", kube_version] if kube_version else []
+    run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file), *version)
+    text = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file), *version).stdout
     return text, [d for d in yaml.safe_load_all(text) if d]
 
 
@@ -71,11 +75,11 @@ def render_notes(helm: Path, values: dict, tmp_path: Path) -> str:
     return run_helm(helm, *args).stdout
 
 
-def validate(manifest: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """kubernetes-validate --strict (offline, Kubernetes 1.37 schemas) on a manifest file."""
+def validate(manifest: str, tmp_path: Path, kube_version: str = "1.37.0") -> subprocess.CompletedProcess:
+    """kubernetes-validate --strict (offline, this Kubernetes version's schemas) on a manifest file."""
     path = tmp_path / "manifest.yaml"
     path.write_text(manifest)
-    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", str(path)]
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", kube_version, str(path)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -122,6 +126,14 @@ VALUE_SETS = {
     "tls-secrets": {  # certificates from Secrets the user made
         "tls": {"enabled": True, "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls"}},
     },
+    "planner": {
+        "planner": {
+            "enabled": True,
+            "dryRun": True,
+            "prefill": {"min": 2, "max": 6},
+            "prometheusUrl": "http://prometheus.monitoring:9090",
+        }
+    },
     "hostpath-model-cpu": {
         "gpu": {"enabled": False},
         "model": {"source": "hostPath", "hostPath": {"path": "/data/models"}, "path": "smollm2.gguf"},
@@ -157,6 +169,7 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     assert container(decode)["command"] == ["ringserve", "decode"]
 
     check_security(values, docs, router, prefill, decode)
+    check_planner(values, docs, prefill)
     tls = values.get("tls", {}).get("enabled", False)
     gpu = values.get("gpu", {}).get("enabled", True)
     cp = values.get("prefill", {}).get("cpSize", 2)
@@ -248,6 +261,71 @@ def check_security(values: dict, docs: list[dict], router: dict, prefill: dict, 
             assert not any(v.strip() in line for v in values_of_secrets if v.strip())
 
 
+def check_planner(values: dict, docs: list[dict], prefill: dict) -> None:
+    """planner.enabled: its Deployment and flags, a Role that allows the two StatefulSets' scale subresource
+    and reading them, nothing else, bound to its own ServiceAccount; groups advertise their pod DNS names."""
+    planner = values.get("planner", {})
+    names = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
+    if not planner.get("enabled"):
+        assert not any(n.endswith(f"/{FULLNAME}-planner") for n in names)
+        return
+    statefulsets = [f"{FULLNAME}-prefill", f"{FULLNAME}-decode"]
+    assert find(docs, "Role", f"{FULLNAME}-planner")["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "resourceNames": statefulsets, "verbs": ["get"]},
+        {
+            "apiGroups": ["apps"],
+            "resources": ["statefulsets/scale"],
+            "resourceNames": statefulsets,
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = find(docs, "RoleBinding", f"{FULLNAME}-planner")
+    assert binding["roleRef"]["name"] == f"{FULLNAME}-planner"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULLNAME}-planner", "namespace": "default"}]
+    deployment = find(docs, "Deployment", f"{FULLNAME}-planner")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == f"{FULLNAME}-planner" and pod["automountServiceAccountToken"] is True
+    c = container(deployment)
+    assert c["command"] == ["ringserve", "planner"]
+    args = dict(zip(c["args"][::2], c["args"][1::2]))
+    assert args["--prefill-statefulset"] == statefulsets[0] and args["--decode-statefulset"] == statefulsets[1]
+    assert (args["--prefill-min"], args["--prefill-max"]) == ("2", "6") and "--dry-run" in c["args"]
+    assert args["--prometheus-url"] == "http://prometheus.monitoring:9090" and "--prometheus-query" not in args
+    assert env_of(c)["RINGSERVE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env_of(container(prefill))["RINGSERVE_ADVERTISE_HOST"] == f"$(POD_NAME).{FULLNAME}-prefill.default.svc"
+
+
+@pytest.mark.parametrize("kube_version", ["1.29.0", "1.33.0", "1.37.0"])
+def test_chart_validates_for_each_supported_version(helm, tmp_path, kube_version):
+    """Rendered for a cluster of this version (what `.Capabilities` says there), valid against its schemas."""
+    text, docs = render(helm, VALUE_SETS["planner"], tmp_path, kube_version=kube_version)
+    done = validate(text, tmp_path, kube_version)
+    assert done.returncode == 0, f"kubernetes-validate --strict -k {kube_version} rejected:\n{done.stdout}"
+    pre_stop = container(find(docs, "Deployment", f"{FULLNAME}-router"))["lifecycle"]["preStop"]
+    assert pre_stop == (
+        {"exec": {"command": ["sleep", "5"]}} if kube_version == "1.29.0" else {"sleep": {"seconds": 5}}
+    )
+
+
+def test_chart_falls_back_on_older_clusters(helm, tmp_path):
+    """On 1.20 (the API server tests/test_kube.py runs): policy/v1beta1 PDBs, `ringserve health` exec probes,
+    an exec sleep before the router stops; below the declared kubeVersion, helm refuses."""
+    _, docs = render(helm, {}, tmp_path, kube_version="1.20.2")
+    assert sorted(d["apiVersion"] for d in docs if d["kind"] == "PodDisruptionBudget") == ["policy/v1beta1"] * 3
+    for kind, name, port in (("Deployment", "router", 50050), ("StatefulSet", "prefill", 50051)):
+        c = container(find(docs, kind, f"{FULLNAME}-{name}"))
+        for probe, service in (
+            ("startupProbe", "ringserve.live"),
+            ("readinessProbe", "" if name == "router" else "ringserve.ready"),
+        ):
+            assert "grpc" not in c[probe]
+            assert c[probe]["exec"]["command"] == ["ringserve", "health", "--port", str(port), "--service", service]
+    pre_stop = container(find(docs, "Deployment", f"{FULLNAME}-router"))["lifecycle"]["preStop"]
+    assert pre_stop == {"exec": {"command": ["sleep", "5"]}}
+    done = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.19.0", check=False)
+    assert done.returncode != 0 and "kubeVersion" in done.stderr, done.stderr
+
+
 def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
     """The checks above can fail: kubernetes-validate --strict rejects an unknown field and a wrong type
     in otherwise rendered manifests, and the values schema rejects bad values before anything renders."""
@@ -268,6 +346,7 @@ def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
         "external-redis-without-url": ({"redis": {"enabled": False}}, "url"),
         "pvc-without-path": ({"model": {"source": "pvc", "pvc": {"claimName": "w"}}}, "path"),
         "policy": ({"router": {"policy": "random"}}, "policy"),
+        "planner-hysteresis": ({"planner": {"enabled": True, "scaleDownBelow": 1.5}}, "scaleDownBelow"),
     }
     for name, (values, word) in bad_values.items():
         values_file = tmp_path / f"{name}.yaml"
@@ -431,6 +510,32 @@ def test_rendered_pods_serve_a_request(deployment):
     with Client(pods["router"].address, timeout=60) as client:
         info = client.model_info()
         assert (info.prefill_groups, info.decode_groups) == (1, 1)
+
+
+def test_exec_probes_of_older_clusters_pass_on_running_pods(deployment, helm):
+    """The `ringserve health` exec probes the chart renders for 1.20 (no gRPC probes there), run as the kubelet
+    runs them in each container (its env; the port replaced by the pod's here): each passes."""
+    values = {"gpu": {"enabled": False}, "prefill": {"cpSize": 1}}
+    _, docs = render(helm, values, deployment["tmp"], name="values-1.20", kube_version="1.20.2")
+    workloads = {
+        "router": ("Deployment", "router"),
+        "prefill": ("StatefulSet", "prefill"),
+        "decode": ("StatefulSet", "decode"),
+    }
+    for name, pod in deployment["pods"].items():
+        kind, suffix = workloads[name]
+        c = container(find(docs, kind, f"{FULLNAME}-{suffix}"))
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            command = c[probe]["exec"]["command"]
+            command[command.index("--port") + 1] = str(pod.port)
+            executable = shutil.which(command[0], path=str(Path(sys.executable).parent))
+            base = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
+            done = subprocess.run(
+                [executable, *command[1:]], env={**base, **pod.env}, capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0 and done.stdout.strip() == "SERVING", (
+                f"{name} {probe}: {done.stdout}{done.stderr}"
+            )
 
 
 def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):

@@ -60,17 +60,34 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "%s-router:%d" (include "ringserve.fullname" .) (int .Values.router.service.port) }}
 {{- end }}
 
+{{/* RINGSERVE_REDIS_PASSWORD from its Secret, if Redis has one. include with $ */}}
+{{- define "ringserve.redisPasswordEnv" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.external.existingSecret }}
+- name: RINGSERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.passwordKey }}
+{{- else if and .Values.redis.enabled .Values.redis.auth }}
+- name: RINGSERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ringserve.fullname" . }}-redis-auth
+      key: password
+{{- end }}
+{{- end }}
+
 {{/* Environment every ringserve container has besides the ConfigMap: where peers reach it, the Redis
 password, and its security settings. include with (list $ "router"|"prefill"|"decode") */}}
 {{- define "ringserve.commonEnv" -}}
 {{- $top := index . 0 }}
 {{- $role := index . 1 }}
-{{- if and $top.Values.tls.enabled (ne $role "router") }}
+{{- if and (or $top.Values.tls.enabled $top.Values.planner.enabled) (ne $role "router") }}
 - name: POD_NAME
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
-- name: RINGSERVE_ADVERTISE_HOST  # the name its certificate carries (the router verifies it)
+- name: RINGSERVE_ADVERTISE_HOST  # the name its certificate carries (the router verifies it); the planner reads the ordinal
   value: {{ printf "$(POD_NAME).%s-%s.%s.svc" (include "ringserve.fullname" $top) $role $top.Release.Namespace | quote }}
 {{- else }}
 - name: RINGSERVE_ADVERTISE_HOST
@@ -78,19 +95,7 @@ password, and its security settings. include with (list $ "router"|"prefill"|"de
     fieldRef:
       fieldPath: status.podIP
 {{- end }}
-{{- if and (not $top.Values.redis.enabled) $top.Values.redis.external.existingSecret }}
-- name: RINGSERVE_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ $top.Values.redis.external.existingSecret }}
-      key: {{ $top.Values.redis.external.passwordKey }}
-{{- else if and $top.Values.redis.enabled $top.Values.redis.auth }}
-- name: RINGSERVE_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "ringserve.fullname" $top }}-redis-auth
-      key: password
-{{- end }}
+{{- include "ringserve.redisPasswordEnv" $top }}
 {{- if $top.Values.tls.enabled }}
 - name: RINGSERVE_TLS_CERT
   value: /etc/ringserve/tls/tls.crt
@@ -201,10 +206,26 @@ password, and its security settings. include with (list $ "router"|"prefill"|"de
 {{- end }}
 {{- end }}
 
-{{/* Probes on a health name: gRPC probes, or under TLS (which the kubelet's gRPC probes do not speak)
-`ringserve health` exec probes with the pod's own certificate. include with (dict "port" N "service" NAME "top" $) */}}
+{{/* Fallbacks for clusters older than the chart's current manifests need (docs/KUBERNETES.md): the kubelet's
+gRPC probes (on by default from 1.24), policy/v1 PodDisruptionBudgets (1.21), the preStop sleep action
+(on by default from 1.30). Each is "true" or empty. include with $ */}}
+{{- define "ringserve.hasGrpcProbes" -}}
+{{- if semverCompare ">=1.24-0" .Capabilities.KubeVersion.Version }}true{{ end }}
+{{- end }}
+
+{{- define "ringserve.hasPdbV1" -}}
+{{- if and (.Capabilities.APIVersions.Has "policy/v1") (semverCompare ">=1.21-0" .Capabilities.KubeVersion.Version) }}true{{ end }}
+{{- end }}
+
+{{- define "ringserve.hasSleepAction" -}}
+{{- if semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version }}true{{ end }}
+{{- end }}
+
+{{/* Probes on a health name: gRPC probes, or `ringserve health` exec probes under TLS (which the kubelet's
+gRPC probes do not speak; with the pod's own certificate) and on clusters without gRPC probes.
+include with (dict "port" N "service" NAME "top" $) */}}
 {{- define "ringserve.probe" -}}
-{{- if .top.Values.tls.enabled }}
+{{- if or .top.Values.tls.enabled (not (include "ringserve.hasGrpcProbes" .top)) }}
 exec:
   command: ["ringserve", "health", "--port", {{ .port | quote }}, "--service", {{ .service | quote }}]
 {{- else }}
