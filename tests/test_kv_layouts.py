@@ -21,6 +21,7 @@ from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup, _receivers
 from ringserve.decode_service.kvp import KVPRank
 from ringserve.decode_service.landed_rows import Added, LandedRows
+from ringserve.decode_service.protocol import RowsLanded
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.engine import Engine
@@ -286,9 +287,9 @@ class DecodeRank:
         self.receiver, self.endpoint = _receivers(cfg, self.rank, self._on_landed, lambda *done: None)
         self.complete = 0
 
-    def _on_landed(self, rank, request_id, epoch, transfer_id, first, count, heads) -> None:
+    def _on_landed(self, note: RowsLanded) -> None:
         with self.cond:
-            added = self.landed.add(first, first + count, heads)
+            added = self.landed.add(note.first, note.first + note.count, note.heads)
             self.repeated += added.repeated
             self.complete += added.completed
             self.cond.notify_all()
