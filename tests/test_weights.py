@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ringserve.engine.config import ModelConfig
+from ringserve.engine.tp import param_shard, take_shard
 from ringserve.engine.weights import gguf_cache_dir, load_weights, save_hf_checkpoint
-from ringserve.errors import FailedPrecondition, NotFound
+from ringserve.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def tiny_hf(tied: bool, seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -68,6 +69,42 @@ def test_hf_sharded(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     _, state = load_weights(str(tmp_path), progress=False)
     assert_same_state(state, expected_state(model))
+
+
+def assert_shards(path, tp: int) -> None:
+    """Each TP rank's load is exactly its shard (``param_shard``) of the full load, and the ranks'
+    shards together are the whole model (vocabulary padding aside)."""
+    config, full = load_weights(path, progress=False)
+    rows = {}
+    for rank in range(tp):
+        same, state = load_weights(path, progress=False, tp_rank=rank, tp=tp)
+        assert same == config and sorted(state) == sorted(full)
+        for name, tensor in state.items():
+            assert torch.equal(tensor, take_shard(full[name], param_shard(name, config, rank, tp))), name
+        rows[rank] = state["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(torch.cat(list(rows.values())), full["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_hf_sharded_files_load_per_tp_rank(tmp_path, tp):
+    tiny_hf(tied=False, vocab_size=63).save_pretrained(tmp_path, max_shard_size="20KB")  # 63: padded rows
+    assert_shards(tmp_path, tp)
+
+
+def test_gguf_loads_per_tp_rank_on_a_cache_miss_and_hit(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_hf(tied=True))
+    _, first = load_weights(path, progress=False, tp_rank=1, tp=2)  # converts (miss), then shards
+    assert (gguf_cache_dir(path) / "model.safetensors").is_file()
+    assert_shards(path, 2)  # from the converted copy
+    _, again = load_weights(path, progress=False, tp_rank=1, tp=2)
+    assert_same_state(again, first)
+
+
+def test_tp_rank_outside_the_group(tmp_path):
+    tiny_hf(tied=True).save_pretrained(tmp_path)
+    with pytest.raises(InvalidArgument, match="outside a TP group of 2"):
+        load_weights(tmp_path, progress=False, tp_rank=2, tp=2)
 
 
 def test_single_safetensors_file_and_dtype(tmp_path):
