@@ -152,8 +152,7 @@ def load_hf(
                         part = f.get_slice(name)
                         found[name] = tuple(part.get_shape())
                         if found[name] == shapes[name]:  # a wrong shape is reported below, unread
-                            shard = param_shard(name, config, tp_rank, tp) if tp > 1 else None
-                            state[name] = (f.get_tensor(name) if shard is None else take_shard(part, shard)).to(dtype)
+                            state[name] = _read(f, name, part, tp_rank, tp, config, dtype)
                         bar.update(1)
             except FailedPrecondition:
                 raise
@@ -161,6 +160,15 @@ def load_hf(
                 raise FailedPrecondition(f"cannot read {file} (truncated or corrupt safetensors file?): {e}") from e
     check_shapes(found, shapes, str(only_file or directory))
     return config, state
+
+
+def _read(f, name: str, part, tp_rank: int, tp: int, config: ModelConfig, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor (TP 1: as safetensors maps it), or TP rank ``tp_rank``'s shard, copied out of the
+    memory-mapped file: a view would keep the file mapped, with every page a column slice touched
+    (all of the tensor's) resident."""
+    if tp == 1:
+        return f.get_tensor(name).to(dtype)
+    return take_shard(part, param_shard(name, config, tp_rank, tp)).to(dtype, copy=True)
 
 
 def reject_biases(names: list[str], source: Path | str) -> None:
