@@ -2,7 +2,8 @@
 
 Medha's KV parallelism: a request's KV cache is a set of (key, value) rows (RoPE is applied
 before caching), so it can be split over K ranks in any way. Every rank holds the full weights
-and runs the whole model on the step's tokens; in attention each rank attends the new queries to
+(or, under TP x KVP, its TP shard: the KVP group is then the ranks of one TP index, holding the
+same heads) and runs the whole model on the step's tokens; in attention each rank attends the new queries to
 the rows it holds (``decode_attention``), the group all-gathers the partial outputs and their
 log-sum-exps (a few KB per token per layer) and every rank merges them into the exact result.
 The new token's K and V are stored on one rank, the step's ``owner`` for that request.
