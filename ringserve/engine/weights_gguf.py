@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.tp import param_shard, take_shard
-from ringserve.engine.weights_hf import check_shapes, expected_shapes, load_hf, reject_biases, save_hf_checkpoint
+from ringserve.engine.weights_hf import atomic_write, check_shapes, expected_shapes, load_hf, reject_biases
 from ringserve.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)
@@ -81,12 +83,18 @@ def load_gguf_cached(
         loaded = _load_converted(cache, path, dtype, progress, tp_rank, tp)  # another rank's, meanwhile
         if loaded is not None:
             return loaded
-        config, state = load_gguf(path, progress)
         try:
-            save_hf_checkpoint(cache, config, state)
+            convert_gguf(path, cache, progress)
         except OSError as e:
             # A read-only or full cache should not stop serving; it only costs a slow load next time.
-            logger.warning("could not cache the converted %s in %s: %s", path, cache, e)
+            logger.warning("could not cache the converted %s in %s (%s); loading it in memory", path, cache, e)
+            return _in_memory(path, dtype, progress, tp_rank, tp)
+    return load_hf(cache, None, dtype, progress, tp_rank, tp)
+
+
+def _in_memory(path: Path, dtype: torch.dtype, progress: bool, tp_rank: int, tp: int):
+    """The GGUF dequantized whole (no cache to read shards from), then cut to this rank's shard."""
+    config, state = load_gguf(path, progress)
     if tp == 1:
         return config, {name: t.to(dtype) for name, t in state.items()}
     # Copies, so that the full tensors are freed when this returns.
@@ -213,11 +221,8 @@ def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Dequantize a llama GGUF into ``(config, float32 state dict)`` with Hugging Face names (no cache)."""
-    from gguf.quants import dequantize
-
-    path = Path(path)
+def _gguf_tensors(path: Path):
+    """(reader, config, {HF name: GGUF tensor}) of a llama GGUF, checked against its config."""
     reader = open_gguf(path)
     # GGUF lists dimensions innermost first; torch wants them outermost first.
     tensor_shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
@@ -226,19 +231,64 @@ def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelConfig, dic
     by_hf = {_hf_name(t.name): t for t in reader.tensors}
     by_hf.pop(None, None)
     reject_biases(list(by_hf), path)
-    state: dict[str, torch.Tensor] = {}
-    wanted = [n for n in shapes if n in by_hf]
-    for name in tqdm(wanted, desc=f"dequantizing {path.name}", unit="tensor", file=sys.stderr, disable=not progress):
-        t = by_hf[name]
-        try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(tensor_shapes[t.name])
-        except Exception as e:
-            raise FailedPrecondition(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        if name.endswith("self_attn.q_proj.weight"):
-            w = _unpermute_rope(w, config.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = _unpermute_rope(w, config.num_key_value_heads)
-        # np.array copies: the reader's arrays are read-only views of the memory-mapped file.
-        state[name] = torch.from_numpy(np.array(w, dtype=np.float32))
-    check_shapes({n: tuple(t.shape) for n, t in state.items()}, shapes, str(path))
+    wanted = {n: by_hf[n] for n in shapes if n in by_hf}
+    check_shapes({n: tuple(int(x) for x in reversed(t.shape)) for n, t in wanted.items()}, shapes, str(path))
+    return reader, config, wanted
+
+
+def _dequantized(path: Path, name: str, t, config: ModelConfig) -> np.ndarray:
+    """One GGUF tensor as float32 with its Hugging Face layout (rope permutation undone)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(x) for x in reversed(t.shape))
+    try:
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
+    except Exception as e:
+        raise FailedPrecondition(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from e
+    if name.endswith("self_attn.q_proj.weight"):
+        w = _unpermute_rope(w, config.num_attention_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+        w = _unpermute_rope(w, config.num_key_value_heads)
+    return np.ascontiguousarray(w)
+
+
+def _bar(items, path: Path, progress: bool):
+    return tqdm(items, desc=f"dequantizing {path.name}", unit="tensor", file=sys.stderr, disable=not progress)
+
+
+def load_gguf(path: str | Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantize a llama GGUF into ``(config, float32 state dict)`` with Hugging Face names (no cache)."""
+    path = Path(path)
+    _, config, tensors = _gguf_tensors(path)
+    # np.array copies: the reader's arrays are read-only views of the memory-mapped file.
+    state = {
+        n: torch.from_numpy(np.array(_dequantized(path, n, t, config)))
+        for n, t in _bar(tensors.items(), path, progress)
+    }
     return config, state
+
+
+def convert_gguf(path: Path, directory: Path, progress: bool = True) -> None:
+    """Write ``path`` dequantized into ``directory`` as a Hugging Face checkpoint (config.json,
+    model.safetensors), a tensor at a time: the header is known from the shapes, each tensor is
+    written as it is dequantized, so the conversion never holds more than one."""
+    _, config, tensors = _gguf_tensors(path)
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        shape = [int(x) for x in reversed(t.shape)]
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for name, t in _bar(tensors.items(), path, progress):
+                f.write(_dequantized(path, name, t, config).tobytes())
+
+    atomic_write(directory / "model.safetensors", write)
+    text = json.dumps(config.to_hf(), indent=2) + "\n"
+    atomic_write(directory / "config.json", lambda p: p.write_text(text, encoding="utf-8"))
