@@ -91,9 +91,7 @@ def param_shard(name: str, config: ModelConfig, tp_rank: int, tp: int) -> Shard 
         heads = kv_heads(tp_rank, tp, config.num_key_value_heads)
         start, end = heads.start * d, heads.stop * d
     elif module in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-        if config.intermediate_size % tp:
-            raise ValueError(f"intermediate size {config.intermediate_size} does not split across {tp} TP ranks")
-        per = config.intermediate_size // tp
+        per = config.intermediate_size // tp  # divides: check_model_tp
         start, end = tp_rank * per, (tp_rank + 1) * per
     else:
         return None
@@ -112,10 +110,24 @@ def take_shard(source, shard: Shard | None) -> torch.Tensor:
     return part
 
 
+def check_model_tp(config: ModelConfig, tp: int) -> None:
+    """FailedPrecondition unless ``tp`` ranks can shard this model: its heads (``check_tp``) and
+    its MLP width must split evenly (the vocabulary need not: the last rank's rows are padded)."""
+    try:
+        check_tp(config.num_attention_heads, config.num_key_value_heads, tp)
+    except ValueError as e:
+        raise FailedPrecondition(f"--tp {tp} cannot shard this model: {e}") from e
+    if config.intermediate_size % tp:
+        raise FailedPrecondition(
+            f"--tp {tp} cannot shard this model: its MLP width {config.intermediate_size} does not split "
+            f"across {tp} TP ranks"
+        )
+
+
 def local_config(config: ModelConfig, tp_rank: int, tp: int) -> ModelConfig:
     """The config of one TP rank's attention: its local query and KV head counts (a rank's KV
     cache is the ordinary KVCache built from it); everything else is the model's."""
-    check_tp(config.num_attention_heads, config.num_key_value_heads, tp)
+    check_model_tp(config, tp)
     return replace(
         config,
         num_attention_heads=len(query_heads(tp_rank, tp, config.num_attention_heads)),

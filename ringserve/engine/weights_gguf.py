@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ringserve.engine.config import ModelConfig
-from ringserve.engine.tp import param_shard, take_shard
+from ringserve.engine.tp import check_model_tp, param_shard, take_shard
 from ringserve.engine.weights_hf import atomic_write, check_shapes, expected_shapes, load_hf, reject_biases
 from ringserve.errors import FailedPrecondition
 
@@ -97,6 +97,7 @@ def _in_memory(path: Path, dtype: torch.dtype, progress: bool, tp_rank: int, tp:
     config, state = load_gguf(path, progress)
     if tp == 1:
         return config, {name: t.to(dtype) for name, t in state.items()}
+    check_model_tp(config, tp)
     # Copies, so that the full tensors are freed when this returns.
     shards = {n: take_shard(t, param_shard(n, config, tp_rank, tp)) for n, t in state.items()}
     return config, {n: t.to(dtype, copy=True) for n, t in shards.items()}

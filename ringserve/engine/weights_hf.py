@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ringserve.engine.config import ModelConfig
-from ringserve.engine.tp import param_shard, take_shard
+from ringserve.engine.tp import check_model_tp, param_shard, take_shard
 from ringserve.errors import FailedPrecondition
 
 PATH_HINT = "pass a Hugging Face directory (config.json + *.safetensors) or a .gguf file"
@@ -134,6 +134,8 @@ def load_hf(
     from safetensors import safe_open
 
     config = read_hf_config(directory)
+    if tp > 1:  # a layout that cannot shard the model fails before any weight is read
+        check_model_tp(config, tp)
     shapes = expected_shapes(config)
     files = [only_file] if only_file is not None else safetensors_files(directory)
     state: dict[str, torch.Tensor] = {}
