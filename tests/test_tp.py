@@ -176,9 +176,7 @@ def tp_cp_passes(rank, world, layout, path, token_ids, passes, strategies):
     return mesh.tp_rank, mesh.outer_rank, logits, positions, kv, cache.allocator.num_used
 
 
-@pytest.mark.parametrize(
-    "tp,cp,heads,kv", [(2, 1, 4, 2), (2, 2, 4, 2), (4, 1, 8, 2)], ids=["tp2", "tp2xcp2", "tp4-replicated"]
-)
+@pytest.mark.parametrize("tp,cp,heads,kv", [(2, 2, 4, 2), (4, 1, 8, 2)], ids=["tp2xcp2", "tp4-replicated"])
 def test_tp_cp_prefill_equals_single_process(tp, cp, heads, kv, tmp_path):
     """A full prefill, then partial prefills over the cached KV (pass-KV and pass-Q): the leader's
     logits and every rank's KV (its tokens, its heads) equal one process's."""
