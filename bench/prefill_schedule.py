@@ -69,8 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shapes import LLAMA3_8B  # noqa: E402
 
 from ringserve.config import PrefillConfig  # noqa: E402
-from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup  # noqa: E402
+from ringserve.prefill_service.group import Prefilled, PrefillGroup  # noqa: E402
 from ringserve.prefill_service.prefix_cache import new_blocks_per_rank  # noqa: E402
+from ringserve.prefill_service.protocol import Job  # noqa: E402
 from ringserve.prefill_service.scheduler import Scheduler  # noqa: E402
 
 SECTIONS = ("idle", "long_alone", "mix", "long_one_pass")  # the one big pass last: the most memory

@@ -122,6 +122,23 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
         "(or its value in RINGSERVE_DEPLOYMENT_SECRET)",
         str,
     )
+    group_host: str = _opt(
+        "127.0.0.1",
+        "the group leader's address for its other ranks (rank link and torch.distributed rendezvous); "
+        "every rank's host must reach it",
+    )
+    group_port: int = _opt(0, "the leader's rank-link port (0: pick a free one; set it when ranks run on other hosts)")
+    local_ranks: int | None = _opt(
+        None,
+        "ranks the leader starts itself (itself included); the others join with --group-rank (default: all)",
+        int,
+    )
+    group_rank: int | None = _opt(
+        None, "run as this rank (1..N-1) of the group whose leader is at --group-leader; serves no gRPC", int
+    )
+    group_leader: str | None = _opt(
+        None, "HOST:PORT of the group leader's rank link (its --group-host/--group-port)", str
+    )
 
 
 @dataclass

@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig
-from ringserve.errors import Cancelled, Unavailable
+from ringserve.config import DecodeConfig, PrefillConfig, RouterConfig, WorkerArgs
+from ringserve.errors import Cancelled, FailedPrecondition, InvalidArgument, Unavailable
 from ringserve.process_group import free_port
 from ringserve.redis_server import EmbeddedRedis
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def run_decode(cfg: DecodeConfig) -> int:
+    if cfg.group_rank is not None:
+        from ringserve.decode_service.group import rank_main
+
+        return run_rank(cfg, "decode", cfg.kvp, rank_main)
     from ringserve.decode_service.server import serve
     from ringserve.service import wait_for_termination
 
@@ -38,11 +43,61 @@ def run_decode(cfg: DecodeConfig) -> int:
 
 
 def run_prefill(cfg: PrefillConfig) -> int:
+    if cfg.group_rank is not None:
+        from ringserve.prefill_service.rank import rank_main
+
+        return run_rank(cfg, "prefill", cfg.cp, rank_main)
     from ringserve.prefill_service.server import serve
     from ringserve.service import wait_for_termination
 
     server, _, group, drain = serve(cfg)
     wait_for_termination(server, group.close, drain)
+    return 0
+
+
+# What a rank on another host takes from its own command line; the rest of its configuration is
+# the leader's (sent when it joins), so the group agrees on sizes, blocks and transport.
+HOST_LOCAL_FIELDS = ("model", "device", "host", "advertise_host", "kv_port", "deployment_secret_file", "metrics_port")
+
+
+def run_rank(cfg: WorkerArgs, role: str, world: int, rank_main: Callable) -> int:
+    """`ringserve prefill|decode --group-rank R --group-leader HOST:PORT`: join the group whose
+    leader listens there, run rank R until the leader hangs up (or dies)."""
+    import dataclasses
+
+    from ringserve.kv_transfer.secret import deployment_secret
+    from ringserve.process_group import join_group, link_key
+    from ringserve.service import check_device
+
+    if not cfg.group_leader:
+        raise InvalidArgument(f"--group-rank needs --group-leader HOST:PORT (the {role} leader's rank link)")
+    if not 1 <= cfg.group_rank < world:
+        size = "--cp" if role == "prefill" else "--kvp"
+        raise InvalidArgument(
+            f"--group-rank must be 1..{world - 1} for a group of {size} {world}, got {cfg.group_rank}"
+        )
+    secret = deployment_secret(cfg.deployment_secret_file)
+    if secret is None:
+        raise FailedPrecondition(
+            "a rank that joins its leader over the network needs the deployment secret "
+            "(--deployment-secret-file or RINGSERVE_DEPLOYMENT_SECRET, the leader's): it keys the rank link"
+        )
+    device = check_device(cfg.device)
+    link = join_group(cfg.group_leader, cfg.group_rank, world, link_key(secret), cfg.group_timeout_s)
+    own = {f: getattr(cfg, f) for f in HOST_LOCAL_FIELDS}
+    link.welcome = dataclasses.replace(link.welcome, config=dataclasses.replace(link.config, **own))
+    log.info(
+        "%s rank %d joined its leader at %s (torch.distributed at %s)",
+        role,
+        cfg.group_rank,
+        cfg.group_leader,
+        link.welcome.init_method,
+    )
+    try:
+        rank_main(link, device)
+    finally:
+        link.close()
+    log.info("%s rank %d: the leader hung up; exiting", role, cfg.group_rank)
     return 0
 
 

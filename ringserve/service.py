@@ -1,12 +1,16 @@
-"""Start-up pieces every service process shares: dtype and device checks, waiting for SIGTERM."""
+"""Start-up pieces every service process shares: dtype and device checks, a worker's gRPC server
+with its registration and drain (``serve_worker``), waiting for SIGTERM."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ringserve.config import WorkerArgs
 from ringserve.errors import FailedPrecondition, InvalidArgument
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,3 +50,41 @@ def wait_for_termination(server, on_stop=None, drain=None, grace_s: float = 2.0)
     server.stop(grace=grace_s).wait()
     if on_stop:
         on_stop()
+
+
+@dataclass(frozen=True)
+class WorkerService:
+    """What a prefill or decode group serves over gRPC, and how it reports itself to the registry."""
+
+    role: str  # "prefill" or "decode"
+    degree: int  # the group's ranks
+    add_servicer: Callable  # the generated add_..._to_server
+    servicer: object
+    service_name: str  # e.g. "ringserve.v1.Decode"
+    admits: str  # the method that takes new work: refused while draining
+    load: Callable  # -> registry.Load, at every heartbeat
+    changes: Callable | None = None  # -> (stored, evicted) block hashes, for residency
+
+
+def serve_worker(cfg: WorkerArgs, service: WorkerService):
+    """Start a group leader's gRPC server (behind its drain gate) and metrics, register the group in
+    Redis; returns (server, port, address, drain)."""
+    from ringserve.drain import Drain, DrainGate
+    from ringserve.metrics import serve_metrics
+    from ringserve.registry import Registration, advertised_address
+    from ringserve.rpc import start_server
+
+    gate = DrainGate(f"{service.role} group", [f"/{service.service_name}/{service.admits}"])
+    server, port, health = start_server(
+        [(service.add_servicer, service.servicer)],
+        [service.service_name],
+        cfg.host,
+        cfg.port,
+        interceptors=[gate],
+        limits=cfg,
+    )
+    serve_metrics(cfg.metrics_port)
+    address = advertised_address(cfg.host, cfg.advertise_host, port)
+    registration = Registration(cfg, service.role, service.degree, cfg.block_size, service.load, service.changes)
+    drain = Drain(registration.start(address), gate, health, cfg.drain_timeout_s)
+    return server, port, address, drain

@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_decode_worker import drain, make_worker, prompt_kv_and_first_token, push
 
-from ringserve.decode_service.worker import Reservation
+from ringserve.decode_service.reservations import Reservation
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import ResourceExhausted, RingserveError, Unavailable

@@ -282,7 +282,9 @@ def test_the_prefill_group_tells_nixl_targets_it_is_done(tmp_path, default_model
 
     from ringserve.config import PrefillConfig
     from ringserve.engine.model import Llama
-    from ringserve.prefill_service.group import Job, PrefillGroup, Target
+    from ringserve.prefill_service.group import PrefillGroup
+    from ringserve.prefill_service.protocol import Job
+    from ringserve.prefill_service.push import Target
 
     tiny_hf(8, 2, False, seed=7).save_pretrained(tmp_path)
     model = Llama.load(str(tmp_path), progress=False)

@@ -20,7 +20,9 @@ from ringserve.config import PrefillConfig
 from ringserve.engine.model import Llama
 from ringserve.errors import Aborted, Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from ringserve.kv_transfer.tcp import KVReceiver
-from ringserve.prefill_service.group import Job, PrefillGroup, Target
+from ringserve.prefill_service.group import PrefillGroup
+from ringserve.prefill_service.protocol import Job
+from ringserve.prefill_service.push import Target
 
 BLOCK = 8
 
@@ -93,12 +95,12 @@ def assert_nothing_held_but_the_cache(group: PrefillGroup) -> None:
     every pass and breaks if one differs; here the leader's counters are checked directly). A
     request is answered before the pass that frees its blocks: wait for that pass."""
     deadline = time.monotonic() + 30
-    while (group._finishing or group._active) and time.monotonic() < deadline:
+    while (group._finishing or group.ranks.active) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not group.broken
     assert group.index.reserved == [0] * group.cfg.cp and not group.index.pins
     assert group.runner.cache.allocator.num_used == group.index.held[0]
-    assert not group._active
+    assert not group.ranks.active
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

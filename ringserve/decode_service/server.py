@@ -8,12 +8,10 @@ import queue
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
-from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import TokenEvent
 from ringserve.errors import RingserveError, Unavailable
-from ringserve.metrics import serve_metrics
-from ringserve.registry import Load, Registration, advertised_address
-from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto, start_server
+from ringserve.registry import Load
+from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -114,7 +112,7 @@ def serve(cfg: DecodeConfig):
     """Start the decode group (ranks 1..K-1 as child processes), its worker and the gRPC server,
     register in Redis; returns (server, port, worker, drain)."""
     from ringserve.engine.tokenizer import Tokenizer
-    from ringserve.service import check_device
+    from ringserve.service import WorkerService, check_device, serve_worker
 
     check_device(cfg.device)
     group = DecodeGroup(cfg)
@@ -123,16 +121,6 @@ def serve(cfg: DecodeConfig):
     )
     name = cfg.model or "SmolLM2-135M-Instruct"
     servicer = DecodeServicer(worker, model_description(group.model, cfg.block_size, name))
-    gate = DrainGate("decode group", ["/ringserve.v1.Decode/Reserve"])
-    server, port, health = start_server(
-        [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)],
-        ["ringserve.v1.Decode"],
-        cfg.host,
-        cfg.port,
-        interceptors=[gate],
-        limits=cfg,
-    )
-    serve_metrics(cfg.metrics_port)
 
     def load() -> Load:
         with worker.lock:  # a reserved request counts: its Decode call is still to come
@@ -142,9 +130,16 @@ def serve(cfg: DecodeConfig):
                 total_blocks=worker.blocks_total,
             )
 
-    address = advertised_address(cfg.host, cfg.advertise_host, port)
-    registration = Registration(cfg, "decode", cfg.kvp, cfg.block_size, load).start(address)
-    drain = Drain(registration, gate, health, cfg.drain_timeout_s)
+    service = WorkerService(
+        "decode",
+        cfg.kvp,
+        decode_pb2_grpc.add_DecodeServicer_to_server,
+        servicer,
+        "ringserve.v1.Decode",
+        "Reserve",
+        load,
+    )
+    server, port, address, drain = serve_worker(cfg, service)
     worker.on_failure = lambda: drain.give_up(f"decode group failed: {worker.failure}")
     log.info("decode group (kvp=%d) serving on %s, KV receivers at %s", cfg.kvp, address, ", ".join(group.addresses))
     return server, port, worker, drain

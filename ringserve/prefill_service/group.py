@@ -1,21 +1,16 @@
-"""A prefill group: N processes, one per device, running CP prefill together; rank 0 leads.
+"""A prefill group's leader: N processes, one per device, run CP prefill together; rank 0 leads.
 
-The leader (the process serving gRPC) starts ranks 1..N-1 as child processes and runs the
-scheduler. Requests are prefilled in passes (Medha, Agrawal et al.): each pass is a chunk of one
-long prompt, or chunks of several prompts packed together, picked least-remaining-slack first
-(``scheduler.Scheduler``). A long prompt's later chunks attend to the KV its earlier chunks left
-in the ranks' caches (partial prefill), so a short request waits at most about one pass, never
-for a whole long prompt. A request is preempted only between chunks, and keeps its KV.
+The leader (the process serving gRPC) runs the scheduler. Requests are prefilled in passes (Medha,
+Agrawal et al.): each pass is a chunk of one long prompt, or chunks of several prompts packed
+together, picked least-remaining-slack first (``scheduler.Scheduler``). A long prompt's later
+chunks attend to the KV its earlier chunks left in the ranks' caches (partial prefill), so a short
+request waits at most about one pass, never for a whole long prompt. A request is preempted only
+between chunks, and keeps its KV.
 
-The leader sends each pass to every rank through a queue, not a collective, so an idle group
-holds no collective that could time out. Every rank runs its share of the pass over the group's
-process group; after a request's last chunk each rank hands its KV shard to its push stage
-(``push.Pusher``: threads of its own, so the next pass starts at once), and the leader answers
-the request when every rank's push is over. A push failure fails only its request (ABORTED).
-
-Every decision about blocks (which cached blocks a request reads, which it evicts, which new
-blocks the prefix cache keeps) is the leader's (``prefix_cache.PrefixIndex``) and travels in the
-pass, so every rank carries out the same one, in the same order.
+Every pass goes to every rank (``pass_runner.PassRunner``); after a request's last chunk each rank
+hands its KV shard to its push stage (``push.Pusher``), and the leader answers the request when
+every rank's push is over. A push failure fails only its request (ABORTED). Every decision about
+blocks (``prefix_cache.PrefixIndex``) is the leader's and travels in the pass.
 """
 
 from __future__ import annotations
@@ -23,9 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing as mp
-import os
-import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ringserve.config import PrefillConfig
-from ringserve.engine.kv_cache import KVCache, block_hashes
+from ringserve.engine.kv_cache import block_hashes
 from ringserve.engine.model import Llama
 from ringserve.errors import (
     Aborted,
@@ -45,177 +37,18 @@ from ringserve.errors import (
     InvalidArgument,
     RingserveError,
     Unavailable,
-    error_from_code,
 )
-from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport
-from ringserve.kv_transfer.secret import deployment_secret
+from ringserve.kv_transfer.nixl import select_transport
 from ringserve.metrics import PREFILL_CHUNK_TOKENS, PREFILL_DEADLINES, PREFILL_PASS_SECONDS, PREFILL_QUEUE
-from ringserve.prefill_service.context_parallel import CPRunner
-from ringserve.prefill_service.prefix_cache import (
-    CacheStart,
-    CacheStats,
-    PrefixIndex,
-    RankBlocks,
-    RankSeq,
-    new_blocks_per_rank,
-)
-from ringserve.prefill_service.push import Pusher, PushResult, Target
+from ringserve.prefill_service.calibration import calibrate
+from ringserve.prefill_service.pass_runner import PassRunner
+from ringserve.prefill_service.prefix_cache import CacheStart, CacheStats, PrefixIndex
+from ringserve.prefill_service.protocol import ChunkWork, Job, Pass, PassReport
+from ringserve.prefill_service.push import PushResult
 from ringserve.prefill_service.scheduler import Chunk, CostModel, Request, Scheduler, SchedulerConfig
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
-from ringserve.prefill_service.strategy import measure_rates
-from ringserve.process_group import check_group, free_port, init_group, next_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Job:
-    """A request as the group takes it."""
-
-    request_id: str
-    token_ids: list[int]
-    strategy: str
-    targets: list[Target]  # where its KV goes; empty: nowhere (the prefill alone is wanted)
-    ttft_s: float | None = None  # its time-to-first-token budget; None: the scheduler's default
-
-
-@dataclass(frozen=True)
-class ChunkWork:
-    """One request's part of a pass, as every rank gets it."""
-
-    request_id: str
-    token_ids: list[int]  # the chunk's tokens
-    start: int  # the chunk's first token in the prompt
-    begin: CacheStart | None = None  # the request's first chunk: take its cached prefix, allocate its blocks
-    last: bool = False  # completes the prompt: push the KV to ``targets`` (blocks held until ``Pass.finish``)
-    targets: tuple[Target, ...] = ()
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One iteration of the group, the same message to every rank."""
-
-    work: tuple[ChunkWork, ...]
-    strategy: str  # the ring variant asked for ("auto" lets each rank's rule pick; they agree)
-    evict: tuple[bytes, ...] = ()  # cached blocks to free first
-    drop: tuple[str, ...] = ()  # started requests that were cancelled: free their blocks
-    # Requests whose pushes are over on every rank: (request id, (prompt block, rank, hash) the
-    # prefix cache keeps); the rest of their blocks are freed.
-    finish: tuple[tuple[str, tuple[tuple[int, int, bytes], ...]], ...] = ()
-
-
-@dataclass
-class PassReport:
-    """What one rank reports after a pass."""
-
-    rank: int
-    forward_s: float = 0.0  # the model forward
-    blocks_used: int = 0  # allocated KV blocks after the pass
-    error: tuple[str, str] | None = None  # the pass itself failed here
-
-
-def _device_for(cfg: PrefillConfig, rank: int) -> torch.device:
-    dev = torch.device(cfg.device)
-    return torch.device("cuda", rank) if dev.type == "cuda" else dev
-
-
-def _build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None]:
-    from ringserve.service import torch_dtype
-
-    device = _device_for(cfg, rank)
-    dtype = torch_dtype(cfg.dtype)
-    model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
-    init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)
-    check_group(model, cfg.cp, dtype)
-    cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
-    c = model.config
-    rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
-    key = deployment_secret(cfg.deployment_secret_file)
-    endpoint = NixlEndpoint(cache, landing_key=key) if cfg.kv_transfer == "nixl" else None  # pool registered once
-    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp), endpoint
-
-
-def run_pass(
-    runner: CPRunner, blocks: RankBlocks, active: dict[str, RankSeq], p: Pass, pusher: Pusher
-) -> tuple[list[torch.Tensor] | None, PassReport]:
-    """This rank's part of a pass: carry out the leader's block decisions, run the CP forward over
-    every chunk, then hand each finished request's KV shard (its cached part and new part: the
-    whole prompt) to the push stage. A request's blocks stay in ``active`` until a later pass's
-    ``finish`` (sent once every rank's push is over) says which the prefix cache keeps.
-
-    Returns each chunk's last token's logits on rank 0. Failures of the ring itself (a dead peer)
-    raise, after freeing every request's blocks on this rank.
-    """
-    import torch.distributed as dist
-
-    report = PassReport(runner.rank)
-    try:
-        blocks.evict(p.evict)
-        for request_id, store in p.finish:
-            blocks.finish(active.pop(request_id), store)
-        for request_id in p.drop:
-            blocks.finish(active.pop(request_id), ())
-        for w in p.work:
-            if w.begin is not None:
-                active[w.request_id] = blocks.begin(w.begin)
-        if not p.work:  # a pass that only frees blocks
-            report.blocks_used = runner.cache.allocator.num_used
-            return None, report
-        seqs = [active[w.request_id] for w in p.work]
-        bs = runner.cache.block_size
-        for rs, w in zip(seqs, p.work):
-            rs.prompt_blocks += chunk_blocks(plan_pass(len(w.token_ids), runner.world, bs), w.start, runner.rank, bs)
-        t0 = time.perf_counter()
-        logits = runner.prefill([rs.seq for rs in seqs], [w.token_ids for w in p.work], p.strategy)
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)
-        report.forward_s = time.perf_counter() - t0
-        finished = [(w, rs) for w, rs in zip(p.work, seqs) if w.last]
-        if finished:
-            counts: list = [None] * runner.world
-            with runner.comm.peer_errors():
-                dist.all_gather_object(counts, [rs.seq.num_cached_local for _, rs in finished])
-            for i, (w, rs) in enumerate(finished):
-                pusher.submit(w.request_id, rs.seq, w.targets, [c[i] for c in counts])
-    except BaseException:
-        for rs in active.values():  # the group is broken: nothing of this rank's requests stays held
-            blocks.finish(rs, ())
-        active.clear()
-        raise
-    report.blocks_used = runner.cache.allocator.num_used
-    return logits, report
-
-
-def _worker_main(rank: int, cfg: PrefillConfig, init_method: str, inbox: mp.Queue, reports: mp.Queue) -> None:
-    from ringserve.logs import setup_logging
-
-    setup_logging(f"prefill-rank{rank}")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the leader stops us
-    torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
-    try:
-        runner, blocks, endpoint = _build_runner(cfg, rank, init_method)
-    except RingserveError as e:
-        reports.put(PassReport(rank, error=(e.code, str(e))))
-        return
-    pusher = Pusher(  # results go straight to the leader
-        runner, endpoint, reports.put, cfg.kv_push_timeout_s, deployment_secret(cfg.deployment_secret_file)
-    )
-    reports.put(PassReport(rank))  # ready
-    parent = os.getppid()
-    active: dict[str, RankSeq] = {}
-    try:
-        while (p := next_message(inbox, parent)) is not None:
-            try:
-                _, report = run_pass(runner, blocks, active, p, pusher)
-            except RingserveError as e:
-                report = PassReport(rank, error=(e.code, str(e)), blocks_used=runner.cache.allocator.num_used)
-            reports.put(report)
-            if report.error and report.error[0] == "UNAVAILABLE" and "peer rank" in report.error[1]:
-                return  # the group is broken; the leader fails its requests and restarts
-    finally:
-        pusher.close()
-        if endpoint is not None:
-            endpoint.close()
 
 
 @dataclass
@@ -277,23 +110,8 @@ class PrefillGroup:
         # Decided once, by the leader, for every rank.
         cfg = dataclasses.replace(cfg, kv_transfer=select_transport(cfg.kv_transfer))
         self.cfg, self.transport = cfg, cfg.kv_transfer
-        ctx = mp.get_context("spawn")
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        self.reports: mp.Queue = ctx.Queue()
-        self.inboxes = [ctx.Queue() for _ in range(cfg.cp - 1)]
-        self.procs = [
-            ctx.Process(
-                target=_worker_main,
-                args=(r, cfg, init_method, self.inboxes[r - 1], self.reports),
-                name=f"prefill-rank{r}",
-                daemon=True,
-            )
-            for r in range(1, cfg.cp)
-        ]
-        torch.set_num_threads(max(1, torch.get_num_threads() // cfg.cp))
         self.index = PrefixIndex(cfg.cp, cfg.kv_blocks, int(cfg.prefix_cache * cfg.kv_blocks), cfg.block_size)
         self.broken = False
-        self._active: dict[str, RankSeq] = {}  # the leader rank's own sequences
         self._requests: dict[str, _InFlight] = {}
         self._cancelled: set[str] = set()
         self._drop: list[str] = []
@@ -302,30 +120,20 @@ class PrefillGroup:
         self._wake = threading.Condition()  # guards everything above; the loop waits on it for work
         # Told once, with what happened, when the group breaks (the service leaves the registry and exits).
         self.on_broken: Callable[[str], None] | None = None
-        # The other ranks' pass reports (for _collect) and push results (at any time) share a queue.
-        self._pass_reports: queue.Queue[PassReport] = queue.Queue()
-        self._reader = threading.Thread(target=self._read_reports, name="prefill-reports", daemon=True)
-        self._reader.start()
-        for p in self.procs:
-            p.start()
-        self.runner, self.blocks, self.endpoint = _build_runner(cfg, 0, init_method)
-        self.pusher = Pusher(
-            self.runner,
-            self.endpoint,
-            self._push_done,
-            cfg.kv_push_timeout_s,
-            deployment_secret(cfg.deployment_secret_file),
-        )
-        for report in self._collect():
-            if report.error:
-                raise error_from_code(*report.error)
-        self._calibrate()
+        self.ranks = PassRunner(cfg, self._push_done)
+        self.runner, self.pusher = self.ranks.runner, self.ranks.pusher
+        calibrate(self.ranks, self.cost, self.model.config.vocab_size)
         self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
         self._loop_thread.start()
 
     @property
     def model(self) -> Llama:
         return self.runner.model
+
+    @property
+    def procs(self) -> list[mp.Process]:
+        """The ranks this process started (ranks 1..), as processes."""
+        return self.ranks.link.procs
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -384,15 +192,12 @@ class PrefillGroup:
                     return
                 if idle:
                     self._wake.wait(timeout=1.0)
-                    dead = [f"{proc.name} (exit code {proc.exitcode})" for proc in self.procs if not proc.is_alive()]
-                    if not dead:
+                    if not (dead := self.ranks.lost()):
                         continue
                 else:
                     p = self._build_pass(chunks)
             if idle:  # a rank died between passes: nothing runs on this group any more
-                for rs in self._active.values():
-                    self.blocks.finish(rs, ())
-                self._active.clear()
+                self.ranks.free_all()
                 self._fail_all(Unavailable(f"prefill group: {', '.join(dead)} died; restart the prefill group"))
                 return
             try:
@@ -444,28 +249,14 @@ class PrefillGroup:
         return Pass(tuple(work), strategy, self.index.take_evictions(), drop, finish)
 
     def _run_pass(self, p: Pass) -> tuple[list[torch.Tensor], list[PassReport]]:
-        """Run a scheduled pass on every rank, then check every rank's block count."""
-        logits, reports = self._run_on_ranks(p)
-        self._check_blocks(reports)
-        return logits, reports
-
-    def _run_on_ranks(self, p: Pass) -> tuple[list[torch.Tensor] | None, list[PassReport]]:
-        """Send a pass to every rank, run rank 0's part, collect every report; any rank's error
-        (or a dead rank) breaks the group and is raised."""
-        for inbox in self.inboxes:
-            inbox.put(p)
+        """Run a scheduled pass on every rank, then check every rank's block count; any failure
+        breaks the group."""
         try:
-            logits, mine = run_pass(self.runner, self.blocks, self._active, p, self.pusher)
-        except Exception as e:  # the other ranks are stuck in (or past) this pass's ring
+            logits, reports = self.ranks.run(p)
+        except RingserveError:
             self.broken = True
-            if isinstance(e, RingserveError):
-                raise
-            raise Unavailable(f"prefill group: the leader failed a pass ({type(e).__name__}: {e})") from e
-        reports = [mine, *self._collect()]
-        for r in reports:
-            if r.error:
-                self.broken = True
-                raise error_from_code(*r.error)
+            raise
+        self._check_blocks(reports)
         return logits, reports
 
     def _check_blocks(self, reports: list[PassReport]) -> None:
@@ -602,66 +393,6 @@ class PrefillGroup:
         if self.on_broken is not None:
             self.on_broken(str(error))
 
-    def _read_reports(self) -> None:
-        """Route the other ranks' messages: pass reports to ``_collect``, push results as they come."""
-        while (report := self.reports.get()) is not None:
-            if isinstance(report, PushResult):
-                self._push_done(report)
-            else:
-                self._pass_reports.put(report)
-
-    def _collect(self) -> list[PassReport]:
-        """One report from every other rank; a rank that died or hangs past the timeout fails the group."""
-        got: list[PassReport] = []
-        deadline = time.monotonic() + self.cfg.group_timeout_s
-        while len(got) < len(self.procs):
-            try:
-                got.append(self._pass_reports.get(timeout=0.2))
-            except queue.Empty:
-                dead = [p.name for p in self.procs if not p.is_alive()]
-                if dead or time.monotonic() > deadline:
-                    self.broken = True
-                    raise Unavailable(
-                        f"prefill group: {', '.join(dead) or 'a rank'} "
-                        f"{'died' if dead else 'did not answer in time'}; restart the prefill group"
-                    ) from None
-        return sorted(got, key=lambda r: r.rank)
-
-    def _calibrate(self) -> None:
-        """Fit the scheduler's cost model before serving: a few passes of made-up prompts (one
-        chunk alone at several sizes, a packed pass, a chunk after a prefix), timed like real
-        ones. The model goes on learning from every real pass."""
-        bs, world = self.cfg.block_size, self.cfg.cp
-        unit = bs * world
-        sizes = [n for n in (unit, 4 * unit, 16 * unit, 64 * unit, 256 * unit) if n <= self.cfg.calibrate_tokens]
-        sizes = [n for n in sizes if max(new_blocks_per_rank(n, world, bs)) * 4 <= self.cfg.kv_blocks] or [unit]
-        # Each pass as its chunks' (new tokens, tokens before).
-        shapes = [[(n, 0)] for n in sizes] + [[(sizes[0], 0)] * 4]
-        shapes.append([(sizes[-1] // 2, sizes[-1] // 2)])
-        vocab = self.model.config.vocab_size
-        log.info("calibrating the prefill scheduler's cost model (%d passes)", 2 * len(shapes))
-        # Every shape twice, timing the second: a first call may pay one-time costs (kernel plans).
-        for i, shape in enumerate(shapes + shapes):
-            prefix, work = [], []
-            for k, (new, before) in enumerate(shape):
-                name = f"calibration-{i}.{k}"
-                begin = CacheStart((), new_blocks_per_rank(new + before, world, bs))
-                ids = [(7 * t + k + 1) % vocab for t in range(new + before)]
-                if before:  # the earlier tokens as a chunk of their own, untimed
-                    prefix.append(ChunkWork(name, ids[:before], 0, begin))
-                    begin = None
-                work.append(ChunkWork(name, ids[before:], before, begin))
-            # Outside the scheduler and the index: no block check.
-            if prefix:
-                self._run_on_ranks(Pass(tuple(prefix), self.cfg.strategy))
-            _, reports = self._run_on_ranks(Pass(tuple(work), self.cfg.strategy))
-            seconds = max(r.forward_s for r in reports)
-            self._run_on_ranks(Pass((), self.cfg.strategy, drop=tuple(self._active)))
-            if i >= len(shapes):
-                self.cost.observe(shape, seconds)
-            log.debug("calibration pass %d/%d %s: %.3f s", i + 1, 2 * len(shapes), shape, seconds)
-        log.info("prefill cost model: %s", self.cost)
-
     # -- the prefix cache ------------------------------------------------------------------------
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
@@ -685,21 +416,10 @@ class PrefillGroup:
             self._closing = True
             self._wake.notify()
         self._loop_thread.join(timeout=self.cfg.group_timeout_s)
-        if not self.broken and not self._active:
+        if not self.broken and not self.ranks.active:
             self.index.clear()
-            self.blocks.clear()
-        for inbox in self.inboxes:
-            inbox.put(None)
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-        self.reports.put(None)
-        self._reader.join(timeout=5)
-        self.pusher.close()
-        if self.endpoint is not None:
-            self.endpoint.close()
-            self.endpoint = None
+            self.ranks.blocks.clear()
+        self.ranks.close()
         import torch.distributed as dist
 
         if dist.is_initialized():  # the leader's process may start another group later

@@ -7,17 +7,18 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ringserve.config import PrefillConfig
-from ringserve.drain import Drain, DrainGate
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import SamplingParams, sample
 from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied, RingserveError
 from ringserve.kv_transfer.landing import Landing
 from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
-from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH, serve_metrics
-from ringserve.prefill_service.group import Job, Prefilled, PrefillGroup, Target
+from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH
+from ringserve.prefill_service.group import Prefilled, PrefillGroup
+from ringserve.prefill_service.protocol import Job
+from ringserve.prefill_service.push import Target
 from ringserve.prefill_service.strategy import STRATEGIES
-from ringserve.registry import Load, Registration, WorkCounter, advertised_address
-from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto, start_server
+from ringserve.registry import Load, WorkCounter
+from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto
 from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -159,23 +160,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 def serve(cfg: PrefillConfig):
     """Start the group and the gRPC server, register in Redis; returns (server, port, group, drain)."""
+    from ringserve.service import WorkerService, serve_worker
+
     group = PrefillGroup(cfg)
     servicer = PrefillServicer(group, cfg)
-    gate = DrainGate("prefill group", ["/ringserve.v1.Prefill/Prefill"])
-    server, port, health = start_server(
-        [(prefill_pb2_grpc.add_PrefillServicer_to_server, servicer)],
-        ["ringserve.v1.Prefill"],
-        cfg.host,
-        cfg.port,
-        interceptors=[gate],
-        limits=cfg,
+    service = WorkerService(
+        "prefill",
+        cfg.cp,
+        prefill_pb2_grpc.add_PrefillServicer_to_server,
+        servicer,
+        "ringserve.v1.Prefill",
+        "Prefill",
+        servicer.load,
+        group.cache_changes,
     )
-    serve_metrics(cfg.metrics_port)
-    address = advertised_address(cfg.host, cfg.advertise_host, port)
-    registration = Registration(cfg, "prefill", cfg.cp, cfg.block_size, servicer.load, group.cache_changes).start(
-        address
-    )
-    drain = Drain(registration, gate, health, cfg.drain_timeout_s)
+    server, port, address, drain = serve_worker(cfg, service)
     group.on_broken = drain.give_up
     log.info("prefill group (cp=%d) serving on %s", cfg.cp, address)
     return server, port, group, drain
