@@ -63,9 +63,8 @@ class Shard:
     size: int
 
 
-# Column-parallel (output rows split) and row-parallel (input columns split) linears by name.
+# Column-parallel linears (output rows split); o_proj and down_proj are row-parallel (input columns split).
 _COLUMN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-_ROW = ("self_attn.o_proj", "mlp.down_proj")
 _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 
