@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ringserve.engine.config import ModelConfig
+from ringserve.engine.tp import param_shard, take_shard
 from ringserve.engine.weights import gguf_cache_dir, load_weights, save_hf_checkpoint
-from ringserve.errors import FailedPrecondition, NotFound
+from ringserve.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 def tiny_hf(tied: bool, seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -70,6 +71,62 @@ def test_hf_sharded(tmp_path):
     assert_same_state(state, expected_state(model))
 
 
+def assert_shards(path, tp: int) -> None:
+    """Each TP rank's load is exactly its shard (``param_shard``) of the full load, and the ranks'
+    shards together are the whole model (vocabulary padding aside)."""
+    config, full = load_weights(path, progress=False)
+    rows = {}
+    for rank in range(tp):
+        same, state = load_weights(path, progress=False, tp_rank=rank, tp=tp)
+        assert same == config and sorted(state) == sorted(full)
+        for name, tensor in state.items():
+            assert torch.equal(tensor, take_shard(full[name], param_shard(name, config, rank, tp))), name
+        rows[rank] = state["model.layers.0.self_attn.q_proj.weight"]
+    torch.testing.assert_close(torch.cat(list(rows.values())), full["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_hf_sharded_files_load_per_tp_rank(tmp_path, tp):
+    tiny_hf(tied=False, vocab_size=63).save_pretrained(tmp_path, max_shard_size="20KB")  # 63: padded rows
+    assert_shards(tmp_path, tp)
+
+
+def test_gguf_loads_per_tp_rank_on_a_cache_miss_and_hit(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_hf(tied=True))
+    _, first = load_weights(path, progress=False, tp_rank=1, tp=2)  # converts (miss), then shards
+    assert (gguf_cache_dir(path) / "model.safetensors").is_file()
+    assert_shards(path, 2)  # from the converted copy
+    _, again = load_weights(path, progress=False, tp_rank=1, tp=2)
+    assert_same_state(again, first)
+
+
+@pytest.mark.parametrize(
+    "tp,heads,kv,ff,match",
+    [
+        (2, 3, 3, 48, "3 attention heads do not split across 2"),
+        (4, 4, 2, 48, None),  # fine: 2 KV heads replicated over 4 ranks
+        (3, 6, 2, 48, "3 TP ranks cannot share 2 KV heads"),
+        (4, 4, 4, 50, "MLP width 50 does not split across 4"),
+    ],
+)
+def test_tp_size_that_cannot_shard_the_model(tmp_path, tp, heads, kv, ff, match):
+    tiny_hf(
+        tied=True, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ff, hidden_size=24
+    ).save_pretrained(tmp_path)
+    if match is None:
+        load_weights(tmp_path, progress=False, tp_rank=tp - 1, tp=tp)
+        return
+    with pytest.raises(FailedPrecondition, match=f"--tp {tp} cannot shard this model: .*{match}"):
+        load_weights(tmp_path, progress=False, tp_rank=0, tp=tp)
+
+
+def test_tp_rank_outside_the_group(tmp_path):
+    tiny_hf(tied=True).save_pretrained(tmp_path)
+    with pytest.raises(InvalidArgument, match="outside a TP group of 2"):
+        load_weights(tmp_path, progress=False, tp_rank=2, tp=2)
+
+
 def test_single_safetensors_file_and_dtype(tmp_path):
     model = tiny_hf(tied=True)
     model.save_pretrained(tmp_path)
@@ -95,9 +152,7 @@ def test_save_hf_checkpoint_round_trip(tmp_path):
 # -- GGUF ------------------------------------------------------------------------------------------
 
 
-def write_tiny_gguf(
-    path: Path, model: LlamaForCausalLM, arch: str = "llama", drop: tuple[str, ...] = ()
-) -> None:
+def write_tiny_gguf(path: Path, model: LlamaForCausalLM, arch: str = "llama", drop: tuple[str, ...] = ()) -> None:
     """Write ``model`` as an F32 GGUF the way llama.cpp's converter does (names, q/k permutation)."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -178,9 +233,7 @@ def test_tiny_gguf_corrupt_cache_is_rebuilt(tmp_path, caplog):
 def test_gguf_missing_layer_tensor(tmp_path):
     path = tmp_path / "broken.gguf"
     write_tiny_gguf(path, tiny_hf(tied=True), drop=("blk.1.attn_q.weight",))
-    with pytest.raises(
-        FailedPrecondition, match=r"missing 1 tensor.*model\.layers\.1\.self_attn\.q_proj\.weight"
-    ) as e:
+    with pytest.raises(FailedPrecondition, match=r"missing 1 tensor.*model\.layers\.1\.self_attn\.q_proj\.weight") as e:
         load_weights(path, progress=False)
     assert "broken.gguf" in str(e.value)
 
@@ -319,9 +372,7 @@ def test_missing_layer_tensor(tmp_path):
     tiny_hf(tied=False).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     state = load_file(weights)
-    save_file(
-        {k: v for k, v in state.items() if not k.startswith("model.layers.1.")}, weights, {"format": "pt"}
-    )
+    save_file({k: v for k, v in state.items() if not k.startswith("model.layers.1.")}, weights, {"format": "pt"})
     with pytest.raises(FailedPrecondition, match=r"missing 9 tensor\(s\).*model\.layers\.1\.input_layernorm"):
         load_weights(tmp_path, progress=False)
 

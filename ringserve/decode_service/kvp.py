@@ -2,7 +2,8 @@
 
 Medha's KV parallelism: a request's KV cache is a set of (key, value) rows (RoPE is applied
 before caching), so it can be split over K ranks in any way. Every rank holds the full weights
-and runs the whole model on the step's tokens; in attention each rank attends the new queries to
+(or, under TP x KVP, its TP shard: the KVP group is then the ranks of one TP index, holding the
+same heads) and runs the whole model on the step's tokens; in attention each rank attends the new queries to
 the rows it holds (``decode_attention``), the group all-gathers the partial outputs and their
 log-sum-exps (a few KB per token per layer) and every rank merges them into the exact result.
 The new token's K and V are stored on one rank, the step's ``owner`` for that request.
@@ -70,9 +71,13 @@ class KVPRank:
         world: int = 1,
         landing_timeout_s: float = 10.0,
         use_graphs: bool = True,
+        group: dist.ProcessGroup | None = None,
     ):
+        """``rank`` of ``world``: this rank's place in the KVP ``group`` (None: the default group);
+        under TP x KVP (``ringserve.mesh``) the group is the ranks of this TP index, which hold
+        the same heads."""
         self.model, self.cache = model, cache
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.group = rank, world, group
         self.device = cache.k.device
         self.landing_timeout_s = landing_timeout_s
         self.shards: dict[str, Shard] = {}
@@ -168,7 +173,7 @@ class KVPRank:
             return self.graphs.replay(rows, self._tables(entries, shards), gather)
         ids, positions, write_slots = (torch.tensor(r).to(self.device) for r in rows[:3])
         batch = DecodeBatch.build(self._tables(entries, shards), lengths)
-        return self.forward(ids, positions, KVPAttention(self.cache, batch, write_slots, gather))
+        return self.forward(ids, positions, KVPAttention(self.cache, batch, write_slots, gather, self.group))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attention: KVPAttention) -> torch.Tensor | None:
         """The model over one token per row with KVP attention; logits on rank 0 only."""
@@ -226,7 +231,7 @@ class StepGraphs:
 
         def run():
             batch = DecodeBatch(tables, io[3].to(torch.int32))
-            return rank.forward(io[0], io[1], KVPAttention(rank.cache, batch, io[2], gather))
+            return rank.forward(io[0], io[1], KVPAttention(rank.cache, batch, io[2], gather, rank.group))
 
         side = torch.cuda.Stream(rank.device)
         side.wait_stream(torch.cuda.current_stream(rank.device))
@@ -243,25 +248,33 @@ class StepGraphs:
 class KVPAttention:
     """The ``AttentionFn`` of a KVP decode step on one rank."""
 
-    def __init__(self, cache: KVCache, batch: DecodeBatch, write_slots: torch.Tensor, gather: bool):
-        self.cache, self.batch, self.write_slots, self.gather = cache, batch, write_slots, gather
+    def __init__(
+        self,
+        cache: KVCache,
+        batch: DecodeBatch,
+        write_slots: torch.Tensor,
+        gather: bool,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.cache, self.batch, self.write_slots, self.gather, self.group = cache, batch, write_slots, gather, group
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.write_slots, k, v)
         out, lse = decode_attention(self.cache, layer, q, self.batch)
         if self.gather:
-            out = gather_and_merge(out, lse)
+            out = gather_and_merge(out, lse, self.group)
         return out
 
 
-def gather_and_merge(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """All-gather every rank's partial (out [B, H, D], lse [B, H]) and merge them by LSE. The merge
-    runs in rank order on every rank, so all ranks get bit-identical outputs."""
-    world = dist.get_world_size()
+def gather_and_merge(out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All-gather every KVP rank's partial (out [B, H, D], lse [B, H]: this TP rank's heads) over
+    ``group`` and merge them by LSE. The merge runs in rank order on every rank, so all ranks get
+    bit-identical outputs."""
+    world = dist.get_world_size(group)
     packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)  # one message: [B, H, D + 1]
     gathered = torch.empty((world * packed.shape[0], *packed.shape[1:]), dtype=packed.dtype, device=packed.device)
     try:
-        all_gather_single(gathered, packed)
+        all_gather_single(gathered, packed, group=group)
     except (dist.DistError, RuntimeError) as e:
         raise Unavailable(f"KVP decode: a peer rank failed or timed out ({e})") from e
     rows = gathered.view(world, -1, packed.shape[-1]).transpose(0, 1)  # [B * H, world, D + 1]

@@ -140,6 +140,7 @@ class Llama(nn.Module):
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.tp = None  # engine.tp.TPInfo once apply_tp has sharded this model
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, D] for true token positions (computed in float32, like the reference)."""

@@ -3,7 +3,9 @@
 Each rank runs every layer on its own tokens; only attention talks to the other ranks (ring
 pass-KV or pass-Q). KV of a pass stays in the paged cache of the rank that computed it, so
 later passes (chunks, turns) attend to it where it lies (partial prefill, Yang et al. §3.2).
-The same code runs on gloo (CPU) and NCCL (GPU).
+The same code runs on gloo (CPU) and NCCL (GPU). Under TP x CP (``ringserve.mesh``) the model is a
+TP shard (``engine.tp``), the group is the ranks of one TP index, and the ring carries only that
+rank's heads.
 """
 
 from __future__ import annotations
