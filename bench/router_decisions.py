@@ -1,7 +1,7 @@
 """Router decisions per second and decision latency, Redis round trip included.
 
 A real Redis (embedded, or --redis-url) holds a registry of 64 prefill and 16 decode groups,
-registered and heartbeating through ``registry.Registration`` as the services do, and one million
+registered and heartbeating through ``heartbeat.Registration`` as the services do, and one million
 resident blocks: each prefill group holds prefixes of several 128K-token documents (2048 blocks of
 64 tokens each), so each document is partly cached on a few groups. A decision is
 ``Balancer.decide`` for a 128K-token prompt (a random prefix of a random document, then new
@@ -35,8 +35,9 @@ import numpy as np
 
 from ringserve.config import RouterConfig, WorkerArgs
 from ringserve.engine.kv_cache import block_hashes
+from ringserve.heartbeat import Registration
 from ringserve.redis_server import EmbeddedRedis
-from ringserve.registry import Load, Registration
+from ringserve.registry_schema import Load
 from ringserve.router.balancer import Balancer
 from ringserve.router.policy import POLICIES
 

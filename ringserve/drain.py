@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
+from ringserve.heartbeat import Registration
 from ringserve.metrics import REQUESTS
-from ringserve.registry import Registration
 from ringserve.rpc import READY, HealthServicer
 
 log = logging.getLogger(__name__)

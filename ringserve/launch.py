@@ -66,7 +66,7 @@ def run_rank(cfg: WorkerArgs, role: str, world: int, rank_main: Callable) -> int
     import dataclasses
 
     from ringserve.kv_transfer.secret import deployment_secret
-    from ringserve.process_group import join_group, link_key
+    from ringserve.rank_link import join_group, link_key
     from ringserve.service import check_device
 
     if not cfg.group_leader:
@@ -84,7 +84,7 @@ def run_rank(cfg: WorkerArgs, role: str, world: int, rank_main: Callable) -> int
         )
     device = check_device(cfg.device)
     link = join_group(cfg.group_leader, cfg.group_rank, world, link_key(secret), cfg.group_timeout_s)
-    own = {f: getattr(cfg, f) for f in HOST_LOCAL_FIELDS}
+    own = {f: getattr(cfg, f) for f in HOST_LOCAL_FIELDS if hasattr(cfg, f)}
     link.welcome = dataclasses.replace(link.welcome, config=dataclasses.replace(link.config, **own))
     log.info(
         "%s rank %d joined its leader at %s (torch.distributed at %s)",

@@ -62,7 +62,7 @@ class WorkerService:
     servicer: object
     service_name: str  # e.g. "ringserve.v1.Decode"
     admits: str  # the method that takes new work: refused while draining
-    load: Callable  # -> registry.Load, at every heartbeat
+    load: Callable  # -> registry_schema.Load, at every heartbeat
     changes: Callable | None = None  # -> (stored, evicted) block hashes, for residency
 
 
@@ -70,8 +70,9 @@ def serve_worker(cfg: WorkerArgs, service: WorkerService):
     """Start a group leader's gRPC server (behind its drain gate) and metrics, register the group in
     Redis; returns (server, port, address, drain)."""
     from ringserve.drain import Drain, DrainGate
+    from ringserve.heartbeat import Registration
     from ringserve.metrics import serve_metrics
-    from ringserve.registry import Registration, advertised_address
+    from ringserve.registry import advertised_address
     from ringserve.rpc import start_server
 
     gate = DrainGate(f"{service.role} group", [f"/{service.service_name}/{service.admits}"])

@@ -643,7 +643,8 @@ def test_probe_health_names_follow_registration_drain_and_failure(redis_server):
     ``ringserve.live`` stays SERVING while draining and fails once the server gives up."""
     from ringserve.config import WorkerArgs
     from ringserve.drain import Drain, DrainGate
-    from ringserve.registry import Load, Registration
+    from ringserve.heartbeat import Registration
+    from ringserve.registry_schema import Load
     from ringserve.rpc import LIVE, READY, start_server
 
     servers = []

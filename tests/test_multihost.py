@@ -5,6 +5,7 @@ not 127.0.0.1 (127.0.0.2: Linux routes all of 127.0.0.0/8 to loopback, no setup 
 import os
 import subprocess
 import sys
+import threading
 
 from ringserve import rpc
 from ringserve.client import Client
@@ -44,6 +45,7 @@ def test_cp2_and_kvp2_groups_whose_ranks_join_over_the_network_serve_exact_token
             for role, port in ports.items()
         }
         leader["decode"] += ["--shard-tokens", "32"]
+        leader["prefill"] += ["--calibrate-tokens", "256"]  # a short start-up on a loaded machine
         cluster = start_cluster(
             cp=2,
             kvp=2,
@@ -79,3 +81,62 @@ def test_cp2_and_kvp2_groups_whose_ranks_join_over_the_network_serve_exact_token
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+def test_the_rank_link_names_missing_ranks_refuses_a_wrong_key_and_reports_a_lost_rank():
+    """The leader waits for every rank and names the ones that never came; a rank with another
+    deployment secret is refused; a rank whose process ends arrives as RankLost (EOF, no polling)."""
+    import pytest
+
+    from ringserve.errors import PermissionDenied, Unavailable
+    from ringserve.rank_link import LeaderLink, RankLost, join_group, link_key
+
+    secret = b"0123456789abcdef0123456789abcdef"
+    alone = LeaderLink("prefill", 3, LEADER_HOST, 0, secret)
+    with pytest.raises(
+        Unavailable, match=r"rank\(s\) 1, 2 of 3 did not join at 127\.0\.0\.2:\d+ within 1 s.*--group-rank"
+    ):
+        alone.admit(None, timeout_s=1.0)
+    alone.close()
+
+    leader = LeaderLink("decode", 2, LEADER_HOST, 0, secret)
+    admitted: list[BaseException | None] = []
+    admitting = threading.Thread(target=lambda: admitted.append(_admit(leader, {"world": 2})))
+    admitting.start()
+    rank = None
+    try:
+        with pytest.raises(PermissionDenied, match="same deployment secret"):
+            join_group(leader.address, 1, 2, link_key(b"another-secret-of-16-bytes-or-more"), timeout_s=60)
+        rank = subprocess.Popen(
+            [sys.executable, "-c", JOIN_AND_EXIT, leader.address, secret.decode()], stderr=subprocess.PIPE, text=True
+        )
+        admitting.join(timeout=120)
+        assert admitted == [None]
+        assert leader.messages.get(timeout=60) == (1, "hello from rank 1 of {'world': 2}")
+        leader.send(1, "bye")
+        assert leader.messages.get(timeout=60) == (1, RankLost(1, "decode-rank1 (remote)"))
+        assert rank.wait(timeout=60) == 0, rank.stderr.read()
+    finally:
+        leader.close()
+        admitting.join(timeout=120)
+        if rank is not None and rank.poll() is None:
+            rank.kill()
+            rank.wait()
+
+
+def _admit(leader, config) -> BaseException | None:
+    try:
+        leader.admit(config, timeout_s=120)
+    except BaseException as e:  # the test thread asserts on it
+        return e
+    return None
+
+
+# A rank in a process of its own: join, say hello with the config it was given, exit when told.
+JOIN_AND_EXIT = """
+import sys
+from ringserve.rank_link import join_group, link_key
+link = join_group(sys.argv[1], 1, 2, link_key(sys.argv[2].encode()), timeout_s=60)
+link.send(f"hello from rank 1 of {link.config}")
+assert link.recv() == "bye"
+"""

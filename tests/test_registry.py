@@ -11,7 +11,9 @@ import pytest
 from ringserve.config import WorkerArgs
 from ringserve.engine.kv_cache import block_hashes
 from ringserve.errors import InvalidArgument
-from ringserve.registry import Keys, Load, Registration, Registry, connect
+from ringserve.heartbeat import Registration
+from ringserve.registry import Registry, connect
+from ringserve.registry_schema import Keys, Load
 
 
 def eventually(check, timeout_s: float = 3.0):

@@ -21,8 +21,9 @@ from ringserve.client import Client
 from ringserve.config import WorkerArgs
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
+from ringserve.heartbeat import Registration
 from ringserve.launch import Cluster
-from ringserve.registry import Load, Registration
+from ringserve.registry_schema import Load
 from ringserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, router_pb2
 
 GLOO_DETAIL = "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:41234"

@@ -11,8 +11,9 @@ from prometheus_client import REGISTRY
 from ringserve.config import RouterConfig, WorkerArgs
 from ringserve.engine.kv_cache import block_hashes
 from ringserve.errors import InvalidArgument, Unavailable
+from ringserve.heartbeat import Registration
 from ringserve.redis_server import EmbeddedRedis
-from ringserve.registry import Load, Registration
+from ringserve.registry_schema import Load
 from ringserve.router.balancer import Balancer
 from ringserve.router.policy import DecodeCandidate, PrefillCandidate, expected_ttft, pick_decode, pick_prefill
 

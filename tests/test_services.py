@@ -218,7 +218,7 @@ def test_secure_cluster_https_api_takes_the_same_keys(clusters, engine):
 
 def most_room():
     """A load with more room than any real group: the router's first pick."""
-    from ringserve.registry import Load
+    from ringserve.registry_schema import Load
 
     return Load(free_blocks=10**6, total_blocks=10**6)
 
@@ -243,7 +243,7 @@ def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match
     this deployment's CA for another host, or with another CA's certificate, gets no call (the
     handshake fails); requests go to the real decode group and give the engine's tokens."""
     from ringserve.config import DecodeConfig
-    from ringserve.registry import Registration
+    from ringserve.heartbeat import Registration
 
     cluster = clusters(2, 1, "auto", True)
     bogus = [

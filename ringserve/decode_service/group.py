@@ -30,7 +30,8 @@ from ringserve.kv_transfer.landing import Landed
 from ringserve.kv_transfer.secret import deployment_secret
 from ringserve.kv_transfer.tcp import Frame, KVReceiver
 from ringserve.metrics import KV_BYTES
-from ringserve.process_group import LeaderLink, RankLink, RankLost, check_group, init_group, local_ranks
+from ringserve.process_group import check_group, init_group
+from ringserve.rank_link import LeaderLink, RankLink, RankLost, local_ranks
 
 log = logging.getLogger(__name__)
 

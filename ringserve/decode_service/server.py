@@ -10,7 +10,7 @@ from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.engine import TokenEvent
 from ringserve.errors import RingserveError, Unavailable
-from ringserve.registry import Load
+from ringserve.registry_schema import Load
 from ringserve.rpc import FINISH_REASONS, model_description, rpc_errors, sampling_from_proto
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 

@@ -20,7 +20,7 @@ from ringserve.prefill_service.prefix_cache import RankSeq
 from ringserve.prefill_service.protocol import Pass, PassReport
 from ringserve.prefill_service.push import Pusher, PushResult
 from ringserve.prefill_service.rank import build_runner, rank_main, run_pass
-from ringserve.process_group import LeaderLink, RankLost, local_ranks
+from ringserve.rank_link import LeaderLink, RankLost, local_ranks
 
 log = logging.getLogger(__name__)
 

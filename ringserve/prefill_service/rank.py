@@ -20,7 +20,8 @@ from ringserve.prefill_service.protocol import Pass, PassReport
 from ringserve.prefill_service.push import Pusher
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 from ringserve.prefill_service.strategy import measure_rates
-from ringserve.process_group import RankLink, check_group, init_group
+from ringserve.process_group import check_group, init_group
+from ringserve.rank_link import RankLink
 
 
 def device_for(cfg: PrefillConfig, rank: int) -> torch.device:
@@ -29,11 +30,14 @@ def device_for(cfg: PrefillConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank) if dev.type == "cuda" else dev
 
 
-def build_runner(cfg: PrefillConfig, rank: int, init_method: str) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None]:
-    """Load the model, join the group's torch.distributed group, allocate this rank's KV cache."""
+def build_runner(
+    cfg: PrefillConfig, rank: int, init_method: str, device: torch.device | None = None
+) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None]:
+    """Load the model, join the group's torch.distributed group, allocate this rank's KV cache (on
+    ``device``, default: the rank's GPU, or the CPU)."""
     from ringserve.service import torch_dtype
 
-    device = device_for(cfg, rank)
+    device = device or device_for(cfg, rank)
     dtype = torch_dtype(cfg.dtype)
     model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
     init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)

@@ -10,6 +10,7 @@ from ringserve.config import PrefillConfig
 from ringserve.engine.engine import check_prompt
 from ringserve.engine.sampling import SamplingParams, sample
 from ringserve.errors import Cancelled, InvalidArgument, PermissionDenied, RingserveError
+from ringserve.heartbeat import WorkCounter
 from ringserve.kv_transfer.landing import Landing
 from ringserve.kv_transfer.secret import ReplayGuard, deployment_secret
 from ringserve.metrics import KV_BLOCKS, KV_BYTES, QUEUE_DEPTH
@@ -17,7 +18,7 @@ from ringserve.prefill_service.group import Prefilled, PrefillGroup
 from ringserve.prefill_service.protocol import Job
 from ringserve.prefill_service.push import Target, check_targets
 from ringserve.prefill_service.strategy import STRATEGIES
-from ringserve.registry import Load, WorkCounter
+from ringserve.registry_schema import Load
 from ringserve.rpc import check_ttft_slo, model_description, rpc_errors, sampling_from_proto
 from ringserve.v1 import prefill_pb2, prefill_pb2_grpc
 

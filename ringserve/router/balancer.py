@@ -35,7 +35,8 @@ from ringserve.config import RouterConfig
 from ringserve.engine.kv_cache import block_hashes, blocks_needed
 from ringserve.errors import InvalidArgument, Unavailable
 from ringserve.metrics import REDIS_UP, ROUTER_DECISION_SECONDS, ROUTER_DECISIONS, ROUTER_GROUPS
-from ringserve.registry import ROLES, GroupRecord, Registry, connect
+from ringserve.registry import Registry, connect
+from ringserve.registry_schema import ROLES, GroupRecord
 from ringserve.router.policy import POLICIES, DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill
 from ringserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 
