@@ -41,7 +41,8 @@ from prometheus_client import Counter, Gauge
 from ringserve.config import RedisArgs, _opt
 from ringserve.errors import InvalidArgument
 from ringserve.metrics import serve_metrics
-from ringserve.registry import GroupRecord, Registry, connect
+from ringserve.registry import Registry, connect
+from ringserve.registry_schema import GroupRecord
 
 log = logging.getLogger(__name__)
 

@@ -176,7 +176,8 @@ class Group:
 
     def __init__(self, redis_url: str, cluster: str, role: str, ordinal: int, **load):
         from ringserve.config import WorkerArgs
-        from ringserve.registry import Load, Registration
+        from ringserve.heartbeat import Registration
+        from ringserve.registry_schema import Load
 
         self.load = Load(**load)
         statefulset = PREFILL if role == "prefill" else DECODE
