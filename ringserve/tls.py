@@ -13,6 +13,7 @@ Channel credentials are read when a channel is made, so rotated client certifica
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -139,15 +140,20 @@ def peer_uris(context: grpc.ServicerContext) -> list[str]:
     return [s.decode() for s in sans if s.startswith(b"spiffe://")]
 
 
-class RoleCheck(grpc.ServerInterceptor):
+class RoleCheck:
     """Lets only peers whose certificate names one of ``roles`` in ``cluster`` call the
-    ringserve APIs of this server (health and reflection stay open to any peer the handshake admitted)."""
+    ringserve APIs of this server (health and reflection stay open to any peer the handshake admitted);
+    a ``rpc.CallCheck``."""
 
     def __init__(self, cluster: str, roles: tuple[str, ...], service: str):
         self.allowed = {role_uri(cluster, r) for r in roles}
         self.service, self.roles = service, roles
 
-    def _check(self, context: grpc.ServicerContext, method: str) -> None:
+    def guards(self, method: str, streaming: bool) -> bool:
+        return method.startswith("/ringserve.")
+
+    @contextlib.contextmanager
+    def admit(self, method: str, context: grpc.ServicerContext):
         uris = peer_uris(context)
         if not self.allowed.intersection(uris):
             context.abort(
@@ -155,24 +161,4 @@ class RoleCheck(grpc.ServerInterceptor):
                 f"{method}: the {self.service} API accepts calls only from {' or '.join(self.roles)} services "
                 f"of this deployment; the caller's certificate names {', '.join(uris) or 'no ringserve role'}",
             )
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith("/ringserve."):
-            return handler
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            def stream(request, context):
-                self._check(context, method)
-                yield from behavior(request, context)
-
-            return handler._replace(unary_stream=stream)
-        behavior = handler.unary_unary
-
-        def unary(request, context):
-            self._check(context, method)
-            return behavior(request, context)
-
-        return handler._replace(unary_unary=unary)
+        yield None
