@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2
 
-from ringserve.metrics import REQUESTS
 from ringserve.registry import Registration
-from ringserve.rpc import READY, HealthServicer
+from ringserve.rpc import READY, HealthServicer, refuse
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +51,9 @@ class DrainGate:
             if not refused:
                 self.running += 1
         if refused:
-            service, name = method.rsplit("/", 1)
-            REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, "UNAVAILABLE").inc()
-            context.abort(
+            refuse(
+                context,
+                method,
                 grpc.StatusCode.UNAVAILABLE,
                 f"this {self.what} is draining (shutting down) and takes no new requests: "
                 "send the request to another group",
