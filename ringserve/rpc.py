@@ -30,7 +30,16 @@ from ringserve.config import MAX_MESSAGE_MB, GrpcArgs
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, grpc_status
 from ringserve.metrics import REQUESTS
-from ringserve.tls import ChannelTls, RoleCheck, channel_tls, check_bind, check_tls_args, server_credentials
+from ringserve.tls import (
+    ChannelTls,
+    FollowingAioChannel,
+    FollowingChannel,
+    RoleCheck,
+    channel_tls,
+    check_bind,
+    check_tls_args,
+    server_credentials,
+)
 from ringserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -149,12 +158,13 @@ def channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | N
     """A channel to ``address`` with ringserve's message limits (``max_message_mb``, else
     RINGSERVE_MAX_MESSAGE_MB, else ``config.MAX_MESSAGE_MB``): gRPC's 4 MiB default would refuse
     million-token prompts and their token ids. TLS (``tls``, else this process's from
-    ``configure_channels``) verifies the peer's certificate against the CA and ``address``'s host."""
+    ``configure_channels``) verifies the peer's certificate against the CA and ``address``'s host, and
+    follows rotated certificate files (``tls.FollowingChannel``): new calls connect with them."""
     tls = tls or _process_tls
     options = _channel_options(max_message_mb)
     if tls is None:
         return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, tls.credentials(), options=options)
+    return FollowingChannel(address, tls, options)
 
 
 def aio_channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | None = None) -> grpc.aio.Channel:
@@ -163,7 +173,7 @@ def aio_channel(address: str, max_message_mb: int | None = None, tls: ChannelTls
     options = _channel_options(max_message_mb)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
+    return FollowingAioChannel(address, tls, options)
 
 
 class CallCheck(Protocol):
