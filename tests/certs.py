@@ -2,7 +2,8 @@
 issues (a role as a SPIFFE URI SAN, addresses as DNS/IP SANs), written to files as services read them.
 
 And the two ways test clusters run (``Security``, the ``security`` fixture in conftest.py), with what a
-test needs to call a cluster either way: ``client``, ``async_client``, ``router_channel``, ``cli_generate``.
+test needs to call a cluster either way: ``router_client``, ``async_router_client``, ``router_channel``,
+``cli_generate``.
 """
 
 from __future__ import annotations
@@ -184,14 +185,14 @@ class Security:
         )
 
 
-def client(cluster: Cluster, timeout: float | None = None, api_key: str | None = API_KEY) -> Client:
+def router_client(cluster: Cluster, timeout: float | None = None, api_key: str | None = API_KEY) -> Client:
     """A client of ``cluster``'s router, with TLS and the API key when the cluster runs them."""
     key = api_key if cluster.tls else None
     return Client(cluster.addresses["router"], timeout=timeout, tls=cluster.tls, api_key=key)
 
 
-def async_client(cluster: Cluster, timeout: float | None = None) -> AsyncClient:
-    """``client`` for asyncio."""
+def async_router_client(cluster: Cluster, timeout: float | None = None) -> AsyncClient:
+    """``router_client`` for asyncio."""
     key = API_KEY if cluster.tls else None
     return AsyncClient(cluster.addresses["router"], timeout=timeout, tls=cluster.tls, api_key=key)
 
