@@ -156,8 +156,10 @@ class _Current:
 
     def get(self):
         try:
+            stamp = self.tls.stamp()  # a few stat calls: cheap next to the call itself
+            if stamp == self.stamp:
+                return self.channel
             with self.lock:
-                stamp = self.tls.stamp()
                 if stamp != self.stamp:
                     self.channel, self.stamp = self.make(self.tls.credentials()), stamp
                     log.info("TLS files %s changed: new calls connect with them", self.tls.cert or self.tls.ca)
