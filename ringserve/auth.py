@@ -20,6 +20,8 @@ finds the key's budget spent, or its concurrent calls at the limit, gets RESOURC
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hmac
 import logging
 import os
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _WINDOW_S = 60.0
 _RECHECK_S = 1.0
+GENERATE = "/ringserve.v1.Router/Generate"  # the one call the per-key limits count
 
 
 @dataclass
@@ -136,9 +139,9 @@ class _Usage:
         return sum(n for _, n in self.tokens)
 
 
-class ApiKeyAuth(grpc.ServerInterceptor):
+class ApiKeyAuth:
     """Authenticates every call to the router's API by its bearer key and applies the key's limits
-    to Generate; health and reflection stay open (probes)."""
+    to Generate; health and reflection stay open (probes). A ``rpc.CallCheck``."""
 
     def __init__(self, path: str):
         self.keys = KeyFile(path)
@@ -163,7 +166,8 @@ class ApiKeyAuth(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method}: this API key is not valid for this router")
         return key
 
-    def _admit(self, key: ApiKey, context: grpc.ServicerContext) -> _Usage:
+    def _hold(self, key: ApiKey, context: grpc.ServicerContext) -> _Usage:
+        """One more running call of ``key``, or RESOURCE_EXHAUSTED when its limits are reached."""
         with self.lock:
             usage = self.usage[key.name]
             used = usage.tokens_in_window(time.monotonic())
@@ -176,37 +180,26 @@ class ApiKeyAuth(grpc.ServerInterceptor):
                 return usage
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{refusal}: retry later")
 
-    def _count(self, usage: _Usage, tokens: int) -> None:
+    def _count(self, usage: _Usage, chunk) -> None:
+        """A Generate response's tokens: its completion tokens, and the prompt's in the final usage."""
+        tokens = len(chunk.token_ids) + (chunk.usage.prompt_tokens if chunk.HasField("usage") else 0)
         if tokens:
             with self.lock:
                 usage.tokens.append((time.monotonic(), tokens))
 
-    def _limited(self, behavior, method: str):
-        def stream(request, context):
-            usage = self._admit(self._authenticate(context, method), context)
-            try:
-                for chunk in behavior(request, context):
-                    self._count(
-                        usage, len(chunk.token_ids) + (chunk.usage.prompt_tokens if chunk.HasField("usage") else 0)
-                    )
-                    yield chunk
-            finally:
-                with self.lock:
-                    usage.running -= 1
+    def guards(self, method: str, streaming: bool) -> bool:
+        return method.startswith("/ringserve.")
 
-        return stream
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith("/ringserve."):
-            return handler
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._limited(handler.unary_stream, method))
-        behavior = handler.unary_unary
-
-        def unary(request, context):
-            self._authenticate(context, method)
-            return behavior(request, context)
-
-        return handler._replace(unary_unary=unary)
+    @contextlib.contextmanager
+    def admit(self, method: str, context: grpc.ServicerContext):
+        """Every call needs a valid key; Generate also counts against the key's limits, its tokens as they stream."""
+        key = self._authenticate(context, method)
+        if method != GENERATE:
+            yield None
+            return
+        usage = self._hold(key, context)
+        try:
+            yield functools.partial(self._count, usage)
+        finally:
+            with self.lock:
+                usage.running -= 1

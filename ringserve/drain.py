@@ -8,6 +8,7 @@ health checks) keep working until the request is done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -19,15 +20,14 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ringserve.heartbeat import Registration
-from ringserve.metrics import REQUESTS
-from ringserve.rpc import READY, HealthServicer
+from ringserve.rpc import READY, HealthServicer, refuse
 
 log = logging.getLogger(__name__)
 
 
-class DrainGate(grpc.ServerInterceptor):
-    """Server interceptor around the unary RPCs that admit new work: counts the ones running and,
-    once closed, refuses new ones with UNAVAILABLE."""
+class DrainGate:
+    """The check (a ``rpc.CallCheck``) around the unary RPCs that admit new work: counts the ones
+    running and, once closed, refuses new ones with UNAVAILABLE."""
 
     def __init__(self, what: str, methods: list[str]):
         self.what = what  # e.g. "prefill group": names the worker in the refusal
@@ -41,33 +41,28 @@ class DrainGate(grpc.ServerInterceptor):
         with self.lock:
             self.closed = True
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method not in self.methods:
-            return handler
-        behavior = handler.unary_unary
+    def guards(self, method: str, streaming: bool) -> bool:
+        return method in self.methods
 
-        def gated(request, context):
-            with self.lock:  # the check and the count are one step, so close() then running == 0 is final
-                refused = self.closed
-                if not refused:
-                    self.running += 1
-            if refused:
-                service, name = method.rsplit("/", 1)
-                REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, "UNAVAILABLE").inc()
-                context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"this {self.what} is draining (shutting down) and takes no new requests: "
-                    "send the request to another group",
-                )
-            try:
-                return behavior(request, context)
-            finally:
-                with self.lock:
-                    self.running -= 1
-
-        return handler._replace(unary_unary=gated)
+    @contextlib.contextmanager
+    def admit(self, method: str, context: grpc.ServicerContext):
+        with self.lock:  # the check and the count are one step, so close() then running == 0 is final
+            refused = self.closed
+            if not refused:
+                self.running += 1
+        if refused:
+            refuse(
+                context,
+                method,
+                grpc.StatusCode.UNAVAILABLE,
+                f"this {self.what} is draining (shutting down) and takes no new requests: "
+                "send the request to another group",
+            )
+        try:
+            yield None
+        finally:
+            with self.lock:
+                self.running -= 1
 
 
 @dataclass

@@ -129,6 +129,7 @@ class Cluster:
     redis: EmbeddedRedis | None = None  # the embedded Redis, when the cluster started its own
     cancel: threading.Event | None = None  # set: stop waiting for services to become ready
     tls: ChannelTls | None = None  # for health checks, when the services run TLS
+    role_flags: dict[str, list[str]] = field(default_factory=dict)  # role -> flags each of its services gets
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     argv: dict[str, list[str]] = field(default_factory=dict)  # service -> its full command line
     addresses: dict[str, str] = field(default_factory=dict)  # service -> gRPC address
@@ -138,7 +139,8 @@ class Cluster:
         """Start service ``name`` (``argv``: a `ringserve` command and its flags, without --port,
         --host, --redis-url or --cluster) as a child process; returns its gRPC address."""
         port = port or free_port()
-        args = [sys.executable, "-m", "ringserve.cli", *argv, "--port", str(port), "--host", self.host]
+        args = [sys.executable, "-m", "ringserve.cli", *argv, *self.role_flags.get(argv[0], [])]
+        args += ["--port", str(port), "--host", self.host]
         args += ["--redis-url", self.redis_url, "--cluster", self.name]
         if metrics:
             self.metrics[name] = f"{self.host}:{free_port()}"
@@ -231,6 +233,7 @@ def start_cluster(
     name: str | None = None,
     cancel: threading.Event | None = None,
     tls: ChannelTls | None = None,
+    role_flags: dict[str, list[str]] | None = None,
 ) -> Cluster:
     """Start decode (KVP = ``kvp``), prefill (CP = ``cp``) and router as child processes; return
     once all serve.
@@ -239,7 +242,8 @@ def start_cluster(
     (0: a free one; stopped with the cluster), under cluster ``name`` (default: a fresh one, so
     clusters can share a Redis). Setting ``cancel`` interrupts the start-up (``Cancelled``).
     With ``metrics``, each service also serves Prometheus /metrics on a free port. Services that run
-    TLS (their flags in ``extra``) are health-checked over ``tls``."""
+    TLS (their flags in ``extra``, or in ``role_flags``: role -> flags every service of it gets, those
+    ``Cluster.add`` starts too) are health-checked over ``tls``."""
     redis = None
     if redis_url is None:
         log_path = os.path.join(log_dir, "redis.log") if log_dir else None
@@ -251,9 +255,8 @@ def start_cluster(
         "prefill": ["prefill", "--cp", str(cp), *common],
         "router": ["router", *(["--model", model] if model else [])],
     }
-    cluster = Cluster(
-        "", "", "", redis_url, name or f"local-{uuid.uuid4().hex[:8]}", host, log_dir, redis, cancel, tls=tls
-    )
+    name = name or f"local-{uuid.uuid4().hex[:8]}"
+    cluster = Cluster("", "", "", redis_url, name, host, log_dir, redis, cancel, tls, role_flags or {})
     try:
         for service in ("decode", "prefill", "router"):
             port = router_port if service == "router" else 0

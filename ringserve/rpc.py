@@ -8,6 +8,7 @@ through unchanged. Anything else is a bug: logged with its traceback, reported a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -17,6 +18,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +30,16 @@ from ringserve.config import MAX_MESSAGE_MB, GrpcArgs
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import FailedPrecondition, InvalidArgument, RingserveError, grpc_status
 from ringserve.metrics import REQUESTS
-from ringserve.tls import ChannelTls, RoleCheck, channel_tls, check_bind, check_tls_args, server_credentials
+from ringserve.tls import (
+    ChannelTls,
+    FollowingAioChannel,
+    FollowingChannel,
+    RoleCheck,
+    channel_tls,
+    check_bind,
+    check_tls_args,
+    server_credentials,
+)
 from ringserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -146,12 +158,13 @@ def channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | N
     """A channel to ``address`` with ringserve's message limits (``max_message_mb``, else
     RINGSERVE_MAX_MESSAGE_MB, else ``config.MAX_MESSAGE_MB``): gRPC's 4 MiB default would refuse
     million-token prompts and their token ids. TLS (``tls``, else this process's from
-    ``configure_channels``) verifies the peer's certificate against the CA and ``address``'s host."""
+    ``configure_channels``) verifies the peer's certificate against the CA and ``address``'s host, and
+    follows rotated certificate files (``tls.FollowingChannel``): new calls connect with them."""
     tls = tls or _process_tls
     options = _channel_options(max_message_mb)
     if tls is None:
         return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, tls.credentials(), options=options)
+    return FollowingChannel(address, tls, options)
 
 
 def aio_channel(address: str, max_message_mb: int | None = None, tls: ChannelTls | None = None) -> grpc.aio.Channel:
@@ -160,10 +173,66 @@ def aio_channel(address: str, max_message_mb: int | None = None, tls: ChannelTls
     options = _channel_options(max_message_mb)
     if tls is None:
         return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, tls.credentials(), options=options)
+    return FollowingAioChannel(address, tls, options)
 
 
-class CallLimit(grpc.ServerInterceptor):
+class CallCheck(Protocol):
+    """A decision about calls that ``Checked`` applies around a server's handlers: the role check
+    (``tls.RoleCheck``), API keys (``auth.ApiKeyAuth``), ``CallLimit`` and a worker's ``drain.DrainGate``."""
+
+    def guards(self, method: str, streaming: bool) -> bool:
+        """Whether calls of ``method`` (its full name; ``streaming``: it answers with a stream) are checked."""
+
+    def admit(self, method: str, context: grpc.ServicerContext) -> AbstractContextManager[Callable | None]:
+        """Entered before the servicer runs (abort ``context`` there to refuse the call), left when the
+        call ends, however it ends; what it gives, if not None, sees each response of a stream."""
+
+
+# Handler kinds by whether their responses stream (requests may stream in both).
+_HANDLER_KINDS = (("unary_unary", False), ("stream_unary", False), ("unary_stream", True), ("stream_stream", True))
+
+
+def refuse(context: grpc.ServicerContext, method: str, code: grpc.StatusCode, message: str) -> None:
+    """End a call that a check refused with ``code``, counted in ``ringserve_requests_total`` as servicers' are."""
+    service, name = method.rsplit("/", 1)
+    REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, code.name).inc()
+    context.abort(code, message)
+
+
+class Checked(grpc.ServerInterceptor):
+    """The one place where ringserve wraps gRPC handlers: ``check`` around every call it guards."""
+
+    def __init__(self, check: CallCheck):
+        self.check = check
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kind, streaming = next((k, s) for k, s in _HANDLER_KINDS if getattr(handler, k) is not None)
+        if not self.check.guards(method, streaming):
+            return handler
+        behavior, admit = getattr(handler, kind), self.check.admit
+        if streaming:
+
+            def call(request, context):
+                with admit(method, context) as seen:
+                    for response in behavior(request, context):
+                        if seen is not None:
+                            seen(response)
+                        yield response
+
+        else:
+
+            def call(request, context):
+                with admit(method, context):
+                    return behavior(request, context)
+
+        return handler._replace(**{kind: call})
+
+
+class CallLimit:
     """Counts the calls that hold a server thread for a request's life (ringserve's streams and
     ``LONG_UNARY_CALLS``) and refuses those beyond ``limit`` at once with RESOURCE_EXHAUSTED, so the
     thread pool (sized ``limit + CONTROL_THREADS``) always has threads for health and control calls."""
@@ -173,51 +242,27 @@ class CallLimit(grpc.ServerInterceptor):
         self.lock = threading.Lock()
         self.running = 0
 
-    def _enter(self, method: str, context: grpc.ServicerContext) -> None:
+    def guards(self, method: str, streaming: bool) -> bool:
+        return method.startswith("/ringserve.") and (streaming or method in LONG_UNARY_CALLS)
+
+    @contextlib.contextmanager
+    def admit(self, method: str, context: grpc.ServicerContext):
         with self.lock:
             admitted = self.running < self.limit
             self.running += admitted
         if not admitted:
-            service, name = method.rsplit("/", 1)
-            REQUESTS.labels(service.rsplit(".", 1)[-1].lower(), name, "RESOURCE_EXHAUSTED").inc()
-            context.abort(
+            refuse(
+                context,
+                method,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"this server is running its limit of {self.limit} concurrent requests "
                 "(--max-concurrent-requests): retry later or elsewhere",
             )
-
-    def _exit(self) -> None:
-        with self.lock:
-            self.running -= 1
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith("/ringserve."):
-            return handler
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            def stream(request, context):
-                self._enter(method, context)
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    self._exit()
-
-            return handler._replace(unary_stream=stream)
-        if handler.unary_unary is not None and method in LONG_UNARY_CALLS:
-            behavior = handler.unary_unary
-
-            def unary(request, context):
-                self._enter(method, context)
-                try:
-                    return behavior(request, context)
-                finally:
-                    self._exit()
-
-            return handler._replace(unary_unary=unary)
-        return handler
+        try:
+            yield None
+        finally:
+            with self.lock:
+                self.running -= 1
 
 
 def _add_reflection(server: grpc.Server, service_names: list[str]) -> None:
@@ -242,7 +287,7 @@ def start_server(
     service_names: list[str],
     host: str,
     port: int,
-    interceptors: list[grpc.ServerInterceptor] | None = None,
+    interceptors: list[CallCheck] | None = None,
     limits: GrpcArgs | None = None,
     internal: bool = True,
 ) -> tuple[grpc.Server, int, HealthServicer]:
@@ -252,7 +297,8 @@ def start_server(
     size, and sets TLS (``tls.py``): an ``internal`` server requires client certificates of the
     deployment CA and serves its API to the router role only; the router's client port
     (``internal=False``) requires client certificates only under ``--tls-client-ca``, and API keys
-    under ``--api-keys-file`` (``auth.py``). Without TLS
+    under ``--api-keys-file`` (``auth.py``); ``interceptors`` are more checks (``CallCheck``: a worker's
+    ``drain.DrainGate``), applied after these. Without TLS
     a non-loopback ``host`` needs ``--insecure``. The port must be free: gRPC's default SO_REUSEPORT
     would let a second server share it and take some of the first one's connections.
     Returns the server, the bound port (``port`` 0 picks one) and the health servicer (SERVING; ``READY``
@@ -273,7 +319,7 @@ def start_server(
         checks = [ApiKeyAuth(keys_file)] if keys_file else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_concurrent_requests + CONTROL_THREADS),
-        interceptors=[*checks, CallLimit(limits.max_concurrent_requests), *(interceptors or [])],
+        interceptors=[Checked(c) for c in (*checks, CallLimit(limits.max_concurrent_requests), *(interceptors or []))],
         options=[("grpc.so_reuseport", 0), *message_options(limits.max_message_mb)],
     )
     for add, servicer in add_servicers:

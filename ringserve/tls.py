@@ -7,20 +7,24 @@ certificate of that CA (mutual TLS), and ``RoleCheck`` lets only the router role
 Channels present the service's own certificate and verify the peer against the CA with hostname
 verification on: a registry record naming an address its certificate does not cover gets no traffic.
 
-Server certificates reload without restart: each new handshake re-reads the files when they changed.
-Channel credentials are read when a channel is made, so rotated client certificates apply to new channels.
+Certificates reload without restart. A server's next handshake re-reads its files when they changed;
+a channel's next call after its files changed goes over a new connection made with them
+(``FollowingChannel``), so the router's long-lived channels to its groups follow a rotation too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import grpc.aio
 
 from ringserve.errors import FailedPrecondition, InvalidArgument
 
@@ -55,6 +59,12 @@ def _read(path: str, what: str) -> bytes:
         raise InvalidArgument(f"cannot read the {what} file {path!r}: {e.strerror}") from e
 
 
+def files_stamp(paths: list[str]) -> tuple:
+    """What changes when one of ``paths`` is rewritten or replaced (os.stat follows the symlinks a
+    Kubernetes Secret volume swaps on update)."""
+    return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in (os.stat(p) for p in paths))
+
+
 @dataclass(frozen=True)
 class ChannelTls:
     """What a channel presents and verifies: the CA that signs peers, and optionally our own certificate."""
@@ -67,6 +77,10 @@ class ChannelTls:
         """Credentials read from the files now (new channels see rotated certificates)."""
         own = (_read(self.key, "TLS key"), _read(self.cert, "TLS certificate")) if self.cert else (None, None)
         return grpc.ssl_channel_credentials(_read(self.ca, "TLS CA"), *own)
+
+    def stamp(self) -> tuple:
+        """Changes whenever one of the files does."""
+        return files_stamp([p for p in (self.ca, self.cert, self.key) if p])
 
 
 def check_tls_args(cfg) -> bool:
@@ -101,10 +115,7 @@ class _Reloading:
         self.paths = [p for p in (cert, key, client_ca) if p]
         self.cert, self.key, self.client_ca = cert, key, client_ca
         self.lock = threading.Lock()
-        self.stamp = self._stamp()
-
-    def _stamp(self) -> tuple:
-        return tuple(os.stat(p).st_mtime_ns for p in self.paths)
+        self.stamp = files_stamp(self.paths)
 
     def config(self) -> grpc.ServerCertificateConfiguration:
         pairs = [(_read(self.key, "TLS key"), _read(self.cert, "TLS certificate"))]
@@ -114,7 +125,7 @@ class _Reloading:
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         try:
             with self.lock:
-                stamp = self._stamp()
+                stamp = files_stamp(self.paths)
                 if stamp == self.stamp:
                     return None
                 config = self.config()
@@ -133,21 +144,141 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     return grpc.dynamic_ssl_server_credentials(fetcher.config(), fetcher, require_client_authentication=bool(client_ca))
 
 
+class _Current:
+    """The channel made with a ``ChannelTls``'s files as they are now: a new one once they change. The
+    old one is dropped, not closed, so calls in flight on it end as they would have."""
+
+    def __init__(self, tls: ChannelTls, make: Callable[[grpc.ChannelCredentials], object]):
+        self.tls, self.make = tls, make
+        self.lock = threading.Lock()
+        self.stamp = tls.stamp()
+        self.channel = make(tls.credentials())
+
+    def get(self):
+        try:
+            stamp = self.tls.stamp()  # a few stat calls: cheap next to the call itself
+            if stamp == self.stamp:
+                return self.channel
+            with self.lock:
+                if stamp != self.stamp:
+                    self.channel, self.stamp = self.make(self.tls.credentials()), stamp
+                    log.info("TLS files %s changed: new calls connect with them", self.tls.cert or self.tls.ca)
+                return self.channel
+        except (OSError, InvalidArgument) as e:  # a rotation half done: the next call looks again
+            log.warning("TLS files changed but could not be read (%s): keeping the current channel", e)
+            return self.channel
+
+
+class _Method:
+    """A multicallable whose every call runs over the current channel."""
+
+    def __init__(self, current: _Current, kind: str, args: tuple, kwargs: dict):
+        self.current, self.kind, self.args, self.kwargs = current, kind, args, kwargs
+        self.bound: tuple = (None, None)  # (channel, its multicallable), replaced as one
+
+    def _callable(self):
+        channel = self.current.get()
+        bound_to, method = self.bound
+        if bound_to is not channel:
+            method = getattr(channel, self.kind)(*self.args, **self.kwargs)
+            self.bound = (channel, method)
+        return method
+
+    def __call__(self, *args, **kwargs):
+        return self._callable()(*args, **kwargs)
+
+    def future(self, *args, **kwargs):
+        return self._callable().future(*args, **kwargs)
+
+    def with_call(self, *args, **kwargs):
+        return self._callable().with_call(*args, **kwargs)
+
+
+class _Methods:
+    current: _Current
+
+    def unary_unary(self, *args, **kwargs):
+        return _Method(self.current, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args, **kwargs):
+        return _Method(self.current, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args, **kwargs):
+        return _Method(self.current, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args, **kwargs):
+        return _Method(self.current, "stream_stream", args, kwargs)
+
+
+class FollowingChannel(_Methods, grpc.Channel):
+    """A TLS channel to ``address`` that follows ``tls``'s files: once they change (a rotated
+    certificate), each new call goes over a new channel made with them, without a restart."""
+
+    def __init__(self, address: str, tls: ChannelTls, options: list):
+        self.current = _Current(tls, lambda creds: grpc.secure_channel(address, creds, options=options))
+
+    def subscribe(self, callback, try_to_connect=False):
+        self.current.get().subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):
+        self.current.get().unsubscribe(callback)
+
+    def close(self):
+        self.current.get().close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class FollowingAioChannel(_Methods, grpc.aio.Channel):
+    """``FollowingChannel`` for asyncio."""
+
+    def __init__(self, address: str, tls: ChannelTls, options: list):
+        self.current = _Current(tls, lambda creds: grpc.aio.secure_channel(address, creds, options=options))
+
+    def get_state(self, try_to_connect: bool = False):
+        return self.current.get().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state):
+        return await self.current.get().wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self):
+        return await self.current.get().channel_ready()
+
+    async def close(self, grace: float | None = None):
+        await self.current.get().close(grace)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
 def peer_uris(context: grpc.ServicerContext) -> list[str]:
     """The URI SANs of the peer's verified certificate (none on plaintext)."""
     sans = context.auth_context().get(_SAN, [])
     return [s.decode() for s in sans if s.startswith(b"spiffe://")]
 
 
-class RoleCheck(grpc.ServerInterceptor):
+class RoleCheck:
     """Lets only peers whose certificate names one of ``roles`` in ``cluster`` call the
-    ringserve APIs of this server (health and reflection stay open to any peer the handshake admitted)."""
+    ringserve APIs of this server (health and reflection stay open to any peer the handshake admitted);
+    a ``rpc.CallCheck``."""
 
     def __init__(self, cluster: str, roles: tuple[str, ...], service: str):
         self.allowed = {role_uri(cluster, r) for r in roles}
         self.service, self.roles = service, roles
 
-    def _check(self, context: grpc.ServicerContext, method: str) -> None:
+    def guards(self, method: str, streaming: bool) -> bool:
+        return method.startswith("/ringserve.")
+
+    @contextlib.contextmanager
+    def admit(self, method: str, context: grpc.ServicerContext):
         uris = peer_uris(context)
         if not self.allowed.intersection(uris):
             context.abort(
@@ -155,24 +286,4 @@ class RoleCheck(grpc.ServerInterceptor):
                 f"{method}: the {self.service} API accepts calls only from {' or '.join(self.roles)} services "
                 f"of this deployment; the caller's certificate names {', '.join(uris) or 'no ringserve role'}",
             )
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith("/ringserve."):
-            return handler
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-
-            def stream(request, context):
-                self._check(context, method)
-                yield from behavior(request, context)
-
-            return handler._replace(unary_stream=stream)
-        behavior = handler.unary_unary
-
-        def unary(request, context):
-            self._check(context, method)
-            return behavior(request, context)
-
-        return handler._replace(unary_unary=unary)
+        yield None

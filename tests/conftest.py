@@ -53,3 +53,14 @@ def redis_server():
 def pytest_collection_modifyitems(items):
     """tests/test_kube.py last, so the API server build .ci/run starts in the background overlaps the rest."""
     items.sort(key=lambda item: item.path.name == "test_kube.py")  # stable: the others keep their order
+
+
+@pytest.fixture(scope="module", params=["plain", "secure"])
+def security(request, tmp_path_factory):
+    """How this module's end-to-end clusters run (``tests.certs.Security``): every test that gets its
+    clusters through this fixture runs twice, ``plain`` and ``secure`` (mutual TLS, API keys, the
+    deployment secret), with one set of clusters per module per mode. A test only for one mode says
+    ``@pytest.mark.parametrize("security", ["secure"], indirect=True)``."""
+    from tests.certs import Security
+
+    return Security(request.param, tmp_path_factory.mktemp(f"security-{request.param}"))

@@ -121,3 +121,75 @@ def test_keys_file_errors_name_the_line_not_the_key():
     with pytest.raises(InvalidArgument, match="given twice"):
         parse_keys("a k1\nb k1\n", "keys")
     assert parse_keys("a k1 - 5 # comment\n\n", "keys")["a"].tokens_per_minute == 5
+
+
+def _processes(pid: int) -> list[int]:
+    """``pid`` and its descendants (a group's ranks)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+    return [pid, *(p for c in children for p in _processes(c))]
+
+
+def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch):
+    """A secure cluster (TLS, API keys, the deployment secret) whose Redis needs a password, given
+    as the environment variable: after requests over gRPC, one with a wrong key and one over the
+    HTTPS API, no log of its services, no command line of their processes and no /metrics page
+    shows the API key, the deployment secret or the Redis password."""
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from ringserve.process_group import free_port
+    from ringserve.redis_server import EmbeddedRedis
+    from tests.certs import API_KEY, SECRET, Security, router_client
+
+    password = "redis-password-for-tests-7c41d2"
+    redis = EmbeddedRedis(password=password).start()
+    monkeypatch.setenv("RINGSERVE_REDIS_PASSWORD", password)
+    http_port, logs = free_port(), tmp_path / "logs"
+    logs.mkdir()
+    cluster = Security("secure", tmp_path / "pki").start_cluster(
+        cp=1,
+        log_dir=str(logs),
+        metrics=True,
+        redis_url=redis.url,
+        extra={"prefill": ["--calibrate-tokens", "256"], "router": ["--http-port", str(http_port)]},
+    )
+    try:
+        with router_client(cluster, timeout=120) as client:
+            assert client.complete("The capital of France is", max_tokens=4)
+        with router_client(cluster, timeout=30, api_key="wrong-key") as client:
+            assert _code(lambda: client.complete("x", max_tokens=1))[0] == grpc.StatusCode.PERMISSION_DENIED
+        body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "1, 2, 3,", "max_tokens": 2}).encode()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+        request = urllib.request.Request(f"https://127.0.0.1:{http_port}/v1/completions", body, headers)
+        context = ssl.create_default_context(cafile=cluster.tls.ca)
+        deadline = time.monotonic() + 60  # the HTTP API starts just after the router's gRPC port
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=120, context=context) as r:
+                    assert r.status == 200
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "the HTTPS API did not come up"
+                time.sleep(0.2)
+        shown = []
+        for proc in cluster.procs.values():
+            for pid in _processes(proc.pid):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    shown.append(f.read().replace(b"\0", b" ").decode())
+        assert len(shown) >= 3 and any("--deployment-secret-file" in s for s in shown)
+        for address in cluster.metrics.values():
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+                shown.append(r.read().decode())
+    finally:
+        cluster.stop()
+        redis.stop()
+    shown += [p.read_text() for p in logs.glob("*.log")]
+    assert any("registered" in s for s in shown), "the services logged (and registered with the password)"
+    for secret in (API_KEY, SECRET, password):
+        assert not [s[:200] for s in shown if secret in s], secret

@@ -44,19 +44,22 @@ def test_nan_logits_fail_one_request_alone(default_model):
 
 
 @pytest.fixture
-def decode_service(default_model):
-    """A real DecodeServicer over gRPC on loopback, with its worker (one rank, 64 blocks of 16)."""
+def decode_service(default_model, security):
+    """A real DecodeServicer over gRPC on loopback, with its worker (one rank, 64 blocks of 16); in the
+    secure mode on mutual TLS, called with a router's certificate."""
+    from ringserve import rpc
+    from ringserve.config import DecodeConfig
     from ringserve.decode_service.server import DecodeServicer
-    from ringserve.rpc import model_description, start_server
     from ringserve.v1 import decode_pb2_grpc
 
     model, tokenizer = default_model
     worker = make_worker(model, tokenizer)
-    servicer = DecodeServicer(worker, model_description(model, 16, "test"))
-    server, port, _ = start_server(
-        [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], ["ringserve.v1.Decode"], "127.0.0.1", 0
+    servicer = DecodeServicer(worker, rpc.model_description(model, 16, "test"))
+    cfg = security.config(DecodeConfig(), "decode-safety", "decode")
+    server, port, _ = rpc.start_server(
+        [(decode_pb2_grpc.add_DecodeServicer_to_server, servicer)], ["ringserve.v1.Decode"], "127.0.0.1", 0, limits=cfg
     )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    channel = rpc.channel(f"127.0.0.1:{port}", tls=security.tls("decode-safety"))
     try:
         yield worker, decode_pb2_grpc.DecodeStub(channel)
     finally:

@@ -10,11 +10,11 @@ import urllib.request
 import grpc
 import pytest
 
-from ringserve.client import Client
+from ringserve import rpc
 from ringserve.config import RedisArgs
-from ringserve.launch import start_cluster
 from ringserve.registry import Registry, connect
 from ringserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tests.certs import router_client
 
 TTL_S = 2.0
 WORKER = ["--heartbeat-s", "0.25", "--registry-ttl-s", str(TTL_S)]
@@ -22,10 +22,11 @@ ROUTER = ["--refresh-s", "0.25"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """CP=1 groups, short heartbeats and TTL, and a Redis of its own (the outage test stops it)."""
-    log_dir = str(tmp_path_factory.mktemp("elastic"))
-    c = start_cluster(
+def cluster(tmp_path_factory, security):
+    """CP=1 groups, short heartbeats and TTL, and a Redis of its own (the outage test stops it); the
+    groups tests add get the cluster's security flags (``role_flags``)."""
+    log_dir = str(tmp_path_factory.mktemp(f"elastic-{security.mode}"))
+    c = security.start_cluster(
         cp=1, log_dir=log_dir, metrics=True, extra={"prefill": WORKER, "decode": WORKER, "router": ROUTER}
     )
     yield c
@@ -42,12 +43,12 @@ def scrape(cluster, service: str, sample: str) -> float:
 
 
 def prefill_groups(cluster) -> int:
-    with Client(cluster.router, timeout=10) as client:
+    with router_client(cluster, timeout=10) as client:
         return client.model_info().prefill_groups
 
 
-def active_requests(address: str, role: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+def active_requests(cluster, name: str, role: str) -> int:
+    with rpc.channel(cluster.addresses[name], tls=cluster.tls) as channel:
         if role == "prefill":
             return (
                 prefill_pb2_grpc.PrefillStub(channel)
@@ -63,7 +64,7 @@ def busy(cluster, role: str, names: tuple[str, ...]) -> str:
     deadline = time.monotonic() + 30
     while True:
         for name in names:
-            if active_requests(cluster.addresses[name], role):
+            if active_requests(cluster, name, role):
                 return name
         assert time.monotonic() < deadline, f"no {role} group took the request"
         time.sleep(0.05)
@@ -75,7 +76,7 @@ PREFILL_OK = 'ringserve_requests_total{method="Prefill",service="prefill",status
 def test_new_group_gets_traffic_and_killed_group_stops_getting_it(cluster):
     cluster.add("prefill2", ["prefill", "--cp", "1", *WORKER], metrics=True)
     ready = time.monotonic()
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         while scrape(cluster, "prefill2", PREFILL_OK) == 0:
             assert time.monotonic() - ready < 5.0, "a new group gets traffic within 5 s"
             client.complete("The capital of France is", max_tokens=1)
@@ -100,7 +101,7 @@ def test_drained_groups_finish_their_requests_and_refuse_new_ones(cluster):
     # refused by a draining group has another group to go to.
     deadline = time.monotonic() + 5
     while True:
-        with Client(cluster.router, timeout=10) as client:
+        with router_client(cluster, timeout=10) as client:
             info = client.model_info()
         if (info.prefill_groups, info.decode_groups) == (2, 2):
             break
@@ -110,7 +111,7 @@ def test_drained_groups_finish_their_requests_and_refuse_new_ones(cluster):
     results = {}
 
     def run(name, **kwargs):
-        with Client(cluster.router, timeout=120) as client:
+        with router_client(cluster, timeout=120) as client:
             results[name] = [t for c in client.generate(**kwargs) for t in c.token_ids]
 
     story = dict(prompt="Tell me a story.", max_tokens=120, ignore_eos=True)
@@ -126,12 +127,12 @@ def test_drained_groups_finish_their_requests_and_refuse_new_ones(cluster):
         cluster.procs[name].terminate()
     time.sleep(0.5)
     assert cluster.procs[decode].poll() is None and cluster.procs[prefill].poll() is None, "still draining"
-    with grpc.insecure_channel(cluster.addresses[decode]) as channel, pytest.raises(grpc.RpcError) as err:
+    with rpc.channel(cluster.addresses[decode], tls=cluster.tls) as channel, pytest.raises(grpc.RpcError) as err:
         decode_pb2_grpc.DecodeStub(channel).Reserve(
             decode_pb2.ReserveRequest(request_id="x", prompt_tokens=1, max_tokens=1), timeout=10
         )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
 
     stream.join(timeout=120)
@@ -166,7 +167,7 @@ def test_group_whose_rank_dies_leaves_at_once_and_exits(cluster):
         assert time.monotonic() - killed < 10, "a broken group leaves the registry at once (its TTL is 600 s)"
         time.sleep(0.1)
     assert cluster.procs[name].wait(timeout=60) == 0, "the broken group's process exits"
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
     with open(f"{cluster.log_dir}/{name}.log") as f:
         assert "prefill-rank1 (exit code -9) died" in f.read()
@@ -177,7 +178,7 @@ def test_a_prompt_over_grpc_default_message_size_gets_a_clean_too_long(cluster):
     ringserve is built for) passes the transport; the router then refuses it as longer than this
     model's context, not gRPC as too large a message."""
     ids = [20000] * 10_000_000
-    with Client(cluster.router, timeout=120) as client, pytest.raises(grpc.RpcError) as err:
+    with router_client(cluster, timeout=120) as client, pytest.raises(grpc.RpcError) as err:
         client.complete(token_ids=ids, max_tokens=1)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "context" in err.value.details()
@@ -192,7 +193,7 @@ def test_router_serves_through_a_redis_outage_and_recovers(cluster):
         assert time.monotonic() < deadline, "the router notices within a few refreshes"
         time.sleep(0.1)
     before = scrape(cluster, "router", fallback)
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         for _ in range(3):
             assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
     assert scrape(cluster, "router", fallback) == before + 3
@@ -207,6 +208,6 @@ def test_router_serves_through_a_redis_outage_and_recovers(cluster):
         time.sleep(0.1)
     cache_aware = 'ringserve_router_decisions_total{policy="cache_aware"}'
     before = scrape(cluster, "router", cache_aware)
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         assert client.complete("The capital of France is", max_tokens=4).startswith(" Paris")
     assert scrape(cluster, "router", cache_aware) == before + 1

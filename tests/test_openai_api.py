@@ -7,8 +7,8 @@ router serves HTTP on --http-port. Every HTTP answer is compared with the gRPC d
 import json
 import shutil
 import signal
+import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,21 +18,21 @@ import openai
 import pytest
 from test_services import blocks_used, wait_blocks_free
 
-from ringserve.client import Client
-from ringserve.launch import start_cluster
 from ringserve.process_group import free_port
 from ringserve.router.openai_schema import error_from_grpc
+from tests.certs import API_KEY, cli_generate, router_client
 
 MODEL = "SmolLM2-135M-Instruct"
 LONG = "A long document about ring attention and prefix caches. " * 16  # ~180 tokens: two whole blocks
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, redis_server):
+def cluster(tmp_path_factory, redis_server, security):
+    """In the secure mode the API is HTTPS with the router's certificate and takes the API key."""
     port = free_port()
-    c = start_cluster(
+    c = security.start_cluster(
         cp=1,
-        log_dir=str(tmp_path_factory.mktemp("openai-api")),
+        log_dir=str(tmp_path_factory.mktemp(f"openai-api-{security.mode}")),
         redis_url=redis_server.url,
         # A short calibration: the scheduler's cost model does not matter here, start-up time does.
         extra={
@@ -41,12 +41,14 @@ def cluster(tmp_path_factory, redis_server):
             "router": ["--http-port", str(port)],
         },
     )
-    c.http = f"http://127.0.0.1:{port}"
+    c.http = f"{'https' if security.secure else 'http'}://127.0.0.1:{port}"
+    c.https = ssl.create_default_context(cafile=c.tls.ca) if security.secure else None
+    c.http_headers = {"Authorization": f"Bearer {API_KEY}"} if security.secure else {}
     try:
         deadline = time.monotonic() + 60  # the HTTP server starts just after the router's gRPC one
         while True:
             try:
-                if request("GET", c.http + "/health")[0] == 200:
+                if request(c, "GET", "/health")[0] == 200:
                     break
             except urllib.error.URLError:  # not listening yet
                 pass
@@ -59,21 +61,25 @@ def cluster(tmp_path_factory, redis_server):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    return openai.OpenAI(base_url=cluster.http + "/v1", api_key="unused", max_retries=0, timeout=120)
+    key = API_KEY if cluster.https else "unused"
+    http = openai.DefaultHttpxClient(verify=cluster.https) if cluster.https else None
+    return openai.OpenAI(base_url=cluster.http + "/v1", api_key=key, max_retries=0, timeout=120, http_client=http)
 
 
 @pytest.fixture(scope="module")
 def grpc_client(cluster):
-    with Client(cluster.router, timeout=120) as c:
+    with router_client(cluster, timeout=120) as c:
         yield c
 
 
-def request(method: str, url: str, body: dict | bytes | None = None) -> tuple[int, dict]:
-    """Status and JSON body of a plain HTTP request (no client library between us and the server)."""
+def request(cluster, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict]:
+    """Status and JSON body of a plain HTTP request to ``cluster``'s API at ``path`` (no client library
+    between us and the server; HTTPS and the API key in the secure mode)."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **cluster.http_headers}
+    req = urllib.request.Request(cluster.http + path, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=120) as r:
+        with urllib.request.urlopen(req, timeout=120, context=cluster.https) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -88,10 +94,8 @@ def test_greedy_completion_equals_grpc_and_the_generate_command(cluster, client,
     prompt = "The capital of France is"
     reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     text, ids, last = grpc_reply(grpc_client, prompt=prompt, max_tokens=12)
-    cli = subprocess.run(
-        [sys.executable, "-m", "ringserve.cli", "generate", "--url", cluster.router, prompt, "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run, env = cli_generate(cluster)
+    cli = subprocess.run([*run, prompt, "--max-tokens", "12"], capture_output=True, text=True, timeout=120, env=env)
     assert cli.returncode == 0, cli.stderr
     assert reply.choices[0].text == text == cli.stdout.removesuffix("\n") and "Paris" in text
     assert reply.object == "text_completion" and reply.model == MODEL
@@ -185,12 +189,14 @@ def test_client_gone_before_a_whole_reply_frees_blocks(cluster, client):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_streams_server_sent_events(cluster):
     body = json.dumps({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "stream": True})
-    done = subprocess.run(["curl", "-sN", cluster.http + "/v1/completions", "-H", "Content-Type: application/json",
+    curl = ["curl", *([] if cluster.https is None else ["--cacert", cluster.tls.ca])]
+    curl += [a for name, value in cluster.http_headers.items() for a in ("-H", f"{name}: {value}")]
+    done = subprocess.run([*curl, "-sN", cluster.http + "/v1/completions", "-H", "Content-Type: application/json",
                            "-d", body], capture_output=True, text=True, timeout=120)  # fmt: skip
     events = [line for line in done.stdout.split("\n\n") if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]", done.stdout
     assert len(events) == 5 and json.loads(events[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
-    bad = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", cluster.http + "/v1/completions", "-d", "{not json"],
+    bad = subprocess.run([*curl, "-s", "-w", "\n%{http_code}", cluster.http + "/v1/completions", "-d", "{not json"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     text, status = bad.stdout.rsplit("\n", 1)
     assert status == "400" and "not valid JSON" in json.loads(text)["error"]["message"]
@@ -301,7 +307,7 @@ BAD_BODIES = [  # (path, body, status, type, param, a phrase of the message)
 
 @pytest.mark.parametrize("path,body,status,kind,param,phrase", BAD_BODIES)
 def test_bad_requests_get_openai_errors(cluster, path, body, status, kind, param, phrase):
-    got, reply = request("POST", f"{cluster.http}/v1/{path}", body)
+    got, reply = request(cluster, "POST", f"/v1/{path}", body)
     assert got == status and set(reply["error"]) == {"message", "type", "param", "code"}, reply
     assert reply["error"]["type"] == kind and reply["error"]["param"] == param
     assert phrase in reply["error"]["message"], reply
@@ -325,7 +331,7 @@ def test_overload_is_429_and_frees_everything(cluster, client):
 def test_deadline_is_504(cluster):
     body = {"model": MODEL, "prompt": LONG, "max_tokens": 64, "timeout_seconds": 0.001}
     for path in ("completions", "completions?stream"):
-        status, reply = request("POST", f"{cluster.http}/v1/completions", {**body, "stream": path.endswith("stream")})
+        status, reply = request(cluster, "POST", "/v1/completions", {**body, "stream": path.endswith("stream")})
         assert status == 504 and reply["error"]["type"] == "timeout_error", reply
     wait_blocks_free(cluster)
 
@@ -334,11 +340,11 @@ def test_models_health_and_unknown_paths(cluster, client):
     (card,) = client.models.list().data
     assert card.id == MODEL and card.owned_by == "ringserve"
     assert client.models.retrieve(MODEL).id == MODEL
-    assert request("GET", f"{cluster.http}/v1/models/gpt-4")[0] == 404
-    assert request("GET", cluster.http + "/health") == (200, {"status": "ok"})
-    status, reply = request("GET", cluster.http + "/v1/embeddings")
+    assert request(cluster, "GET", "/v1/models/gpt-4")[0] == 404
+    assert request(cluster, "GET", "/health") == (200, {"status": "ok"})
+    status, reply = request(cluster, "GET", "/v1/embeddings")
     assert status == 404 and reply["error"]["type"] == "not_found_error"
-    status, reply = request("GET", cluster.http + "/v1/completions")
+    status, reply = request(cluster, "GET", "/v1/completions")
     assert status == 405 and "GET /v1/completions" in reply["error"]["message"]
 
 

@@ -13,11 +13,10 @@ from ringserve import rpc
 from ringserve.client import Client
 from ringserve.engine.engine import Engine
 from ringserve.engine.sampling import SamplingParams
-from ringserve.launch import start_cluster
 from ringserve.process_group import free_port
 from ringserve.tls import ChannelTls
 from ringserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
-from tests.certs import CA
+from tests.certs import API_KEY, CA, async_router_client, cli_generate, router_channel, router_client
 
 PROMPTS = [
     "The capital of France is",
@@ -30,35 +29,33 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory, redis_server):
-    """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module; they
-    share the session's Redis, each under its own cluster name. With KVP, requests spread over the
-    decode ranks from 32 tokens on, so the test prompts do. With CP=2, the prefill group runs
-    prompts over 128 tokens in chunks and packs concurrent requests into shared passes."""
+def clusters(tmp_path_factory, redis_server, security):
+    """Clusters by (CP, KVP) size, started on first use and stopped at the end of the module, in the
+    module's security mode (plain, then secure: conftest's ``security``); they share the session's
+    Redis, each under its own cluster name. With KVP, requests spread over the decode ranks from 32
+    tokens on, so the test prompts do. With CP=2, the prefill group runs prompts over 128 tokens in
+    chunks and packs concurrent requests into shared passes. A secure router also serves the HTTPS
+    API (``cluster.https_port``)."""
     started = {}
 
-    def get(cp: int, kvp: int = 1, transport: str = "auto", secure: bool = False):
-        """``secure``: every service on TLS with certificates of a CA made here, the router with API keys."""
-        key = (cp, kvp, transport, secure)
+    def get(cp: int, kvp: int = 1, transport: str = "auto"):
+        key = (cp, kvp, transport)
         if key not in started:
             flags = ["--kv-transfer", transport]
             # CP=2 runs prompts over 128 tokens in chunks, and packs concurrent ones.
             scheduling = ["--max-pass-tokens", "128"] if cp == 2 else []
-            extra = {"decode": ["--shard-tokens", "32", *flags], "prefill": [*flags, *scheduling], "router": []}
-            name, tls = None, None
-            if secure:
-                name = f"secure-cp{cp}-kvp{kvp}"
-                tls = secure_flags(tmp_path_factory.mktemp(f"pki-{name}"), name, extra)
-            started[key] = start_cluster(
+            https_port = free_port()
+            router = ["--http-port", str(https_port)] if security.secure else []
+            extra = {"decode": ["--shard-tokens", "32", *flags], "prefill": [*flags, *scheduling], "router": router}
+            started[key] = security.start_cluster(
                 cp=cp,
                 kvp=kvp,
-                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}{'-tls' * secure}")),
+                log_dir=str(tmp_path_factory.mktemp(f"cp{cp}-kvp{kvp}-{transport}-{security.mode}")),
                 metrics=True,
                 redis_url=redis_server.url,
                 extra=extra,
-                name=name,
-                tls=tls,
             )
+            started[key].https_port = https_port
         return started[key]
 
     yield get
@@ -66,9 +63,7 @@ def clusters(tmp_path_factory, redis_server):
         c.stop()
 
 
-API_KEY = "test-key-5f0c2a9d81b34e67"
-HTTPS_PORTS: dict[str, int] = {}  # secure cluster name -> the router's HTTPS (OpenAI API) port
-CAS: dict[str, CA] = {}  # secure cluster name -> its deployment CA
+secure_only = pytest.mark.parametrize("security", ["secure"], indirect=True)
 
 
 def scrape(cluster, service: str, sample: str) -> float:
@@ -80,27 +75,6 @@ def scrape(cluster, service: str, sample: str) -> float:
             if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def secure_flags(directory, cluster: str, extra: dict[str, list[str]]) -> ChannelTls:
-    """Add TLS, API-key and deployment-secret flags to each service's ``extra``; return what a test
-    presents: the router role's certificate (the internal APIs accept no other)."""
-    ca = CAS[cluster] = CA(directory)
-    for role in ("decode", "prefill", "router"):
-        extra[role] += ca.issue(role, role=role, cluster=cluster).flags()
-    (directory / "secret").write_text("deployment-secret-for-tests-0123456789\n")
-    for role in ("decode", "prefill"):
-        extra[role] += ["--deployment-secret-file", str(directory / "secret")]
-    (directory / "keys").write_text(f"tests {API_KEY}\n")
-    HTTPS_PORTS[cluster] = free_port()
-    extra["router"] += ["--api-keys-file", str(directory / "keys"), "--http-port", str(HTTPS_PORTS[cluster])]
-    tester = ca.issue("tester", role="router", cluster=cluster)
-    return ChannelTls(ca.path, tester.cert, tester.key)
-
-
-def client(cluster, timeout: float, api_key: str | None = API_KEY) -> Client:
-    """A client of the cluster's router, with TLS and the API key when the cluster runs them."""
-    return Client(cluster.router, timeout=timeout, tls=cluster.tls, api_key=api_key if cluster.tls else None)
 
 
 @pytest.fixture(scope="module")
@@ -142,21 +116,18 @@ def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize(
-    "cp,kvp,transport,secure",
-    [(1, 1, "tcp", False), (2, 1, "auto", False), (3, 2, "auto", False), (2, 1, "auto", True)],
-)
-def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, transport, secure):
+@pytest.mark.parametrize("cp,kvp,transport", [(1, 1, "tcp"), (2, 1, "auto"), (3, 2, "auto")])
+def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, transport):
     """Every layout (N prefill ranks to K decode ranks) and both KV transports: auto is NIXL
-    here (it runs on CPU over UCX loopback), so NIXL and TCP give the same greedy tokens. The same
-    again with TLS on every interface and API keys on the router (``secure``)."""
-    cluster = clusters(cp, kvp, transport, secure)
+    here (it runs on CPU over UCX loopback), so NIXL and TCP give the same greedy tokens; in both
+    security modes (secure: TLS on every interface, API keys on the router, MAC'd KV)."""
+    cluster = clusters(cp, kvp, transport)
     expected = "tcp" if transport == "tcp" else "nixl"
     assert prefill_info(cluster).transport == expected
     with rpc.channel(cluster.decode, tls=cluster.tls) as dc:
         info = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
     assert (info.transport, info.kvp_size) == (expected, kvp)
-    with client(cluster, timeout=120) as c:
+    with router_client(cluster, timeout=120) as c:
         for prompt in PROMPTS:
             chunks = list(c.generate(prompt, max_tokens=24))
             ids, text = reference(engine, prompt, 24)
@@ -168,12 +139,13 @@ def test_greedy_tokens_match_single_process_engine(clusters, engine, cp, kvp, tr
     wait_blocks_free(cluster)
 
 
+@secure_only
 def test_secure_cluster_refuses_callers_without_a_key_or_certificate(clusters):
     """On the TLS cluster: no key or a wrong key gets UNAUTHENTICATED / PERMISSION_DENIED and
     reserves nothing; a plaintext client gets nowhere; Decode refuses a caller of another role."""
-    cluster = clusters(2, 1, "auto", True)
+    cluster = clusters(2)
     for api_key, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("wrong", grpc.StatusCode.PERMISSION_DENIED)):
-        with client(cluster, timeout=30, api_key=api_key) as c, pytest.raises(grpc.RpcError) as e:
+        with router_client(cluster, timeout=30, api_key=api_key) as c, pytest.raises(grpc.RpcError) as e:
             c.complete("The capital of France is", max_tokens=4)
         assert e.value.code() == code
         assert blocks_used(cluster) == (0, 0)
@@ -188,6 +160,7 @@ def test_secure_cluster_refuses_callers_without_a_key_or_certificate(clusters):
     assert blocks_used(cluster) == (0, 0)
 
 
+@secure_only
 def test_secure_cluster_https_api_takes_the_same_keys(clusters, engine):
     """The OpenAI-compatible API on the TLS router serves HTTPS with the router's certificate and
     passes the caller's Authorization header to Generate: 401 without a key, 403 with a wrong one."""
@@ -196,9 +169,9 @@ def test_secure_cluster_https_api_takes_the_same_keys(clusters, engine):
     import urllib.error
     import urllib.request
 
-    cluster = clusters(2, 1, "auto", True)
+    cluster = clusters(2)
     context = ssl.create_default_context(cafile=cluster.tls.ca)
-    url = f"https://127.0.0.1:{HTTPS_PORTS[cluster.name]}/v1/completions"
+    url = f"https://127.0.0.1:{cluster.https_port}/v1/completions"
     body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 4})
 
     def post(key):
@@ -236,8 +209,9 @@ class RogueDecode(decode_pb2_grpc.DecodeServicer):
     GetInfo = Renew = Release = Reserve
 
 
+@secure_only
 def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match(
-    clusters, engine, tmp_path, redis_server
+    clusters, engine, tmp_path, redis_server, security
 ):
     """Registry integrity: a decode record naming 127.0.0.1:PORT, served there with a certificate of
     this deployment's CA for another host, or with another CA's certificate, gets no call (the
@@ -245,21 +219,21 @@ def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match
     from ringserve.config import DecodeConfig
     from ringserve.heartbeat import Registration
 
-    cluster = clusters(2, 1, "auto", True)
+    cluster = clusters(2)
     bogus = [
-        CAS[cluster.name].issue("elsewhere", role="decode", cluster=cluster.name, hosts=("decode.elsewhere",)),
+        security.ca.issue("elsewhere", role="decode", cluster=cluster.name, hosts=("decode.elsewhere",)),
         CA(tmp_path / "foreign", "another-deployment").issue("decode", role="decode", cluster=cluster.name),
     ]
     for issued in bogus:
         rogue = RogueDecode()
-        cfg = DecodeConfig(tls_cert=issued.cert, tls_key=issued.key, tls_ca=CAS[cluster.name].path)
+        cfg = DecodeConfig(tls_cert=issued.cert, tls_key=issued.key, tls_ca=security.ca.path)
         add = decode_pb2_grpc.add_DecodeServicer_to_server
         server, port, _ = rpc.start_server([(add, rogue)], ["ringserve.v1.Decode"], "127.0.0.1", 0, limits=cfg)
         worker = DecodeConfig(redis_url=redis_server.url, cluster=cluster.name)
         registration = Registration(worker, "decode", 1, 64, most_room).start(f"127.0.0.1:{port}")
         try:
             time.sleep(2)  # the router reads the registry every 0.5 s
-            with client(cluster, timeout=120) as c:
+            with router_client(cluster, timeout=120) as c:
                 for prompt in PROMPTS[:2]:
                     ids = [t for chunk in c.generate(prompt, max_tokens=8) for t in chunk.token_ids]
                     assert ids == reference(engine, prompt, 8)[0], prompt
@@ -270,11 +244,12 @@ def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match
     wait_blocks_free(cluster)
 
 
+@secure_only
 def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(clusters):
     """Prefill with a landing altered after the decode worker signed it, and again with a landing
     already used, is refused with PERMISSION_DENIED and sends no KV byte (the prefill group's
     counter); the genuine first use works."""
-    cluster = clusters(2, 1, "auto", True)
+    cluster = clusters(2)
     sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
     with rpc.channel(cluster.decode, tls=cluster.tls) as dc, rpc.channel(cluster.prefill, tls=cluster.tls) as pc:
         decode, prefill = decode_pb2_grpc.DecodeStub(dc), prefill_pb2_grpc.PrefillStub(pc)
@@ -317,7 +292,7 @@ def test_repeated_prompt_reuses_the_prefix_cache(clusters, engine):
     n = len(engine.tokenizer.encode(prompt))
     expected, _ = reference(engine, prompt, 16)
     usage = []
-    with Client(cluster.router, timeout=120) as client:
+    with router_client(cluster, timeout=120) as client:
         for _ in range(2):
             chunks = list(client.generate(prompt, max_tokens=16))
             assert [t for c in chunks for t in c.token_ids] == expected
@@ -338,7 +313,7 @@ def test_seeded_sampling_matches_the_engine(clusters, engine):
     # Values exact in float32 (the API carries floats), so both sides sample the same distribution.
     params = SamplingParams(max_tokens=16, temperature=0.75, top_p=0.5, top_k=40, seed=7)
     expected = [e.token_id for e in engine.generate(engine.tokenizer.encode(prompt), params)]
-    with Client(cluster.router, timeout=120) as client:
+    with router_client(cluster, timeout=120) as client:
         chunks = client.generate(prompt, max_tokens=16, temperature=0.75, top_p=0.5, top_k=40, seed=7)
         assert [t for c in chunks for t in c.token_ids] == expected
 
@@ -352,7 +327,7 @@ def test_concurrent_streams_all_complete(clusters, engine):
 
     def run(i):
         try:
-            with Client(cluster.router, timeout=300) as client:
+            with router_client(cluster, timeout=300) as client:
                 got[i] = [t for c in client.generate(prompts[i], max_tokens=8) for t in c.token_ids]
         except Exception as e:  # collected and reported below
             errors.append((i, e))
@@ -370,7 +345,7 @@ def test_concurrent_streams_all_complete(clusters, engine):
 
 def test_cancelled_stream_releases_blocks_on_both_tiers(clusters):
     cluster = clusters(2)
-    with Client(cluster.router, timeout=120) as client:
+    with router_client(cluster, timeout=120) as client:
         stream = client.generate("Tell me a long story.", max_tokens=400, ignore_eos=True)
         for _, _ in zip(range(3), stream):
             pass
@@ -395,7 +370,7 @@ def test_cancelled_stream_releases_blocks_on_both_tiers(clusters):
 )
 def test_bad_input_is_invalid_argument(clusters, kwargs, message):
     cluster = clusters(2)
-    with Client(cluster.router, timeout=60) as client, pytest.raises(grpc.RpcError) as err:
+    with router_client(cluster, timeout=60) as client, pytest.raises(grpc.RpcError) as err:
         list(client.generate(**kwargs))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert message in err.value.details()
@@ -406,7 +381,7 @@ def test_malformed_request_and_passed_deadline(clusters):
     cluster = clusters(2)
     from ringserve.v1 import router_pb2, router_pb2_grpc
 
-    with grpc.insecure_channel(cluster.router) as channel:
+    with router_channel(cluster) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(router_pb2.GenerateRequest()))  # no input at all
@@ -421,17 +396,17 @@ def test_malformed_request_and_passed_deadline(clusters):
 def test_health_reflection_tokenize_and_model_info(clusters, engine):
     cluster = clusters(2)
     for address in (cluster.router, cluster.prefill, cluster.decode):
-        with grpc.insecure_channel(address) as channel:
+        with rpc.channel(address, tls=cluster.tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    with grpc.insecure_channel(cluster.router) as channel:
+    with rpc.channel(cluster.router, tls=cluster.tls) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert "ringserve.v1.Router" in names and "grpc.health.v1.Health" in names
-    with Client(cluster.router, timeout=30) as client:
+    with router_client(cluster, timeout=30) as client:
         assert client.tokenize("The capital of France is") == engine.tokenizer.encode("The capital of France is")
         info = client.model_info()
         assert info.model.num_layers == 30 and info.model.max_context == 8192 and info.prefill_groups == 1
@@ -443,19 +418,17 @@ def test_chat_messages_use_the_template(clusters, engine):
     text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     expected = "".join(e.text for e in engine.generate(ids, SamplingParams(max_tokens=16)))
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         assert client.complete(messages=messages, max_tokens=16) == expected
 
 
 def test_async_client_streams(clusters, engine):
     import asyncio
 
-    from ringserve.client import AsyncClient
-
     cluster = clusters(2)
 
     async def main():
-        async with AsyncClient(cluster.router, timeout=60) as client:
+        async with async_router_client(cluster, timeout=60) as client:
             return await client.complete("The capital of France is", max_tokens=8)
 
     assert asyncio.run(main()) == reference(engine, "The capital of France is", 8)[1]
@@ -465,7 +438,7 @@ def test_metrics_count_requests_latency_blocks_and_bytes(clusters):
     import urllib.request
 
     cluster = clusters(2)
-    with Client(cluster.router, timeout=60) as client:
+    with router_client(cluster, timeout=60) as client:
         list(client.generate("The capital of France is", max_tokens=4))
 
     def scrape(service: str) -> str:
@@ -489,13 +462,13 @@ def test_metrics_count_requests_latency_blocks_and_bytes(clusters):
 
 def test_generate_command_through_the_router(clusters, engine):
     cluster = clusters(2)
-    run = [sys.executable, "-m", "ringserve.cli", "generate", "--url", cluster.router]
+    run, env = cli_generate(cluster)
     proc = subprocess.run(
-        [*run, "The capital of France is", "--max-tokens", "8"], capture_output=True, text=True, timeout=120
+        [*run, "The capital of France is", "--max-tokens", "8"], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == reference(engine, "The capital of France is", 8)[1] + "\n"
-    bad = subprocess.run([*run, "hi", "--top-p", "0"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([*run, "hi", "--top-p", "0"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 2 and "top_p" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -510,12 +483,12 @@ def test_unknown_model_path_fails_at_start_with_a_clear_message():
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_killed_workers_end_requests_with_unavailable(tmp_path):
+def test_killed_workers_end_requests_with_unavailable(tmp_path, security):
     """Kill the prefill group mid-prefill, then the decode worker mid-stream: the affected requests
     end with UNAVAILABLE promptly, the others finish, and nothing is left reserved."""
-    cluster = start_cluster(cp=2, log_dir=str(tmp_path))
+    cluster = security.start_cluster(cp=2, log_dir=str(tmp_path))
     try:
-        with Client(cluster.router, timeout=120) as client:
+        with router_client(cluster, timeout=120) as client:
             survivor = client.generate("Count to one hundred.", max_tokens=60, ignore_eos=True)
             doomed = client.generate("Tell me a long story.", max_tokens=400, ignore_eos=True)
             next(survivor), next(doomed)
@@ -530,7 +503,7 @@ def test_killed_workers_end_requests_with_unavailable(tmp_path):
             assert result["error"] == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - t0 < 15
             assert len([c for c in survivor]) == 59, "a request already decoding is unaffected"
-            with grpc.insecure_channel(cluster.decode) as dc:
+            with rpc.channel(cluster.decode, tls=cluster.tls) as dc:
                 info = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
             assert info.reserved_requests == 0 and info.active_requests == 1, "only the doomed stream holds blocks"
             cluster.procs["decode"].kill()

@@ -1,7 +1,9 @@
 """Transport security over real TLS gRPC servers on loopback, with certificates made here."""
 
 import argparse
+import asyncio
 import dataclasses
+import os
 import shutil
 
 import grpc
@@ -134,6 +136,53 @@ def test_server_certificate_rotation_needs_no_restart(pki, tmp_path):
         with pytest.raises(grpc.RpcError):
             _get_info(f"127.0.0.1:{port}", _as_client(pki["router"]))
         assert _get_info(f"localhost:{port}", _as_client(pki["router"])).transport == "tcp"
+    finally:
+        server.stop(None)
+
+
+def _rotate(issued, cert, key) -> None:
+    """Replace the files at ``cert`` and ``key`` by ``issued``'s as a rotation does: new files renamed over the old."""
+    for source, target in ((issued.key, key), (issued.cert, cert)):
+        shutil.copy(source, f"{target}.new")
+        os.replace(f"{target}.new", target)
+
+
+def test_client_certificate_rotation_needs_no_new_channel(pki, tmp_path):
+    """A long-lived channel (the router keeps one per group) whose client certificate files are
+    rotated makes its next call with the new certificate: a prefill role's certificate is refused by
+    Decode, and the router's one that replaces it on disk gets through on the same channel and stub,
+    without a restart; Client and AsyncClient channels do the same."""
+    server, port = _decode_server(pki["decode"])
+    cert, key = tmp_path / "client.pem", tmp_path / "client-key.pem"
+    _rotate(pki["prefill"], cert, key)
+    tls = ChannelTls(pki["ca"].path, str(cert), str(key))
+    request = decode_pb2.GetDecodeInfoRequest()
+    try:
+        with rpc.channel(f"127.0.0.1:{port}", tls=tls) as ch:
+            stub = decode_pb2_grpc.DecodeStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetInfo(request, timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "/prefill" in e.value.details()
+            _rotate(pki["router"], cert, key)
+            assert stub.GetInfo(request, timeout=10).transport == "tcp"
+            assert stub.GetInfo.future(request, timeout=10).result().transport == "tcp"
+            _rotate(pki["prefill"], cert, key)  # and back: the next call is refused again
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetInfo.with_call(request, timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        async def aio_calls() -> list[str]:
+            async with rpc.aio_channel(f"127.0.0.1:{port}", tls=tls) as ch:
+                stub, answers = decode_pb2_grpc.DecodeStub(ch), []
+                for issued in (pki["prefill"], pki["router"]):
+                    _rotate(issued, cert, key)
+                    try:
+                        answers.append((await stub.GetInfo(request, timeout=10)).transport)
+                    except grpc.aio.AioRpcError as e:
+                        answers.append(e.code().name)
+                return answers
+
+        assert asyncio.run(aio_calls()) == ["PERMISSION_DENIED", "tcp"]
     finally:
         server.stop(None)
 
