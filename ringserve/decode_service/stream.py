@@ -31,6 +31,9 @@ class Streamed(Protocol):
     closed: bool
 
 
+Emitted = tuple[Streamed, int, str | None]  # (request, token id, limit) handed over by the loop
+
+
 class OutputStage:
     """One thread that turns a request's tokens into its stream's events, in order."""
 
@@ -43,13 +46,16 @@ class OutputStage:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def token(self, req: Streamed, token_id: int, limit: str | None) -> None:
-        """Queue a sampled token; ``limit`` ("length") when the loop ended the request with it."""
-        self._items.put((req, token_id, limit))
+    def tokens(self, step: list[Emitted]) -> None:
+        """Queue a step's sampled tokens, one (request, token, limit) each; ``limit`` ("length")
+        when the loop ended the request with it. One hand-over per step, not per token: each put
+        wakes this thread, which then contends with the loop for the interpreter."""
+        if step:
+            self._items.put(step)
 
     def error(self, req: Streamed, error: RingserveError) -> None:
         """Queue the error that ends a request's stream (after the tokens queued before it)."""
-        self._items.put((req, error, None))
+        self._items.put([(req, error, None)])
 
     def close(self) -> None:
         """Deliver what is queued, then stop."""
@@ -57,16 +63,17 @@ class OutputStage:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (item := self._items.get()) is not None:
-            req, what, limit = item
-            if req.closed:  # its last event is out (a stop): later tokens and errors are dropped
-                continue
-            try:
-                self._deliver(req, what, limit)
-            except Exception as e:  # a bug or a tokenizer failure: this request ends, the rest go on
-                log.exception("request_id=%s output failed", req.request_id)
-                req.closed = req.stopped = True
-                req.events.put(RingserveError(f"output of request {req.request_id} failed: {type(e).__name__}: {e}"))
+        while (items := self._items.get()) is not None:
+            for req, what, limit in items:
+                if req.closed:  # its last event is out (a stop): later tokens and errors are dropped
+                    continue
+                try:
+                    self._deliver(req, what, limit)
+                except Exception as e:  # a bug or a tokenizer failure: this request ends, the rest go on
+                    log.exception("request_id=%s output failed", req.request_id)
+                    req.closed = req.stopped = True
+                    why = f"output of request {req.request_id} failed: {type(e).__name__}: {e}"
+                    req.events.put(RingserveError(why))
 
     @staticmethod
     def _deliver(req: Streamed, what: int | RingserveError, limit: str | None) -> None:
