@@ -19,9 +19,8 @@ import time
 import torch
 
 from ringserve.config import DecodeConfig
-from ringserve.decode_service.group import DecodeGroup
-from ringserve.decode_service.stream import OutputStage
 from ringserve.decode_service import worker as worker_module
+from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.kv_cache import KVCache, PagedAttention, SeqSpan
@@ -51,7 +50,8 @@ def prompt_kv(model: Llama, ids: list[int]) -> torch.Tensor:
     table = list(range(cache.allocator.num_blocks))
     with torch.inference_mode():
         model(torch.tensor(ids), torch.arange(len(ids)), PagedAttention(cache, [SeqSpan(0, len(ids), table, 0)]))
-    return torch.stack([torch.stack(cache.read(layer, table, len(ids))) for layer in range(model.config.num_hidden_layers)])
+    layers = range(model.config.num_hidden_layers)
+    return torch.stack([torch.stack(cache.read(layer, table, len(ids))) for layer in layers])
 
 
 class Timed:
@@ -95,7 +95,6 @@ def main() -> None:
     model_call = Timed(group.rank0, "forward")
     sampling = Timed(worker_module, "sample_batch")
     deliver = Timed(worker.output, "_deliver")
-    assert isinstance(worker.output, OutputStage)
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature, stop=args.stop)
     reqs = []

@@ -31,14 +31,21 @@ class Streamed(Protocol):
     closed: bool
 
 
-Emitted = tuple[Streamed, int, str | None]  # (request, token id, limit) handed over by the loop
+Emitted = tuple[Streamed, int | RingserveError, str | None]  # (request, token id or error, limit)
 
 
 class OutputStage:
-    """One thread that turns a request's tokens into its stream's events, in order."""
+    """One thread that turns a request's tokens into its stream's events, in order.
+
+    The loop adds a step's tokens with ``tokens`` and hands them over with ``flush`` while the next
+    step runs on the device (``DecodeWorker._step``): this thread's text work then takes the
+    interpreter while the loop waits for the device, instead of delaying the next step's launch.
+    An error flushes at once, after the tokens added before it."""
 
     def __init__(self):
         self._items: queue.Queue = queue.Queue()
+        self._pending: list[Emitted] = []
+        self._lock = threading.Lock()  # pending: the loop adds and flushes; errors come from any thread
         self._thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
         self._thread.start()
 
@@ -47,18 +54,27 @@ class OutputStage:
         return self._thread.is_alive()
 
     def tokens(self, step: list[Emitted]) -> None:
-        """Queue a step's sampled tokens, one (request, token, limit) each; ``limit`` ("length")
-        when the loop ended the request with it. One hand-over per step, not per token: each put
-        wakes this thread, which then contends with the loop for the interpreter."""
-        if step:
-            self._items.put(step)
+        """Add sampled tokens, one (request, token, limit) each (delivered at the next ``flush``);
+        ``limit`` ("length") when the loop ended the request with it."""
+        with self._lock:
+            self._pending += step
+
+    def flush(self) -> None:
+        """Hand what was added over to this thread (one queue item: each put wakes it)."""
+        with self._lock:
+            items, self._pending = self._pending, []
+        if items:
+            self._items.put(items)
 
     def error(self, req: Streamed, error: RingserveError) -> None:
-        """Queue the error that ends a request's stream (after the tokens queued before it)."""
-        self._items.put([(req, error, None)])
+        """Deliver the error that ends a request's stream, after the tokens added before it."""
+        with self._lock:
+            self._pending.append((req, error, None))
+        self.flush()
 
     def close(self) -> None:
         """Deliver what is queued, then stop."""
+        self.flush()
         self._items.put(None)
         self._thread.join(timeout=10)
 

@@ -101,6 +101,7 @@ class DecodeWorker(Reservations):
                 self.active.append(req)
                 self.lock.notify_all()
             self.output.tokens(out)
+            self.output.flush()  # no step may be coming to flush it
             self._update_gauges()
         return req
 
@@ -179,6 +180,7 @@ class DecodeWorker(Reservations):
         with self.lock:
             self._drop_cancelled_and_expired()
             while not self.active and not self._stop:
+                self.output.flush()  # the last step's tokens: no step comes to hand them over
                 self.lock.wait(timeout=1.0)
                 self._drop_cancelled_and_expired()
             if self._stop or self.failure:
@@ -200,7 +202,9 @@ class DecodeWorker(Reservations):
         params = [r.params for r in batch]
         # Only sampled rows draw: greedy rows need no generator (making one costs an OS seed).
         generators = [p.generator(r.generated) if p.temperature > 0 else None for p, r in zip(params, batch)]
-        sampled = sample_batch(logits, params, generators).tolist()  # one copy to the host
+        picks = sample_batch(logits, params, generators)
+        self.output.flush()  # the last step's text work, while this step runs on the device
+        sampled = picks.tolist()  # one copy to the host
         out: list[Emitted] = []
         with self.lock:
             for req, (token, ok) in zip(batch, sampled):
