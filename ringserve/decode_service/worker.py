@@ -188,6 +188,8 @@ class DecodeWorker(Reservations):
             batch, entries = self._plan()
         if not batch:
             return True
+        if self.device.type == "cpu":  # a CPU forward is done when it returns: hand over first
+            self.output.flush()
         try:
             logits = self._forward(batch, entries)
         except Exception as e:
@@ -203,7 +205,7 @@ class DecodeWorker(Reservations):
         # Only sampled rows draw: greedy rows need no generator (making one costs an OS seed).
         generators = [p.generator(r.generated) if p.temperature > 0 else None for p, r in zip(params, batch)]
         picks = sample_batch(logits, params, generators)
-        self.output.flush()  # the last step's text work, while this step runs on the device
+        self.output.flush()  # the last step's text work, while this (launched) step runs on the GPU
         sampled = picks.tolist()  # one copy to the host
         out: list[Emitted] = []
         with self.lock:
