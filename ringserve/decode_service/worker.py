@@ -149,7 +149,7 @@ class DecodeWorker(Reservations):
 
     def _emit(self, req: DecodeRequest, token: int, out: list[Emitted]) -> bool:
         """Record a sampled token and add it to ``out``, the step's tokens for the output stage
-        (handed over once per step, before the lock is let go); True if the request is done (at
+        (added there in one piece; ``OutputStage.flush`` hands them over); True if the request is done (at
         its budget or the context: stop tokens and strings are the output stage's to find)."""
         req.last_token = token
         req.generated += 1
