@@ -72,3 +72,35 @@ def test_a_long_stop_string_holds_back_only_what_may_start_it(tokenizer):
     stop = "the end. And then, the" + "x" * 1000
     events = stream(tokenizer, ids, [stop])
     assert events == reference(tokenizer, ids, [stop]) and not any(done for _, done in events)
+
+
+def test_the_output_stage_keeps_each_streams_order(tokenizer):
+    """Tokens added but not yet flushed still reach the stream before an error that follows them,
+    a flush delivers one step's tokens, and nothing after a stream's last event is shown."""
+    import queue
+    from types import SimpleNamespace
+
+    from ringserve.decode_service.stream import OutputStage
+    from ringserve.errors import Cancelled
+
+    def request(name):
+        params = SamplingParams(ignore_eos=True)
+        return SimpleNamespace(
+            request_id=name, output=TextOutput(tokenizer, params), events=queue.Queue(), stopped=False, closed=False
+        )
+
+    ids = tokenizer.encode("Hello there")
+    a, b = request("a"), request("b")
+    stage = OutputStage()
+    try:
+        stage.tokens([(a, ids[0], None), (b, ids[0], None)])
+        stage.error(a, Cancelled("a was cancelled"))  # a's pending token goes first
+        stage.tokens([(a, ids[1], None), (b, ids[1], "length")])  # a's stream is over: dropped
+        stage.flush()
+    finally:
+        stage.close()
+    got_a = [a.events.get(timeout=10) for _ in range(2)]
+    got_b = [b.events.get(timeout=10) for _ in range(2)]
+    assert [e.token_id for e in got_a[:1]] == ids[:1] and isinstance(got_a[1], Cancelled)
+    assert [e.token_id for e in got_b] == ids[:2] and got_b[-1].finish_reason == "length"
+    assert a.events.empty() and b.events.empty()

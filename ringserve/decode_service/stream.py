@@ -31,11 +31,21 @@ class Streamed(Protocol):
     closed: bool
 
 
+Emitted = tuple[Streamed, int | RingserveError, str | None]  # (request, token id or error, limit)
+
+
 class OutputStage:
-    """One thread that turns a request's tokens into its stream's events, in order."""
+    """One thread that turns a request's tokens into its stream's events, in order.
+
+    The loop adds a step's tokens with ``tokens`` and hands them over with ``flush`` while the next
+    step runs on the device (``DecodeWorker._step``): this thread's text work then takes the
+    interpreter while the loop waits for the device, instead of delaying the next step's launch.
+    An error flushes at once, after the tokens added before it."""
 
     def __init__(self):
         self._items: queue.Queue = queue.Queue()
+        self._pending: list[Emitted] = []
+        self._lock = threading.Lock()  # pending: the loop adds and flushes; errors come from any thread
         self._thread = threading.Thread(target=self._run, name="decode-output", daemon=True)
         self._thread.start()
 
@@ -43,30 +53,43 @@ class OutputStage:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def token(self, req: Streamed, token_id: int, limit: str | None) -> None:
-        """Queue a sampled token; ``limit`` ("length") when the loop ended the request with it."""
-        self._items.put((req, token_id, limit))
+    def tokens(self, step: list[Emitted]) -> None:
+        """Add sampled tokens, one (request, token, limit) each (delivered at the next ``flush``);
+        ``limit`` ("length") when the loop ended the request with it."""
+        with self._lock:
+            self._pending += step
+
+    def flush(self) -> None:
+        """Hand what was added over to this thread (one queue item: each put wakes it)."""
+        with self._lock:
+            items, self._pending = self._pending, []
+        if items:
+            self._items.put(items)
 
     def error(self, req: Streamed, error: RingserveError) -> None:
-        """Queue the error that ends a request's stream (after the tokens queued before it)."""
-        self._items.put((req, error, None))
+        """Deliver the error that ends a request's stream, after the tokens added before it."""
+        with self._lock:
+            self._pending.append((req, error, None))
+        self.flush()
 
     def close(self) -> None:
         """Deliver what is queued, then stop."""
+        self.flush()
         self._items.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while (item := self._items.get()) is not None:
-            req, what, limit = item
-            if req.closed:  # its last event is out (a stop): later tokens and errors are dropped
-                continue
-            try:
-                self._deliver(req, what, limit)
-            except Exception as e:  # a bug or a tokenizer failure: this request ends, the rest go on
-                log.exception("request_id=%s output failed", req.request_id)
-                req.closed = req.stopped = True
-                req.events.put(RingserveError(f"output of request {req.request_id} failed: {type(e).__name__}: {e}"))
+        while (items := self._items.get()) is not None:
+            for req, what, limit in items:
+                if req.closed:  # its last event is out (a stop): later tokens and errors are dropped
+                    continue
+                try:
+                    self._deliver(req, what, limit)
+                except Exception as e:  # a bug or a tokenizer failure: this request ends, the rest go on
+                    log.exception("request_id=%s output failed", req.request_id)
+                    req.closed = req.stopped = True
+                    why = f"output of request {req.request_id} failed: {type(e).__name__}: {e}"
+                    req.events.put(RingserveError(why))
 
     @staticmethod
     def _deliver(req: Streamed, what: int | RingserveError, limit: str | None) -> None:

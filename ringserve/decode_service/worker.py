@@ -27,7 +27,7 @@ from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.kvp import StepEntry
 from ringserve.decode_service.protocol import Extend, Step
 from ringserve.decode_service.reservations import DecodeRequest, Reservations
-from ringserve.decode_service.stream import OutputStage
+from ringserve.decode_service.stream import Emitted, OutputStage
 from ringserve.engine.output import TextOutput
 from ringserve.engine.sampling import SamplingParams, sample_batch
 from ringserve.engine.tokenizer import Tokenizer
@@ -96,9 +96,12 @@ class DecodeWorker(Reservations):
             req.params, req.started_at = params, time.monotonic()
             req.max_tokens = min(req.max_tokens, params.max_tokens)
             req.output = TextOutput(self.tokenizer, params)
-            if not self._emit(req, first_token):
+            out: list[Emitted] = []
+            if not self._emit(req, first_token, out):
                 self.active.append(req)
                 self.lock.notify_all()
+            self.output.tokens(out)
+            self.output.flush()  # no step may be coming to flush it
             self._update_gauges()
         return req
 
@@ -144,13 +147,14 @@ class DecodeWorker(Reservations):
             self.lock.notify_all()
             return True
 
-    def _emit(self, req: DecodeRequest, token: int) -> bool:
-        """Record a sampled token and hand it to the output stage; True if the request is done (at
+    def _emit(self, req: DecodeRequest, token: int, out: list[Emitted]) -> bool:
+        """Record a sampled token and add it to ``out``, the step's tokens for the output stage
+        (added there in one piece; ``OutputStage.flush`` hands them over); True if the request is done (at
         its budget or the context: stop tokens and strings are the output stage's to find)."""
         req.last_token = token
         req.generated += 1
         done = req.generated >= req.max_tokens or req.prompt_len + req.generated >= self.max_context
-        self.output.token(req, token, "length" if done else None)
+        out.append((req, token, "length" if done else None))
         if done:
             self._finish(req, None)
         return done
@@ -176,6 +180,7 @@ class DecodeWorker(Reservations):
         with self.lock:
             self._drop_cancelled_and_expired()
             while not self.active and not self._stop:
+                self.output.flush()  # the last step's tokens: no step comes to hand them over
                 self.lock.wait(timeout=1.0)
                 self._drop_cancelled_and_expired()
             if self._stop or self.failure:
@@ -183,6 +188,8 @@ class DecodeWorker(Reservations):
             batch, entries = self._plan()
         if not batch:
             return True
+        if self.device.type == "cpu":  # a CPU forward is done when it returns: hand over first
+            self.output.flush()
         try:
             logits = self._forward(batch, entries)
         except Exception as e:
@@ -194,8 +201,13 @@ class DecodeWorker(Reservations):
                 for req in batch:
                     self._finish(req, RingserveError(f"decode step failed: {type(e).__name__}: {e}"))
             return True
-        generators = [r.params.generator(r.generated) for r in batch]
-        sampled = sample_batch(logits, [r.params for r in batch], generators).tolist()  # one copy to the host
+        params = [r.params for r in batch]
+        # Only sampled rows draw: greedy rows need no generator (making one costs an OS seed).
+        generators = [p.generator(r.generated) if p.temperature > 0 else None for p, r in zip(params, batch)]
+        picks = sample_batch(logits, params, generators)
+        self.output.flush()  # the last step's text work, while this (launched) step runs on the GPU
+        sampled = picks.tolist()  # one copy to the host
+        out: list[Emitted] = []
         with self.lock:
             for req, (token, ok) in zip(batch, sampled):
                 if self.requests.get(req.request_id) is not req:  # ended during the step (group failure)
@@ -206,7 +218,8 @@ class DecodeWorker(Reservations):
                     why = "the model's logits are not finite (NaN or inf); it cannot go on"
                     self._finish(req, RingserveError(f"request {req.request_id}: {why}"))
                 else:
-                    self._emit(req, token)
+                    self._emit(req, token, out)
+            self.output.tokens(out)
             # Rotate so that more requests than max_batch (and paused ones) take turns.
             stepped = {id(r) for r in batch}
             self.active = [r for r in self.active if id(r) not in stepped] + [
