@@ -355,6 +355,142 @@ def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
         assert done.returncode != 0 and word in done.stdout + done.stderr, f"{name}: {done.stdout}{done.stderr}"
 
 
+# The LeaderWorkerSet's own fields, from the LWS v1 API reference (leaderworkerset.x-k8s.io/v1): only the ones the
+# chart renders, nothing else allowed. The upstream CRD is not vendored (1.2 MB, not ours); the pod templates inside
+# are validated as core/v1 PodTemplates by kubernetes-validate instead.
+_POD_TEMPLATE = {"type": "object", "required": ["metadata", "spec"]}
+LWS_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "leaderworkerset.x-k8s.io/v1"},
+        "kind": {"const": "LeaderWorkerSet"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["replicas", "leaderWorkerTemplate"],
+            "additionalProperties": False,
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "rolloutStrategy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "type": {"const": "RollingUpdate"},
+                        "rollingUpdateConfiguration": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "maxUnavailable": {"type": ["integer", "string"]},
+                                "maxSurge": {"type": ["integer", "string"]},
+                            },
+                        },
+                    },
+                },
+                "leaderWorkerTemplate": {
+                    "type": "object",
+                    "required": ["size", "workerTemplate"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "size": {"type": "integer", "minimum": 1},
+                        "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+                        "leaderTemplate": _POD_TEMPLATE,
+                        "workerTemplate": _POD_TEMPLATE,
+                    },
+                },
+            },
+        },
+    },
+}
+
+SPAN_HOSTS = {
+    "gpu": {"enabled": False},
+    "prefill": {"spanHosts": True, "cpSize": 2, "replicas": 2, "extraArgs": ["--calibrate-tokens", "256"]},
+    "decode": {"spanHosts": True, "kvpSize": 2, "extraArgs": ["--shard-tokens", "32"]},
+}
+
+
+def leader_and_worker(lws: dict) -> tuple[dict, dict]:
+    """The leader's and the worker's pod template of a LeaderWorkerSet."""
+    t = lws["spec"]["leaderWorkerTemplate"]
+    return t["leaderTemplate"], t["workerTemplate"]
+
+
+def pod_container(template: dict) -> dict:
+    (c,) = template["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize("kube_version", ["1.29.0", "1.33.0", "1.37.0"])
+def test_span_hosts_renders_leader_worker_sets(helm, tmp_path, kube_version):
+    """spanHosts: each tier a LeaderWorkerSet of `replicas` groups, one pod (one GPU) per rank; the leader serves
+    gRPC with the usual probes and is rank 0 at its pod IP, the workers join it by the controller's LWS_* env. The
+    LWS's fields pass the API reference's schema; its pod templates, and everything else, kubernetes-validate."""
+    import jsonschema
+
+    values = {**SPAN_HOSTS, "gpu": {"enabled": True}}
+    text, docs = render(helm, values, tmp_path, kube_version=kube_version)
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    groups = {d["metadata"]["name"]: d for d in docs if d["kind"] == "LeaderWorkerSet"}
+    assert sorted(groups) == [f"{FULLNAME}-decode", f"{FULLNAME}-prefill"]
+    templates = []
+    for tier, flag, replicas, port, group_port in (
+        ("prefill", "--cp", 2, 50051, 29500),
+        ("decode", "--kvp", 1, 50061, 29501),
+    ):
+        lws = groups[f"{FULLNAME}-{tier}"]
+        jsonschema.validate(lws, LWS_SCHEMA)
+        assert (lws["spec"]["replicas"], lws["spec"]["leaderWorkerTemplate"]["size"]) == (replicas, 2)
+        assert lws["spec"]["startupPolicy"] == "LeaderCreated", "a leader is ready only once its workers joined"
+        leader, worker = leader_and_worker(lws)
+        for role, template in (("leader", leader), ("worker", worker)):
+            templates.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{tier}-{role}"}})
+            templates[-1]["template"] = template
+            c = pod_container(template)
+            assert c["command"] == ["ringserve", tier] and c["args"][:2] == [flag, "2"]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", "one rank, one GPU per pod"
+            env = env_of(c)
+            assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            assert env["RINGSERVE_GROUP_PORT"] == str(group_port)
+            assert env["RINGSERVE_DEPLOYMENT_SECRET"]["secretKeyRef"]["key"] == "deployment-secret"
+        leader_c, worker_c = pod_container(leader), pod_container(worker)
+        args = leader_c["args"]
+        assert args[args.index("--local-ranks") + 1] == "1" and args[args.index("--group-host") + 1] == "$(POD_IP)"
+        assert leader_c["readinessProbe"]["grpc"] == {"port": port, "service": "ringserve.ready"}
+        assert {p["name"]: p["containerPort"] for p in leader_c["ports"]}["rank-link"] == group_port
+        args = worker_c["args"]
+        assert args[args.index("--group-rank") + 1] == "$(LWS_WORKER_INDEX)"
+        assert args[args.index("--group-leader") + 1] == "$(LWS_LEADER_ADDRESS):$(RINGSERVE_GROUP_PORT)"
+        assert not any(k in worker_c for k in ("startupProbe", "livenessProbe", "readinessProbe")), "no gRPC there"
+        if tier == "decode":  # rank r's KV receiver: kvPort + r, rank 0 in the leader pod
+            assert [p["containerPort"] for p in leader_c["ports"] if p["name"].startswith("kv-")] == [50062]
+            assert [p["containerPort"] for p in worker_c["ports"]] == [50063]
+
+    others = [d for d in docs if d["kind"] != "LeaderWorkerSet"]
+    done = validate(yaml.safe_dump_all(others + templates), tmp_path, kube_version)
+    assert done.returncode == 0, f"kubernetes-validate --strict -k {kube_version} rejected:\n{done.stdout}"
+    notes = render_notes(helm, values, tmp_path)
+    assert f"lws/{FULLNAME}-prefill --replicas=N" in notes and f"lws/{FULLNAME}-decode --replicas=N" in notes
+
+    # The checks can fail: a field the LWS API does not have, and a wrong restart policy.
+    lws = groups[f"{FULLNAME}-prefill"]
+    for path, bad in ((("spec",), {"groups": 2}), (("spec", "leaderWorkerTemplate"), {"restartPolicy": "Always"})):
+        broken = json.loads(json.dumps(lws))
+        target = broken
+        for key in path:
+            target = target[key]
+        target.update(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, LWS_SCHEMA)
+    # The planner scales StatefulSets only: spanned tiers with the planner on are refused with a clear message.
+    values_file = tmp_path / "span-planner.yaml"
+    values_file.write_text(yaml.safe_dump({**values, "planner": {"enabled": True}}))
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert done.returncode != 0 and "planner scales StatefulSets only" in done.stderr, done.stderr
+
+
 # --- Running what the chart renders ------------------------------------------------------------------
 
 
