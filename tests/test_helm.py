@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -494,43 +495,61 @@ def test_span_hosts_renders_leader_worker_sets(helm, tmp_path, kube_version):
 # --- Running what the chart renders ------------------------------------------------------------------
 
 
-def resolved_env(c: dict, config: dict, secrets: dict) -> dict[str, str]:
-    """A container's environment as the kubelet builds it: envFrom, then env; the downward API's pod IP
-    is this machine's loopback, Secret references take the test's secrets."""
-    env: dict[str, str] = {}
+def resolved_env(c: dict, config: dict, secrets: dict, pod: dict[str, str] | None = None) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: what the controller injected (``pod``: LWS_* for a
+    LeaderWorkerSet's pods), envFrom, then env, each value's $(VAR) expanded from those defined before it; the
+    downward API's pod IP is POD_IP of ``pod`` (default: this machine's loopback), Secret references take the
+    test's secrets."""
+    pod = {"POD_IP": "127.0.0.1", **(pod or {})}
+    env = {k: v for k, v in pod.items() if k.startswith("LWS_")}
     for source in c.get("envFrom", []):
         assert source["configMapRef"]["name"] == FULLNAME
         env.update(config)
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = e["value"]
+            env[e["name"]] = expand(e["value"], env)
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-            env[e["name"]] = "127.0.0.1"
+            env[e["name"]] = pod["POD_IP"]
         else:
             ref = e["valueFrom"]["secretKeyRef"]
             env[e["name"]] = secrets[ref["name"]][ref["key"]]
     return env
 
 
-class Pod:
-    """One rendered container run as a local process: its command and args verbatim, its env resolved,
-    with only the ports replaced by free ones (all pods share this machine's network)."""
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of args and env values: a defined variable's value, $$ a literal $, an
+    undefined reference left as it is."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
 
-    def __init__(self, name: str, workload: dict, config: dict, secrets: dict, log_dir: Path):
-        c = container(workload)
+
+class Pod:
+    """One rendered container run as a local process: its command and args verbatim ($(VAR)s expanded as the
+    kubelet does), its env resolved, with only the ports replaced by free ones (all pods share this machine's
+    network) unless ``pod`` sets them, as it sets POD_IP and the LWS_* variables."""
+
+    def __init__(
+        self, name: str, template: dict, config: dict, secrets: dict, log_dir: Path, pod: dict[str, str] | None = None
+    ):
+        c = pod_container(template)
         self.name = name
-        self.env = resolved_env(c, config, secrets)
+        self.env = resolved_env(c, config, secrets, pod)
         for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT", "RINGSERVE_HTTP_PORT"):
             if port_var in self.env:
                 self.env[port_var] = str(free_port())
+        self.env.update({k: v for k, v in (pod or {}).items() if k.startswith("RINGSERVE_")})
         self.port = int(self.env["RINGSERVE_PORT"])
         self.address = f"127.0.0.1:{self.port}"
-        self.probes = {k: c[k]["grpc"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+        probes = ("startupProbe", "livenessProbe", "readinessProbe")
+        self.probes = {k: c[k]["grpc"] for k in probes if k in c}  # none: a joining rank serves no gRPC
         assert all(p["port"] == int(c["ports"][0]["containerPort"]) for p in self.probes.values())
         executable = shutil.which(c["command"][0], path=str(Path(sys.executable).parent))
         assert executable, f"the {c['command'][0]} console script is not installed next to {sys.executable}"
-        argv = [executable, *c["command"][1:], *c.get("args", [])]
+        argv = [executable, *c["command"][1:], *(expand(a, self.env) for a in c.get("args", []))]
         # The container's environment is the image's (PATH, HOME, ...) plus what the pod spec sets.
         base = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
         base["RINGSERVE_CACHE_DIR"] = os.environ["RINGSERVE_CACHE_DIR"]  # the session's model cache
@@ -582,6 +601,88 @@ class Pod:
                 self.proc.wait()
 
 
+def api_objects(docs: list[dict]) -> tuple[dict, dict]:
+    """The ConfigMap's data and the Secrets as the API server would hold them: the chart's own (the deployment
+    secret) plus the external Redis's password Secret the run tests' values name."""
+    secrets = {"redis-auth": {"password": REDIS_PASSWORD}}
+    for d in docs:
+        if d["kind"] == "Secret":
+            secrets[d["metadata"]["name"]] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+    return find(docs, "ConfigMap", FULLNAME)["data"], secrets
+
+
+REDIS_PASSWORD = "s3cret-test"
+LEADER_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # two "hosts" (all of 127.0.0.0/8 is loopback)
+
+
+def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_model):
+    """The CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders, each pod run as the LWS controller
+    and the kubelet would start it: the leaders on one "host", the workers on another, given LWS_LEADER_ADDRESS,
+    LWS_WORKER_INDEX and their pod IPs; with the rendered router they serve the single-process engine's tokens,
+    and the workers end when their leaders stop."""
+    from ringserve import rpc
+    from ringserve.engine.engine import Engine
+    from ringserve.engine.sampling import SamplingParams
+    from ringserve.v1 import decode_pb2, decode_pb2_grpc
+
+    redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
+    values = {
+        **SPAN_HOSTS,
+        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1},
+        "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
+        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # five processes loading on two cores
+    }
+    _, docs = render(helm, values, tmp_path)
+    config, secrets = api_objects(docs)
+    leaders, workers = {}, []
+    router = None
+    try:
+        for tier in ("prefill", "decode"):
+            lws = find(docs, "LeaderWorkerSet", f"{FULLNAME}-{tier}")
+            leader, worker = leader_and_worker(lws)
+            size = lws["spec"]["leaderWorkerTemplate"]["size"]
+            # Group 0: LWS_LEADER_ADDRESS names the leader pod (its DNS name there, its IP here).
+            group = {"LWS_LEADER_ADDRESS": LEADER_IP, "LWS_GROUP_SIZE": str(size)}
+            group["RINGSERVE_GROUP_PORT"] = str(free_port(LEADER_IP))
+            if tier == "decode":  # one base port for the group: rank r listens on it + r, on its own host
+                group["RINGSERVE_KV_PORT"] = str(free_port())
+            leaders[tier] = Pod(
+                f"{tier}-0", leader, config, secrets, tmp_path, {**group, "POD_IP": LEADER_IP, "LWS_WORKER_INDEX": "0"}
+            )
+            for index in range(1, size):
+                pod = {**group, "POD_IP": WORKER_IP, "LWS_WORKER_INDEX": str(index)}
+                workers.append(Pod(f"{tier}-0-{index}", worker, config, secrets, tmp_path, pod))
+        router_template = find(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]
+        router = Pod("router", router_template, config, secrets, tmp_path)
+        for pod in (*leaders.values(), router):
+            pod.wait_ready(timeout_s=400)
+
+        with rpc.channel(f"{LEADER_IP}:{leaders['decode'].port}") as channel:
+            stub = decode_pb2_grpc.DecodeStub(channel)
+            reserved = stub.Reserve(decode_pb2.ReserveRequest(request_id="where", prompt_tokens=100, max_tokens=4))
+            # Rank 1's KV receiver is in the worker pod, at the pod IP the downward API gave it.
+            assert sorted(t.address.rsplit(":", 1)[0] for t in reserved.targets) == [LEADER_IP, WORKER_IP]
+            assert stub.Release(decode_pb2.ReleaseRequest(request_id="where", landing_unused=True)).released
+        model, tokenizer = default_model
+        engine = Engine(model, tokenizer)
+        with Client(router.address, timeout=180) as client:
+            for prompt in ("The capital of France is", "Once upon a time " * 40):  # the long one: every rank
+                ids = [e.token_id for e in engine.generate(tokenizer.encode(prompt), SamplingParams(max_tokens=12))]
+                got = [t for chunk in client.generate(prompt, max_tokens=12) for t in chunk.token_ids]
+                assert got == ids, prompt
+        router.stop()
+        for pod in leaders.values():
+            pod.stop()
+        for pod in workers:  # a worker ends when its leader hangs up
+            assert pod.proc.wait(timeout=60) == 0, pod.tail()
+            assert f"joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
+    finally:
+        for pod in [router, *leaders.values(), *workers]:
+            if pod is not None:
+                pod.stop()
+        redis.stop()
+
+
 PREFILL_OK = 'ringserve_requests_total{method="Prefill",service="prefill",status="OK"}'
 
 
@@ -590,18 +691,14 @@ def deployment(helm, tmp_path_factory):
     """The chart rendered for a CPU cluster with an external, password-protected Redis (a real one
     here, its password in the Secret the values name), and its router, prefill and decode pods running."""
     tmp = tmp_path_factory.mktemp("helm-run")
-    redis = EmbeddedRedis(password="s3cret-test").start()
+    redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
     values = {
         "gpu": {"enabled": False},
         "prefill": {"cpSize": 1},  # two cores here: one rank per group
         "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
     }
     _, docs = render(helm, values, tmp)
-    config = find(docs, "ConfigMap", FULLNAME)["data"]
-    secrets = {"redis-auth": {"password": "s3cret-test"}}
-    for d in docs:  # the chart's own Secrets (the deployment secret), as the API server would hold them
-        if d["kind"] == "Secret":
-            secrets[d["metadata"]["name"]] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+    config, secrets = api_objects(docs)
     workloads = {
         "decode": find(docs, "StatefulSet", f"{FULLNAME}-decode"),
         "prefill": find(docs, "StatefulSet", f"{FULLNAME}-prefill"),
@@ -610,7 +707,7 @@ def deployment(helm, tmp_path_factory):
     pods = {}
     try:
         for name, workload in workloads.items():  # all at once, as the cluster starts them
-            pods[name] = Pod(name, workload, config, secrets, tmp)
+            pods[name] = Pod(name, workload["spec"]["template"], config, secrets, tmp)
         for pod in pods.values():
             pod.wait_ready()
         notes = render_notes(helm, values, tmp)
@@ -680,7 +777,9 @@ def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
     (SIGTERM) while it prefills a request: no request fails, it turns unready, exits within its grace period."""
     pods = deployment["pods"]
     prefill = find(deployment["docs"], "StatefulSet", f"{FULLNAME}-prefill")
-    second = Pod("prefill-1", prefill, deployment["config"], deployment["secrets"], deployment["tmp"])
+    second = Pod(
+        "prefill-1", prefill["spec"]["template"], deployment["config"], deployment["secrets"], deployment["tmp"]
+    )
     try:
         second.wait_ready()
         ready = time.monotonic()
