@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -355,46 +356,200 @@ def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
         assert done.returncode != 0 and word in done.stdout + done.stderr, f"{name}: {done.stdout}{done.stderr}"
 
 
+# The LeaderWorkerSet's own fields, from the LWS v1 API reference (leaderworkerset.x-k8s.io/v1): only the ones the
+# chart renders, nothing else allowed. The upstream CRD is not vendored (1.2 MB, not ours); the pod templates inside
+# are validated as core/v1 PodTemplates by kubernetes-validate instead.
+_POD_TEMPLATE = {"type": "object", "required": ["metadata", "spec"]}
+LWS_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "leaderworkerset.x-k8s.io/v1"},
+        "kind": {"const": "LeaderWorkerSet"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["replicas", "leaderWorkerTemplate"],
+            "additionalProperties": False,
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "rolloutStrategy": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "type": {"const": "RollingUpdate"},
+                        "rollingUpdateConfiguration": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "properties": {
+                                "maxUnavailable": {"type": ["integer", "string"]},
+                                "maxSurge": {"type": ["integer", "string"]},
+                            },
+                        },
+                    },
+                },
+                "leaderWorkerTemplate": {
+                    "type": "object",
+                    "required": ["size", "workerTemplate"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "size": {"type": "integer", "minimum": 1},
+                        "restartPolicy": {"enum": ["RecreateGroupOnPodRestart", "None"]},
+                        "leaderTemplate": _POD_TEMPLATE,
+                        "workerTemplate": _POD_TEMPLATE,
+                    },
+                },
+            },
+        },
+    },
+}
+
+SPAN_HOSTS = {
+    "gpu": {"enabled": False},
+    "prefill": {"spanHosts": True, "cpSize": 2, "replicas": 2, "extraArgs": ["--calibrate-tokens", "256"]},
+    "decode": {"spanHosts": True, "kvpSize": 2, "extraArgs": ["--shard-tokens", "32"]},
+}
+
+
+def leader_and_worker(lws: dict) -> tuple[dict, dict]:
+    """The leader's and the worker's pod template of a LeaderWorkerSet."""
+    t = lws["spec"]["leaderWorkerTemplate"]
+    return t["leaderTemplate"], t["workerTemplate"]
+
+
+def pod_container(template: dict) -> dict:
+    (c,) = template["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize("kube_version", ["1.29.0", "1.33.0", "1.37.0"])
+def test_span_hosts_renders_leader_worker_sets(helm, tmp_path, kube_version):
+    """spanHosts: each tier a LeaderWorkerSet of `replicas` groups, one pod (one GPU) per rank; the leader serves
+    gRPC with the usual probes and is rank 0 at its pod IP, the workers join it by the controller's LWS_* env. The
+    LWS's fields pass the API reference's schema; its pod templates, and everything else, kubernetes-validate."""
+    import jsonschema
+
+    values = {**SPAN_HOSTS, "gpu": {"enabled": True}}
+    text, docs = render(helm, values, tmp_path, kube_version=kube_version)
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    groups = {d["metadata"]["name"]: d for d in docs if d["kind"] == "LeaderWorkerSet"}
+    assert sorted(groups) == [f"{FULLNAME}-decode", f"{FULLNAME}-prefill"]
+    templates = []
+    for tier, flag, replicas, port, group_port in (
+        ("prefill", "--cp", 2, 50051, 29500),
+        ("decode", "--kvp", 1, 50061, 29501),
+    ):
+        lws = groups[f"{FULLNAME}-{tier}"]
+        jsonschema.validate(lws, LWS_SCHEMA)
+        assert (lws["spec"]["replicas"], lws["spec"]["leaderWorkerTemplate"]["size"]) == (replicas, 2)
+        assert lws["spec"]["startupPolicy"] == "LeaderCreated", "a leader is ready only once its workers joined"
+        leader, worker = leader_and_worker(lws)
+        for role, template in (("leader", leader), ("worker", worker)):
+            templates.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{tier}-{role}"}})
+            templates[-1]["template"] = template
+            c = pod_container(template)
+            assert c["command"] == ["ringserve", tier] and c["args"][:2] == [flag, "2"]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", "one rank, one GPU per pod"
+            env = env_of(c)
+            assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+            assert env["RINGSERVE_GROUP_PORT"] == str(group_port)
+            assert env["RINGSERVE_DEPLOYMENT_SECRET"]["secretKeyRef"]["key"] == "deployment-secret"
+        leader_c, worker_c = pod_container(leader), pod_container(worker)
+        args = leader_c["args"]
+        assert args[args.index("--local-ranks") + 1] == "1" and args[args.index("--group-host") + 1] == "$(POD_IP)"
+        assert leader_c["readinessProbe"]["grpc"] == {"port": port, "service": "ringserve.ready"}
+        assert {p["name"]: p["containerPort"] for p in leader_c["ports"]}["rank-link"] == group_port
+        args = worker_c["args"]
+        assert args[args.index("--group-rank") + 1] == "$(LWS_WORKER_INDEX)"
+        assert args[args.index("--group-leader") + 1] == "$(LWS_LEADER_ADDRESS):$(RINGSERVE_GROUP_PORT)"
+        assert not any(k in worker_c for k in ("startupProbe", "livenessProbe", "readinessProbe")), "no gRPC there"
+        if tier == "decode":  # rank r's KV receiver: kvPort + r, rank 0 in the leader pod
+            assert [p["containerPort"] for p in leader_c["ports"] if p["name"].startswith("kv-")] == [50062]
+            assert [p["containerPort"] for p in worker_c["ports"]] == [50063]
+
+    others = [d for d in docs if d["kind"] != "LeaderWorkerSet"]
+    done = validate(yaml.safe_dump_all(others + templates), tmp_path, kube_version)
+    assert done.returncode == 0, f"kubernetes-validate --strict -k {kube_version} rejected:\n{done.stdout}"
+    notes = render_notes(helm, values, tmp_path)
+    assert f"lws/{FULLNAME}-prefill --replicas=N" in notes and f"lws/{FULLNAME}-decode --replicas=N" in notes
+
+    # The checks can fail: a field the LWS API does not have, and a wrong restart policy.
+    lws = groups[f"{FULLNAME}-prefill"]
+    for path, bad in ((("spec",), {"groups": 2}), (("spec", "leaderWorkerTemplate"), {"restartPolicy": "Always"})):
+        broken = json.loads(json.dumps(lws))
+        target = broken
+        for key in path:
+            target = target[key]
+        target.update(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, LWS_SCHEMA)
+    # The planner scales StatefulSets only: spanned tiers with the planner on are refused with a clear message.
+    values_file = tmp_path / "span-planner.yaml"
+    values_file.write_text(yaml.safe_dump({**values, "planner": {"enabled": True}}))
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert done.returncode != 0 and "planner scales StatefulSets only" in done.stderr, done.stderr
+
+
 # --- Running what the chart renders ------------------------------------------------------------------
 
 
-def resolved_env(c: dict, config: dict, secrets: dict) -> dict[str, str]:
-    """A container's environment as the kubelet builds it: envFrom, then env; the downward API's pod IP
-    is this machine's loopback, Secret references take the test's secrets."""
-    env: dict[str, str] = {}
+def resolved_env(c: dict, config: dict, secrets: dict, pod: dict[str, str] | None = None) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: what the controller injected (``pod``: LWS_* for a
+    LeaderWorkerSet's pods), envFrom, then env, each value's $(VAR) expanded from those defined before it; the
+    downward API's pod IP is POD_IP of ``pod`` (default: this machine's loopback), Secret references take the
+    test's secrets."""
+    pod = {"POD_IP": "127.0.0.1", **(pod or {})}
+    env = {k: v for k, v in pod.items() if k.startswith("LWS_")}
     for source in c.get("envFrom", []):
         assert source["configMapRef"]["name"] == FULLNAME
         env.update(config)
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = e["value"]
+            env[e["name"]] = expand(e["value"], env)
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
-            env[e["name"]] = "127.0.0.1"
+            env[e["name"]] = pod["POD_IP"]
         else:
             ref = e["valueFrom"]["secretKeyRef"]
             env[e["name"]] = secrets[ref["name"]][ref["key"]]
     return env
 
 
-class Pod:
-    """One rendered container run as a local process: its command and args verbatim, its env resolved,
-    with only the ports replaced by free ones (all pods share this machine's network)."""
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's $(VAR) expansion of args and env values: a defined variable's value, $$ a literal $, an
+    undefined reference left as it is."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        text,
+    )
 
-    def __init__(self, name: str, workload: dict, config: dict, secrets: dict, log_dir: Path):
-        c = container(workload)
+
+class Pod:
+    """One rendered container run as a local process: its command and args verbatim ($(VAR)s expanded as the
+    kubelet does), its env resolved, with only the ports replaced by free ones (all pods share this machine's
+    network) unless ``pod`` sets them, as it sets POD_IP and the LWS_* variables."""
+
+    def __init__(
+        self, name: str, template: dict, config: dict, secrets: dict, log_dir: Path, pod: dict[str, str] | None = None
+    ):
+        c = pod_container(template)
         self.name = name
-        self.env = resolved_env(c, config, secrets)
+        self.env = resolved_env(c, config, secrets, pod)
         for port_var in ("RINGSERVE_PORT", "RINGSERVE_METRICS_PORT", "RINGSERVE_KV_PORT", "RINGSERVE_HTTP_PORT"):
             if port_var in self.env:
                 self.env[port_var] = str(free_port())
+        self.env.update({k: v for k, v in (pod or {}).items() if k.startswith("RINGSERVE_")})
         self.port = int(self.env["RINGSERVE_PORT"])
         self.address = f"127.0.0.1:{self.port}"
-        self.probes = {k: c[k]["grpc"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+        probes = ("startupProbe", "livenessProbe", "readinessProbe")
+        self.probes = {k: c[k]["grpc"] for k in probes if k in c}  # none: a joining rank serves no gRPC
         assert all(p["port"] == int(c["ports"][0]["containerPort"]) for p in self.probes.values())
         executable = shutil.which(c["command"][0], path=str(Path(sys.executable).parent))
         assert executable, f"the {c['command'][0]} console script is not installed next to {sys.executable}"
-        argv = [executable, *c["command"][1:], *c.get("args", [])]
+        argv = [executable, *c["command"][1:], *(expand(a, self.env) for a in c.get("args", []))]
         # The container's environment is the image's (PATH, HOME, ...) plus what the pod spec sets.
         base = {k: v for k, v in os.environ.items() if not k.startswith("RINGSERVE_")}
         base["RINGSERVE_CACHE_DIR"] = os.environ["RINGSERVE_CACHE_DIR"]  # the session's model cache
@@ -446,6 +601,88 @@ class Pod:
                 self.proc.wait()
 
 
+def api_objects(docs: list[dict]) -> tuple[dict, dict]:
+    """The ConfigMap's data and the Secrets as the API server would hold them: the chart's own (the deployment
+    secret) plus the external Redis's password Secret the run tests' values name."""
+    secrets = {"redis-auth": {"password": REDIS_PASSWORD}}
+    for d in docs:
+        if d["kind"] == "Secret":
+            secrets[d["metadata"]["name"]] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+    return find(docs, "ConfigMap", FULLNAME)["data"], secrets
+
+
+REDIS_PASSWORD = "s3cret-test"
+LEADER_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # two "hosts" (all of 127.0.0.0/8 is loopback)
+
+
+def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_model):
+    """The CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders, each pod run as the LWS controller
+    and the kubelet would start it: the leaders on one "host", the workers on another, given LWS_LEADER_ADDRESS,
+    LWS_WORKER_INDEX and their pod IPs; with the rendered router they serve the single-process engine's tokens,
+    and the workers end when their leaders stop."""
+    from ringserve import rpc
+    from ringserve.engine.engine import Engine
+    from ringserve.engine.sampling import SamplingParams
+    from ringserve.v1 import decode_pb2, decode_pb2_grpc
+
+    redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
+    values = {
+        **SPAN_HOSTS,
+        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1},
+        "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
+        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # five processes loading on two cores
+    }
+    _, docs = render(helm, values, tmp_path)
+    config, secrets = api_objects(docs)
+    leaders, workers = {}, []
+    router = None
+    try:
+        for tier in ("prefill", "decode"):
+            lws = find(docs, "LeaderWorkerSet", f"{FULLNAME}-{tier}")
+            leader, worker = leader_and_worker(lws)
+            size = lws["spec"]["leaderWorkerTemplate"]["size"]
+            # Group 0: LWS_LEADER_ADDRESS names the leader pod (its DNS name there, its IP here).
+            group = {"LWS_LEADER_ADDRESS": LEADER_IP, "LWS_GROUP_SIZE": str(size)}
+            group["RINGSERVE_GROUP_PORT"] = str(free_port(LEADER_IP))
+            if tier == "decode":  # one base port for the group: rank r listens on it + r, on its own host
+                group["RINGSERVE_KV_PORT"] = str(free_port())
+            leaders[tier] = Pod(
+                f"{tier}-0", leader, config, secrets, tmp_path, {**group, "POD_IP": LEADER_IP, "LWS_WORKER_INDEX": "0"}
+            )
+            for index in range(1, size):
+                pod = {**group, "POD_IP": WORKER_IP, "LWS_WORKER_INDEX": str(index)}
+                workers.append(Pod(f"{tier}-0-{index}", worker, config, secrets, tmp_path, pod))
+        router_template = find(docs, "Deployment", f"{FULLNAME}-router")["spec"]["template"]
+        router = Pod("router", router_template, config, secrets, tmp_path)
+        for pod in (*leaders.values(), router):
+            pod.wait_ready(timeout_s=400)
+
+        with rpc.channel(f"{LEADER_IP}:{leaders['decode'].port}") as channel:
+            stub = decode_pb2_grpc.DecodeStub(channel)
+            reserved = stub.Reserve(decode_pb2.ReserveRequest(request_id="where", prompt_tokens=100, max_tokens=4))
+            # Rank 1's KV receiver is in the worker pod, at the pod IP the downward API gave it.
+            assert sorted(t.address.rsplit(":", 1)[0] for t in reserved.targets) == [LEADER_IP, WORKER_IP]
+            assert stub.Release(decode_pb2.ReleaseRequest(request_id="where", landing_unused=True)).released
+        model, tokenizer = default_model
+        engine = Engine(model, tokenizer)
+        with Client(router.address, timeout=180) as client:
+            for prompt in ("The capital of France is", "Once upon a time " * 40):  # the long one: every rank
+                ids = [e.token_id for e in engine.generate(tokenizer.encode(prompt), SamplingParams(max_tokens=12))]
+                got = [t for chunk in client.generate(prompt, max_tokens=12) for t in chunk.token_ids]
+                assert got == ids, prompt
+        router.stop()
+        for pod in leaders.values():
+            pod.stop()
+        for pod in workers:  # a worker ends when its leader hangs up
+            assert pod.proc.wait(timeout=60) == 0, pod.tail()
+            assert f"joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
+    finally:
+        for pod in [router, *leaders.values(), *workers]:
+            if pod is not None:
+                pod.stop()
+        redis.stop()
+
+
 PREFILL_OK = 'ringserve_requests_total{method="Prefill",service="prefill",status="OK"}'
 
 
@@ -454,18 +691,14 @@ def deployment(helm, tmp_path_factory):
     """The chart rendered for a CPU cluster with an external, password-protected Redis (a real one
     here, its password in the Secret the values name), and its router, prefill and decode pods running."""
     tmp = tmp_path_factory.mktemp("helm-run")
-    redis = EmbeddedRedis(password="s3cret-test").start()
+    redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
     values = {
         "gpu": {"enabled": False},
         "prefill": {"cpSize": 1},  # two cores here: one rank per group
         "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
     }
     _, docs = render(helm, values, tmp)
-    config = find(docs, "ConfigMap", FULLNAME)["data"]
-    secrets = {"redis-auth": {"password": "s3cret-test"}}
-    for d in docs:  # the chart's own Secrets (the deployment secret), as the API server would hold them
-        if d["kind"] == "Secret":
-            secrets[d["metadata"]["name"]] = {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+    config, secrets = api_objects(docs)
     workloads = {
         "decode": find(docs, "StatefulSet", f"{FULLNAME}-decode"),
         "prefill": find(docs, "StatefulSet", f"{FULLNAME}-prefill"),
@@ -474,7 +707,7 @@ def deployment(helm, tmp_path_factory):
     pods = {}
     try:
         for name, workload in workloads.items():  # all at once, as the cluster starts them
-            pods[name] = Pod(name, workload, config, secrets, tmp)
+            pods[name] = Pod(name, workload["spec"]["template"], config, secrets, tmp)
         for pod in pods.values():
             pod.wait_ready()
         notes = render_notes(helm, values, tmp)
@@ -544,7 +777,9 @@ def test_scaled_prefill_pod_gets_traffic_and_drains_on_sigterm(deployment):
     (SIGTERM) while it prefills a request: no request fails, it turns unready, exits within its grace period."""
     pods = deployment["pods"]
     prefill = find(deployment["docs"], "StatefulSet", f"{FULLNAME}-prefill")
-    second = Pod("prefill-1", prefill, deployment["config"], deployment["secrets"], deployment["tmp"])
+    second = Pod(
+        "prefill-1", prefill["spec"]["template"], deployment["config"], deployment["secrets"], deployment["tmp"]
+    )
     try:
         second.wait_ready()
         ready = time.monotonic()
