@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_gpu import PASSES, model_dir, prom_counters  # noqa: E402
 
 from ringserve.launch import start_cluster  # noqa: E402
-from ringserve.prefill_service.scheduler import CostModel, Scheduler, SchedulerConfig  # noqa: E402
+from ringserve.prefill_service.cost_model import CostModel  # noqa: E402
+from ringserve.prefill_service.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 
 COST_LINE = re.compile(
     r"prefill cost model: CostModel\(fixed=([\d.]+) ms, per_sequence=([\d.]+) ms, per_token=([\d.]+) us, "

@@ -9,7 +9,8 @@ import pytest
 
 from ringserve.errors import InvalidArgument
 from ringserve.prefill_service.calibration import calibration_shapes
-from ringserve.prefill_service.scheduler import CostModel, Scheduler, SchedulerConfig
+from ringserve.prefill_service.cost_model import CostModel
+from ringserve.prefill_service.scheduler import Scheduler, SchedulerConfig
 
 # Fitted to one H200's measured passes (Llama-3-8B shape, bf16; bench/profile_gpu.py): fixed, per
 # sequence, per token, per token pair.

@@ -13,7 +13,8 @@ import statistics
 import pytest
 
 from ringserve.errors import DeadlineExceeded, InvalidArgument
-from ringserve.prefill_service.scheduler import Chunk, CostModel, Scheduler, SchedulerConfig
+from ringserve.prefill_service.cost_model import CostModel
+from ringserve.prefill_service.scheduler import Chunk, Scheduler, SchedulerConfig
 
 # A group that runs ~50K tokens/s linear work, with attention as costly as that at ~130K context.
 TRUE = (0.008, 0.002, 2e-5, 1.5e-10)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import math
 
+from ringserve.prefill_service.cost_model import CostModel
 from ringserve.prefill_service.pass_runner import PassRunner
 from ringserve.prefill_service.prefix_cache import CacheStart, new_blocks_per_rank
 from ringserve.prefill_service.protocol import ChunkWork, Pass
-from ringserve.prefill_service.scheduler import CostModel
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,12 @@ from ringserve.errors import (
 from ringserve.kv_transfer.nixl import select_transport
 from ringserve.metrics import PREFILL_CHUNK_TOKENS, PREFILL_DEADLINES, PREFILL_PASS_SECONDS, PREFILL_QUEUE
 from ringserve.prefill_service.calibration import calibrate
+from ringserve.prefill_service.cost_model import CostModel
 from ringserve.prefill_service.pass_runner import PassRunner
 from ringserve.prefill_service.prefix_cache import CacheStart, CacheStats, PrefixIndex
 from ringserve.prefill_service.protocol import ChunkWork, Job, Pass, PassReport
 from ringserve.prefill_service.push import PushResult
-from ringserve.prefill_service.scheduler import Chunk, CostModel, Request, Scheduler, SchedulerConfig
+from ringserve.prefill_service.scheduler import Chunk, Request, Scheduler, SchedulerConfig
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 
 log = logging.getLogger(__name__)
