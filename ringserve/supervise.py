@@ -20,13 +20,13 @@ import socket
 import threading
 import time
 
+from ringserve.cli import DTYPES
 from ringserve.config import DecodeConfig, PrefillConfig, RedisArgs, RouterConfig, add_config_args, config_from_args
 from ringserve.errors import Cancelled, InvalidArgument, Unavailable
 from ringserve.launch import Cluster, start_cluster
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Both tiers on one GPU: the prefill group gets this share of `up`'s --gpu-memory-fraction, the decode
 # group the rest (decode holds every running request's KV; prefill only the prompts in flight and its
 # prefix cache).
