@@ -1,0 +1,96 @@
+"""Tensor parallelism inside the service groups, end to end: real prefill (TP x CP) and decode
+(TP x KVP) groups of processes over gloo, the router in front, on a small random GQA checkpoint
+(4 query heads, 2 KV heads: TP 2 splits both). Greedy float32 tokens through the router equal the
+single-process engine's on the same weights, and every KV block is free afterwards."""
+
+import shutil
+
+import pytest
+import torch
+from test_services import prefill_info, wait_blocks_free
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ringserve import rpc
+from ringserve.client import Client
+from ringserve.engine.engine import Engine
+from ringserve.engine.model import Llama
+from ringserve.engine.sampling import SamplingParams
+from ringserve.engine.tokenizer import Tokenizer
+from ringserve.engine.weights import gguf_cache_dir
+from ringserve.launch import start_cluster
+from ringserve.v1 import decode_pb2, decode_pb2_grpc
+
+PROMPTS = ["The capital of France is", "Once upon a time " * 40]  # 160 tokens: every CP / KVP rank gets rows
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory, default_gguf):
+    """A random Llama with grouped KV heads and the default model's tokenizer (so the router can
+    tokenize text for it)."""
+    path = tmp_path_factory.mktemp("gqa")
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,  # decisive logits: greedy tokens far from ties
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    Tokenizer.from_checkpoint(default_gguf)  # writes the GGUF's tokenizer files
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gguf_cache_dir(default_gguf) / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(gqa_dir):
+    engine = Engine(Llama.load(gqa_dir, progress=False), Tokenizer.from_checkpoint(gqa_dir))
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    return {p: [e.token_id for e in engine.generate(engine.tokenizer.encode(p), params)] for p in PROMPTS}
+
+
+@pytest.mark.parametrize(
+    "prefill,decode,transport",
+    [((2, 1), (2, 1), "auto"), ((2, 2), (2, 2), "tcp")],
+    ids=["tp2cp1-to-tp2kvp1-nixl", "tp2cp2-to-tp2kvp2-tcp"],
+)
+def test_greedy_tokens_through_tp_groups_match_single_process(
+    gqa_dir, reference, redis_server, tmp_path, prefill, decode, transport
+):
+    """(TP, CP) prefill -> (TP', KVP') decode: the layouts show in GetInfo, the tokens are the
+    engine's, and both tiers hold no KV block once the requests are done."""
+    (ptp, cp), (dtp, kvp) = prefill, decode
+    flags = ["--kv-transfer", transport, "--prefix-cache", "0"]
+    cluster = start_cluster(
+        cp=cp,
+        kvp=kvp,
+        model=str(gqa_dir),
+        log_dir=str(tmp_path),
+        redis_url=redis_server.url,
+        extra={
+            "prefill": ["--tp", str(ptp), *flags],
+            "decode": ["--tp", str(dtp), "--shard-tokens", "32", *flags[:2]],
+            "router": [],
+        },
+    )
+    try:
+        info = prefill_info(cluster)
+        assert (info.tp_size, info.cp_size, info.model.num_key_value_heads) == (ptp, cp, 2)
+        with rpc.channel(cluster.decode) as dc:
+            dinfo = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
+        assert (dinfo.tp_size, dinfo.kvp_size, dinfo.model.num_attention_heads) == (dtp, kvp, 4)
+        with Client(cluster.router, timeout=180) as c:
+            for prompt in PROMPTS:
+                chunks = list(c.generate(prompt, max_tokens=MAX_TOKENS))
+                assert [t for ch in chunks for t in ch.token_ids] == reference[prompt], prompt
+        wait_blocks_free(cluster)
+    finally:
+        cluster.stop()
