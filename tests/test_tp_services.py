@@ -12,12 +12,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ringserve import rpc
 from ringserve.client import Client
+from ringserve.config import RedisArgs
 from ringserve.engine.engine import Engine
 from ringserve.engine.model import Llama
 from ringserve.engine.sampling import SamplingParams
 from ringserve.engine.tokenizer import Tokenizer
 from ringserve.engine.weights import gguf_cache_dir
 from ringserve.launch import start_cluster
+from ringserve.registry import Registry, connect
 from ringserve.v1 import decode_pb2, decode_pb2_grpc
 
 PROMPTS = ["The capital of France is", "Once upon a time " * 40]  # 160 tokens: every CP / KVP rank gets rows
@@ -65,8 +67,8 @@ def reference(gqa_dir):
 def test_greedy_tokens_through_tp_groups_match_single_process(
     gqa_dir, reference, redis_server, tmp_path, prefill, decode, transport
 ):
-    """(TP, CP) prefill -> (TP', KVP') decode: the layouts show in GetInfo, the tokens are the
-    engine's, and both tiers hold no KV block once the requests are done."""
+    """(TP, CP) prefill -> (TP', KVP') decode: the layouts show in GetInfo and the registry, the
+    tokens are the engine's, and both tiers hold no KV block once the requests are done."""
     (ptp, cp), (dtp, kvp) = prefill, decode
     flags = ["--kv-transfer", transport, "--prefix-cache", "0"]
     cluster = start_cluster(
@@ -87,6 +89,8 @@ def test_greedy_tokens_through_tp_groups_match_single_process(
         with rpc.channel(cluster.decode) as dc:
             dinfo = decode_pb2_grpc.DecodeStub(dc).GetInfo(decode_pb2.GetDecodeInfoRequest(), timeout=10)
         assert (dinfo.tp_size, dinfo.kvp_size, dinfo.model.num_attention_heads) == (dtp, kvp, 4)
+        registry = Registry(connect(RedisArgs(redis_url=redis_server.url)), cluster.name)
+        assert {(g.role, g.tp, g.degree) for g in registry.groups()} == {("prefill", ptp, cp), ("decode", dtp, kvp)}
         with Client(cluster.router, timeout=180) as c:
             for prompt in PROMPTS:
                 chunks = list(c.generate(prompt, max_tokens=MAX_TOKENS))
