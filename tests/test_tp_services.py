@@ -4,6 +4,8 @@
 single-process engine's on the same weights, and every KV block is free afterwards."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,8 +63,8 @@ def reference(gqa_dir):
 
 @pytest.mark.parametrize(
     "prefill,decode,transport",
-    [((2, 1), (2, 1), "auto"), ((2, 2), (2, 2), "tcp")],
-    ids=["tp2cp1-to-tp2kvp1-nixl", "tp2cp2-to-tp2kvp2-tcp"],
+    [((2, 1), (2, 1), "auto"), ((2, 2), (2, 2), "tcp"), ((1, 3), (2, 1), "auto")],
+    ids=["tp2cp1-to-tp2kvp1-nixl", "tp2cp2-to-tp2kvp2-tcp", "tp1cp3-to-tp2kvp1-nixl"],
 )
 def test_greedy_tokens_through_tp_groups_match_single_process(
     gqa_dir, reference, redis_server, tmp_path, prefill, decode, transport
@@ -98,3 +100,17 @@ def test_greedy_tokens_through_tp_groups_match_single_process(
         wait_blocks_free(cluster)
     finally:
         cluster.stop()
+
+
+@pytest.mark.parametrize("service,size_flag", [("decode", "--kvp"), ("prefill", "--cp")])
+def test_tp_that_does_not_split_the_heads_fails_at_start_with_a_clear_message(gqa_dir, service, size_flag):
+    """4 query heads do not split over 3 TP ranks: the group refuses before reading any weight."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringserve.cli", service, "--port", "0", "--model", str(gqa_dir), "--tp", "3"]
+        + [size_flag, "1", "--kv-transfer", "tcp", "--group-timeout-s", "60"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode != 0
+    assert "--tp 3 cannot shard this model" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

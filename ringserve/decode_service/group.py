@@ -1,4 +1,4 @@
-"""A KVP decode group: K processes, one per device; rank 0 (the gRPC process) leads.
+"""A KVP decode group: K processes (T x K under TP, ``mesh.Layout``), one per device; rank 0 (the gRPC process) leads.
 
 Every rank owns a KV cache and a KV receiver that the prefill tier pushes to. The leader starts
 ranks 1..K-1 (``process_group.LeaderLink``: local children, or processes on other hosts that join)

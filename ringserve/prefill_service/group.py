@@ -1,4 +1,5 @@
-"""A prefill group's leader: N processes, one per device, run CP prefill together; rank 0 leads.
+"""A prefill group's leader: N processes (T x N under TP, ``mesh.Layout``), one per device, run CP
+prefill together; rank 0 leads.
 
 The leader (the process serving gRPC) runs the scheduler. Requests are prefilled in passes (Medha,
 Agrawal et al.): each pass is a chunk of one long prompt, or chunks of several prompts packed
