@@ -6,6 +6,7 @@ single-process engine's on the same weights, and every KV block is free afterwar
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ringserve import rpc
 from ringserve.client import Client
-from ringserve.config import RedisArgs
+from ringserve.config import DecodeConfig, RedisArgs
+from ringserve.decode_service.group import DecodeGroup
+from ringserve.decode_service.protocol import RowsLanded
+from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.engine import Engine
 from ringserve.engine.model import Llama
 from ringserve.engine.sampling import SamplingParams
@@ -114,3 +118,27 @@ def test_tp_that_does_not_split_the_heads_fails_at_start_with_a_clear_message(gq
     )
     assert proc.returncode != 0
     assert "--tp 3 cannot shard this model" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_tp_decode_share_lands_only_when_every_tp_rank_has_its_heads(gqa_dir):
+    """A TP 2 decode group answers one target per TP rank with its KV head, and counts a prompt
+    row landed once both TP ranks hold theirs; a piece naming a head the rank does not hold counts
+    nothing."""
+    cfg = DecodeConfig(model=str(gqa_dir), tp=2, kv_blocks=16, block_size=16, kv_transfer="tcp")
+    worker = DecodeWorker(DecodeGroup(cfg), Tokenizer.from_checkpoint(gqa_dir), reservation_ttl_s=60.0)
+    try:
+        res = worker.reserve("r", 20, 4)
+        assert [(t[0], t[2], t[3], t[5], t[6]) for t in res.targets] == [(0, 0, 20, 0, 1), (1, 0, 20, 1, 1)]
+        worker._landed(RowsLanded(0, "r", res.epoch, "0.0.0", 0, 20))
+        assert worker.requests["r"].landed == 0  # TP rank 1's head is still missing
+        worker._landed(RowsLanded(1, "r", res.epoch, "0.1.0", 0, 8, range(1, 2)))  # it holds one head: 0
+        assert worker.requests["r"].landed == 0 and worker.dropped["outside_share"] == 1
+        worker._landed(RowsLanded(1, "r", res.epoch, "0.1.0", 0, 20))
+        assert worker.requests["r"].landed == 20
+        assert worker.cancel("r")
+        deadline = time.monotonic() + 30
+        while worker.blocks_used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.blocks_used == 0
+    finally:
+        worker.close()

@@ -193,7 +193,7 @@ class Reservations:
                 for r, start, share in zip(ranks, starts, shares)
                 for w in Layout(self.group.tp, self.group.world).tp_ranks(r)
             ]
-            req.nixl = any(landing for *_, landing in targets)
+            req.nixl = any(t[4] for t in targets)  # a NIXL landing went out
             self._update_gauges()
         return Reservation(req.epoch, self.reservation_ttl_s, targets)
 
@@ -245,8 +245,8 @@ class Reservations:
             kvp_rank, tp_rank = divmod(rank, self.group.tp)
             local = self.group.rank0.cache.k.shape[-2]
             rows = req.landed_rows.setdefault(kvp_rank, LandedRows(local * self.group.tp))
+            inside = note.heads is None or (note.heads.stop <= local and rows.holds(note.heads))
             heads = range(local) if note.heads is None else note.heads
-            inside = bool(heads) and heads.start >= 0 and heads.stop <= local
             if first < 0 or first + count > req.shares.get(kvp_rank, 0) or not inside:
                 self._count_dropped("outside_share")
                 log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
