@@ -124,6 +124,11 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     registry_ttl_s: float = _opt(10.0, "a group that misses heartbeats for this long drops out of the registry")
     drain_timeout_s: float = _opt(120.0, "on SIGTERM, wait this long at most for running requests to finish")
     kv_transfer: str = _opt("auto", "KV transport: auto (NIXL if it works here, else TCP), nixl or tcp")
+    tp: int = _opt(
+        1,
+        "tensor-parallel ranks per CP (or KVP) rank: the group has tp x cp (or tp x kvp) ranks, one process "
+        "and device each",
+    )
     deployment_secret_file: str | None = _opt(
         None,
         "file with the secret that keys the MACs of KV landings and TCP KV frames, the same on both tiers "

@@ -90,6 +90,7 @@ class Registration:
                 f"({cfg.registry_ttl_s}), or a live group would expire between beats"
             )
         self.role, self.degree, self.block_size = role, degree, block_size
+        self.tp = cfg.tp  # the layout: tp x degree ranks
         self.load, self.changes = load, changes
         self.heartbeat_s, self.ttl_ms = cfg.heartbeat_s, int(cfg.registry_ttl_s * 1000)
         self.redis_url = cfg.redis_url
@@ -136,6 +137,7 @@ class Registration:
             "role": self.role,
             "address": self.address,
             "degree": self.degree,
+            "tp": self.tp,
             "block_size": self.block_size,
             "ttl_ms": self.ttl_ms,
             **asdict(self.load()),

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch loads inside the functions: `ringserve --help` and la
     import torch.distributed as dist
 
     from ringserve.engine.model import Llama
+    from ringserve.mesh import Layout, Mesh
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,3 +76,21 @@ def check_group(model: Llama, world: int, dtype: torch.dtype, group: dist.Proces
                 f"rank {dist.get_rank(group)} has {mine}, rank {r} has {theirs}; "
                 "load the same model and dtype everywhere"
             )
+
+
+def join_and_load_tp(
+    cfg, layout: Layout, rank: int, init_method: str, device: torch.device, dtype: torch.dtype
+) -> tuple[Llama, Mesh]:
+    """A rank of a TP > 1 group (``cfg``: a prefill or decode config): join the group first (world
+    rank ``rank`` of ``layout``), then read only this rank's shard of the checkpoint
+    (``engine.tp.load_tp_model``, which checks the model splits over ``layout.tp`` before reading
+    any weight). TP 1 loads the whole model before joining, as it always has."""
+    from ringserve.engine.tp import load_tp_model
+    from ringserve.errors import InvalidArgument
+    from ringserve.mesh import init_mesh
+
+    if cfg.load_format != "auto":
+        raise InvalidArgument(f"--load-format {cfg.load_format} is for TP 1 only; under --tp each rank reads its shard")
+    init_group(rank, layout.world, init_method, device, cfg.group_timeout_s)
+    mesh = init_mesh(layout)
+    return load_tp_model(cfg.model, mesh.tp_group, dtype=dtype, device=device, progress=rank == 0), mesh

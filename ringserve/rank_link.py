@@ -206,7 +206,7 @@ class LeaderLink:
         while True:
             try:
                 msg = conn.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, TypeError):  # TypeError: close() closed it under this read
                 if not self._closing:
                     self.messages.put((rank, RankLost(rank, self._who(rank))))
                 return

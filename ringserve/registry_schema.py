@@ -3,7 +3,8 @@
 Keys, one namespace per deployment (``ringserve:{cluster}``):
 
     {ns}:groups          SET of group ids: the index routers list; ids whose record is gone are pruned
-    {ns}:group:{id}      HASH, the group's record: role, address, degree, block_size, ttl_ms and its load
+    {ns}:group:{id}      HASH, the group's record: role, address, degree (CP or KVP ranks), tp (TP ranks
+                         per CP/KVP rank; absent in older records: 1), block_size, ttl_ms and its load
                          (queued_tokens, active_requests, free_blocks, total_blocks, tokens_per_s); PEXPIRE ttl
     {ns}:blocks:{id}     SET of the block hashes (``engine.kv_cache.block_hashes``) the group holds; PEXPIRE ttl
 
@@ -51,10 +52,11 @@ class GroupRecord:
     id: str
     role: str
     address: str
-    degree: int
+    degree: int  # CP (prefill) or KVP (decode) ranks
     block_size: int
     ttl_s: float
     load: Load
+    tp: int = 1  # TP ranks per CP/KVP rank: the group's layout is tp x degree
 
     @classmethod
     def parse(cls, group_id: str, fields: dict[bytes, bytes]) -> GroupRecord:
@@ -78,6 +80,7 @@ class GroupRecord:
             block_size=_field(f, "block_size", int, low=1),
             ttl_s=_field(f, "ttl_ms", int, low=1) / 1000,
             load=Load(**{name: _field(f, name, kind, low=0) for name, kind in _LOAD_FIELDS}),
+            tp=_field(f, "tp", int, low=1) if "tp" in f else 1,
         )
 
 

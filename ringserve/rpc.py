@@ -386,7 +386,7 @@ def check_ttft_slo(seconds: float) -> float | None:
 
 
 def model_description(model, block_size: int, name: str) -> common_pb2.ModelDescription:
-    c = model.config
+    c = model.tp.full_config if model.tp is not None else model.config  # a TP shard describes the whole model
     return common_pb2.ModelDescription(
         name=name,
         vocab_size=c.vocab_size,

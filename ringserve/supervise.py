@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PREFILL_SHARE = 0.4
 PASSED = {"prefill": PrefillConfig, "decode": DecodeConfig, "router": RouterConfig}
 # Flags `up` sets itself on every service it starts: not for --prefill-args and the like.
-OWNED_FLAGS = ("--port", "--host", "--redis-url", "--cluster", "--metrics-port", "--cp", "--kvp", "--model")
+OWNED_FLAGS = ("--port", "--host", "--redis-url", "--cluster", "--metrics-port", "--cp", "--kvp", "--tp", "--model")
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # delay before the 1st, 2nd, ... restart in a row
 STABLE_S = 60.0  # a service that ran this long before dying starts its backoff over
 SHUTDOWN_MARGIN_S = 30.0  # beyond the longest drain: servers stopping, ranks exiting
@@ -69,8 +69,10 @@ def _port_free(host: str, port: int) -> bool:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Everything that needs no child process, checked before any is started."""
-    if args.cp < 1 or args.kvp < 1:
-        raise InvalidArgument(f"--cp and --kvp must be at least 1, got --cp {args.cp} --kvp {args.kvp}")
+    if args.cp < 1 or args.kvp < 1 or args.tp < 1:
+        raise InvalidArgument(
+            f"--cp, --kvp and --tp must be at least 1, got --cp {args.cp} --kvp {args.kvp} --tp {args.tp}"
+        )
     if args.dtype not in DTYPES:
         raise InvalidArgument(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if args.model and not os.path.exists(args.model):
@@ -263,8 +265,8 @@ def up(args: argparse.Namespace) -> int:
             extra={
                 "router": ["--drain-timeout-s", str(drain_s), "--http-port", str(args.http_port), *insecure,
                            *passed["router"]],
-                "prefill": [*insecure, *passed["prefill"]],
-                "decode": [*insecure, *passed["decode"]],
+                "prefill": ["--tp", str(args.tp), *insecure, *passed["prefill"]],
+                "decode": ["--tp", str(args.tp), *insecure, *passed["decode"]],
             },
             cancel=signals.first,
         )  # fmt: skip
@@ -295,6 +297,8 @@ def add_up_command(sub) -> None:
     )
     p.add_argument("--cp", type=int, default=2, help="context-parallel ranks in the prefill group")
     p.add_argument("--kvp", type=int, default=1, help="KV-parallel ranks in the decode group")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per CP and per KVP rank (both groups: "
+                   "tp x cp and tp x kvp processes); the model's heads and MLP width must split over them")  # fmt: skip
     p.add_argument("--model", default=None, help="HF directory or .gguf; default: the embedded SmolLM2-135M")
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible, else cpu), cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 "

@@ -29,7 +29,7 @@ def send(address, request_id, epoch, first, kv, transfer_id="t0"):
 def push(reservation, request_id, kv, nixl=None):
     """Send each rank its share, as the prefill tier would: through the real TCP path, or with
     ``nixl`` (a NixlSender) a NIXL WRITE into the landing the reservation answered."""
-    for _, address, first, count, landing in reservation.targets:
+    for _, address, first, count, landing, *_ in reservation.targets:
         if count and nixl is not None:
             assert landing, "the decode group offers no NIXL landing"
             nixl.push(request_id, kv[:, :, first : first + count], landing)
@@ -105,7 +105,7 @@ def test_requests_joining_a_running_batch_match_the_engine(worker, default_model
         ids = tokenizer.encode(p)
         kv, first = prompt_kv_and_first_token(model, ids)
         res = worker.reserve(f"r{i}", len(ids), 20)
-        [(rank, address, start, count, _)] = res.targets
+        [(rank, address, start, count, *_)] = res.targets
         assert (rank, start, count) == (0, 0, len(ids))
         # Two transfers, as two prefill ranks would send them (any split works: KV is a set).
         half = len(ids) // 2
@@ -129,7 +129,7 @@ def test_bad_reservations_and_transfers(worker, default_model):
         worker.reserve("huge", 2000, 10)
     assert worker.blocks_used == used
     res = worker.reserve("a", 10, 5)
-    [(_, address, _, _, _)] = res.targets
+    [(_, address, *_)] = res.targets
     with pytest.raises(InvalidArgument, match="already reserved"):
         worker.reserve("a", 10, 5)
     worker.group.rank0.landing_timeout_s = 0.2

@@ -295,7 +295,7 @@ def test_the_prefill_group_tells_nixl_targets_it_is_done(tmp_path, default_model
     prefill = PrefillGroup(PrefillConfig(**{**cfg.__dict__, "max_pass_tokens": 16, "prefix_cache": 0.0}))
 
     def job(request_id: str, ids: list[int], res) -> Job:
-        [(_, address, first, count, landing)] = res.targets
+        [(_, address, first, count, landing, *_)] = res.targets
         return Job(request_id, ids, "auto", [Target(address, first, count, landing, res.epoch)], ttft_s=600.0)
 
     try:

@@ -367,7 +367,7 @@ def test_a_decode_group_takes_head_pieces_from_tp_ranks_and_decodes_exactly(pref
     worker = DecodeWorker(group, tokenizer, reservation_ttl_s=60.0)
     try:
         res = worker.reserve("req", len(ids), 8)
-        [(rank, address, start, count, landing)] = res.targets
+        [(rank, address, start, count, landing, *_)] = res.targets
         target = common_pb2.KVTarget(
             rank=rank, address=address, first_position=start, num_tokens=count, nixl_landing=landing, epoch=res.epoch
         )

@@ -205,7 +205,8 @@ def test_up_off_loopback_needs_insecure(redis_server):
     """`ringserve up` serves plaintext: a network --host is refused before any child starts, unless --insecure."""
     from ringserve.supervise import check_flags
 
-    flags = dict(cp=1, kvp=1, dtype="float32", model=None, port=0, http_port=0, redis_url=redis_server.url)
+    flags = dict(cp=1, kvp=1, tp=1, dtype="float32", model=None, port=0, http_port=0, redis_url=redis_server.url)
+    flags |= dict(gpu_memory_fraction=0.9, prefill_args="", decode_args="", router_args="")
     flags["redis_port"] = 0
     with pytest.raises(InvalidArgument, match="add --insecure"):
         check_flags(argparse.Namespace(**flags, host="0.0.0.0", insecure=False))

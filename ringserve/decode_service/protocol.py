@@ -50,12 +50,14 @@ class Extend:
 
 @dataclass(frozen=True)
 class Step:
-    """Run the rank's part of a group-wide decode step."""
+    """Run the rank's part of a decode step: group-wide, or (``group_wide`` False: the TP peers of
+    the leader) a step of KVP rank 0 alone."""
 
     entries: list[StepEntry]
+    group_wide: bool = True
 
     def apply(self, rank: KVPRank) -> None:
-        rank.step(self.entries, group_wide=True)
+        rank.step(self.entries, group_wide=self.group_wide)
 
 
 LeaderCall = Reserve | Free | Extend | Step

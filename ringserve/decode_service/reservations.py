@@ -29,9 +29,11 @@ from ringserve.decode_service.protocol import Free, PrefillDone, Reserve, RowsLa
 from ringserve.engine.kv_cache import BlockAllocator, blocks_needed
 from ringserve.engine.output import TextOutput
 from ringserve.engine.sampling import SamplingParams
+from ringserve.engine.tp import kv_heads
 from ringserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ringserve.kv_transfer.plan import balanced_shares
 from ringserve.kv_transfer.secret import deployment_secret
+from ringserve.mesh import Layout
 from ringserve.metrics import KV_BLOCKS, KV_DROPPED, QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ class DecodeRequest:
     lease_until: float = 0.0  # an unclaimed reservation expires then, unless renewed
     nixl: bool = False  # a NIXL landing was handed out: a one-sided WRITE may reach its blocks
     prefill_done: bool = False  # the prefill side said it writes nothing more for this epoch
-    landed_rows: dict[int, LandedRows] = field(default_factory=dict)  # rank -> its rows that landed
+    landed_rows: dict[int, LandedRows] = field(default_factory=dict)  # KVP rank -> its rows that landed
     quarantined_at: float | None = None  # ended, blocks held until no WRITE can land
     # Set by start():
     last_token: int = 0  # the newest token: the next step's input
@@ -69,12 +71,13 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class Reservation:
-    """What ``reserve`` answers: the epoch, the lease, and per rank (rank, KV receiver address,
-    first prompt position, prompt tokens, NIXL landing or b"")."""
+    """What ``reserve`` answers: the epoch, the lease, and per world rank (TP x KVP) taking a share
+    (world rank, KV receiver address, first prompt position, prompt tokens, NIXL landing or b"",
+    first global KV head, KV heads; 0 heads: every head)."""
 
     epoch: int
     lease_s: float
-    targets: list[tuple[int, str, int, int, bytes]]
+    targets: list[tuple[int, str, int, int, bytes, int, int]]
 
 
 class Reservations:
@@ -186,21 +189,31 @@ class Reservations:
             for r, start, share in zip(ranks, starts, shares):
                 self.group.call(r, Reserve(request_id, req.epoch, tables[r], start, share))
             targets = [
-                (r, self.group.addresses[r], start, share, self._landing(r, req, share))
+                (w, self.group.addresses[w], start, share, self._landing(w, req, r, share), *self._kv_heads(w))
                 for r, start, share in zip(ranks, starts, shares)
+                for w in Layout(self.group.tp, self.group.world).tp_ranks(r)
             ]
-            req.nixl = any(landing for *_, landing in targets)
+            req.nixl = any(t[4] for t in targets)  # a NIXL landing went out
             self._update_gauges()
         return Reservation(req.epoch, self.reservation_ttl_s, targets)
 
-    def _landing(self, rank: int, req: DecodeRequest, share: int) -> bytes:
-        template = self.group.templates[rank]
+    def _landing(self, world_rank: int, req: DecodeRequest, rank: int, share: int) -> bytes:
+        """World rank ``world_rank``'s landing for its KVP rank ``rank``'s share (the same blocks on
+        every TP rank of it; its own NIXL agent and pool)."""
+        template = self.group.templates[world_rank]
         if template is None:
             return b""
         from ringserve.kv_transfer.landing import landing_bytes
 
         expires = time.time() + self.reservation_ttl_s  # the prefill side admits it once, before this
         return landing_bytes(template, req.request_id, req.epoch, req.tables[rank], share, self.landing_key, expires)
+
+    def _kv_heads(self, world_rank: int) -> tuple[int, int]:
+        """(first global KV head, count) world rank ``world_rank`` holds; (0, 0): every head (TP 1)."""
+        if self.group.tp == 1:
+            return 0, 0
+        heads = kv_heads(world_rank % self.group.tp, self.group.tp, self.group.model.tp.full_config.num_key_value_heads)
+        return heads.start, len(heads)
 
     def renew(self, request_id: str, epoch: int) -> bool:
         """Extend the lease of reservation ``epoch`` (the router does, every lease/3, while the
@@ -227,12 +240,18 @@ class Reservations:
                 self._count_dropped("stale")
                 log.warning("%s: %d KV rows landed for no live reservation; ignored", where, count)
                 return
-            rows = req.landed_rows.setdefault(rank, LandedRows(self.group.rank0.cache.k.shape[-2]))
-            if first < 0 or first + count > req.shares.get(rank, 0) or not rows.holds(note.heads):
+            # A KVP rank's rows are complete once every head of each of its TP ranks landed: count
+            # them over the TP ranks' heads together (TP rank t's local head h is head t * local + h).
+            kvp_rank, tp_rank = divmod(rank, self.group.tp)
+            local = self.group.rank0.cache.k.shape[-2]
+            rows = req.landed_rows.setdefault(kvp_rank, LandedRows(local * self.group.tp))
+            inside = note.heads is None or (note.heads.stop <= local and rows.holds(note.heads))
+            heads = range(local) if note.heads is None else note.heads
+            if first < 0 or first + count > req.shares.get(kvp_rank, 0) or not inside:
                 self._count_dropped("outside_share")
                 log.warning("%s: KV rows [%d, %d) are outside the rank's share; ignored", where, first, first + count)
                 return
-            added = rows.add(first, first + count, note.heads)
+            added = rows.add(first, first + count, range(heads.start + tp_rank * local, heads.stop + tp_rank * local))
             if added.repeated:
                 self._count_dropped("repeated")
                 log.info(

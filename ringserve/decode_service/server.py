@@ -30,9 +30,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ReserveResponse(
             targets=[
                 common_pb2.KVTarget(
-                    rank=r, address=a, first_position=f, num_tokens=n, nixl_landing=landing, epoch=res.epoch
+                    rank=r,
+                    address=a,
+                    first_position=f,
+                    num_tokens=n,
+                    nixl_landing=landing,
+                    epoch=res.epoch,
+                    first_kv_head=head,
+                    kv_heads=heads,
                 )
-                for r, a, f, n, landing in res.targets
+                for r, a, f, n, landing, head, heads in res.targets
             ],
             epoch=res.epoch,
             lease_seconds=res.lease_s,
@@ -100,6 +107,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             return decode_pb2.GetDecodeInfoResponse(
                 model=self.model_desc,
                 kvp_size=w.group.world,
+                tp_size=w.group.tp,
                 active_requests=len(w.active),
                 reserved_requests=len(w.requests) - len(w.active),
                 kv_blocks_used=w.blocks_used,
@@ -141,5 +149,11 @@ def serve(cfg: DecodeConfig):
     )
     server, port, address, drain = serve_worker(cfg, service)
     worker.on_failure = lambda: drain.give_up(f"decode group failed: {worker.failure}")
-    log.info("decode group (kvp=%d) serving on %s, KV receivers at %s", cfg.kvp, address, ", ".join(group.addresses))
+    log.info(
+        "decode group (tp=%d, kvp=%d) serving on %s, KV receivers at %s",
+        cfg.tp,
+        cfg.kvp,
+        address,
+        ", ".join(group.addresses),
+    )
     return server, port, worker, drain

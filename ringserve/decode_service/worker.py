@@ -25,7 +25,7 @@ import torch
 
 from ringserve.decode_service.group import DecodeGroup
 from ringserve.decode_service.kvp import StepEntry
-from ringserve.decode_service.protocol import Extend, Step
+from ringserve.decode_service.protocol import Extend
 from ringserve.decode_service.reservations import DecodeRequest, Reservations
 from ringserve.decode_service.stream import Emitted, OutputStage
 from ringserve.engine.output import TextOutput
@@ -194,7 +194,7 @@ class DecodeWorker(Reservations):
             logits = self._forward(batch, entries)
         except Exception as e:
             log.exception("decode step failed")
-            if self.group.world > 1:  # the ranks may be out of step now: the group is done
+            if self.group.size > 1:  # the ranks may be out of step now: the group is done
                 self._group_failed(f"a decode step failed: {type(e).__name__}: {e}")
                 return True
             with self.lock:  # one rank: fail the batch, keep the worker alive
@@ -270,8 +270,7 @@ class DecodeWorker(Reservations):
         """One decode step over the group."""
         # A step whose requests all live on rank 0 alone needs no other rank and no communication.
         group_wide = any(set(r.rows) != {0} for r in batch)
-        if group_wide:
-            self.group.broadcast(Step(entries))
+        self.group.send_step(entries, group_wide)
         return self.group.rank0.step(entries, group_wide)
 
     def _group_failed(self, what: str) -> None:

@@ -1,4 +1,5 @@
-"""A prefill group's leader: N processes, one per device, run CP prefill together; rank 0 leads.
+"""A prefill group's leader: N processes (T x N under TP, ``mesh.Layout``), one per device, run CP
+prefill together; rank 0 leads.
 
 The leader (the process serving gRPC) runs the scheduler. Requests are prefilled in passes (Medha,
 Agrawal et al.): each pass is a chunk of one long prompt, or chunks of several prompts packed
@@ -57,7 +58,7 @@ class Prefilled:
     """A finished request, as the leader sees it."""
 
     logits: torch.Tensor  # the prompt's last token's [V]
-    results: list[PushResult]  # one per rank, leader first
+    results: list[PushResult]  # one per world rank (TP x CP), leader first
     cached_tokens: int  # prompt tokens read from the prefix cache instead of computed
     strategy: str  # the ring variant of its last pass
     passes: int  # passes it took part in (its chunks)
@@ -82,15 +83,15 @@ class _InFlight:
     logits: torch.Tensor | None = None  # set with its last chunk's pass
     strategy: str = ""
     passes: int = 0
-    pushed: dict[int, PushResult] = field(default_factory=dict)  # rank -> its push's result
+    pushed: dict[int, PushResult] = field(default_factory=dict)  # world rank -> its push's result
 
 
 class PrefillGroup:
     """The leader's handle on its group: start the ranks, take requests, schedule passes, stop."""
 
     def __init__(self, cfg: PrefillConfig):
-        if cfg.cp < 1:
-            raise FailedPrecondition(f"--cp must be at least 1, got {cfg.cp}")
+        if cfg.cp < 1 or cfg.tp < 1:
+            raise FailedPrecondition(f"--cp and --tp must be at least 1, got --cp {cfg.cp} --tp {cfg.tp}")
         if not 0.0 <= cfg.prefix_cache <= 1.0:
             raise InvalidArgument(
                 f"--prefix-cache is the share of KV blocks the prefix cache may keep, from 0 (off) to 1; "
@@ -266,8 +267,9 @@ class PrefillGroup:
         # (Requests started by the scheduler but not yet sent to the ranks have their blocks
         # reserved in the index only.)
         unsent = [f.start.new_blocks for f in self._requests.values() if f.start is not None and not f.begun]
-        for r in reports:
-            expected = self.index.held[r.rank] + self.index.reserved[r.rank] - sum(n[r.rank] for n in unsent)
+        for r in reports:  # the TP ranks of one CP rank hold the same blocks (the same tables)
+            cp_rank = r.rank // self.cfg.tp
+            expected = self.index.held[cp_rank] + self.index.reserved[cp_rank] - sum(n[cp_rank] for n in unsent)
             if r.blocks_used != expected:
                 self.broken = True
                 raise FailedPrecondition(
@@ -324,9 +326,9 @@ class PrefillGroup:
         """Answer a request once its last pass is done and every rank's push is over (with
         ``_wake`` held); its blocks are freed by the next pass, and its NIXL targets hear that
         nothing more will be written."""
-        if flight.logits is None or len(flight.pushed) < self.cfg.cp:
+        if flight.logits is None or len(flight.pushed) < self.ranks.world:
             return
-        results = [flight.pushed[r] for r in range(self.cfg.cp)]
+        results = [flight.pushed[r] for r in range(self.ranks.world)]
         error = next((r.error for r in results if r.error), None)
         outcome = (
             Aborted(error[1])

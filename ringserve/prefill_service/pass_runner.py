@@ -5,6 +5,7 @@ group holds no collective that could time out."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -30,21 +31,21 @@ class PassRunner:
     come (rank 0's from its own push stage, the others' over the link)."""
 
     def __init__(self, cfg: PrefillConfig, on_push: Callable[[PushResult], None]):
-        self.cfg, self.world = cfg, cfg.cp
+        self.cfg, self.world = cfg, cfg.tp * cfg.cp  # every world rank of the TP x CP layout
         secret = deployment_secret(cfg.deployment_secret_file)
-        self.link = LeaderLink("prefill", cfg.cp, cfg.group_host, cfg.group_port, secret)
+        self.link = LeaderLink("prefill", self.world, cfg.group_host, cfg.group_port, secret)
         self._reports: queue.Queue[PassReport] = queue.Queue()
         self._lost: dict[int, str] = {}  # rank -> who, for ranks whose link closed
         self._on_push = on_push
         self.active: dict[str, RankSeq] = {}  # rank 0's sequences
         self.endpoint = None
         try:
-            self.link.spawn(local_ranks(cfg.local_ranks, cfg.cp), rank_main)
+            self.link.spawn(local_ranks(cfg.local_ranks, self.world), rank_main)
             self.link.admit(cfg, cfg.group_timeout_s)
             self._reader = threading.Thread(target=self._read, name="prefill-reports", daemon=True)
             self._reader.start()
-            self.runner, self.blocks, self.endpoint = build_runner(cfg, 0, self.link.init_method)
-            self.pusher = Pusher(self.runner, self.endpoint, on_push, cfg.kv_push_timeout_s, secret)
+            self.runner, self.blocks, self.endpoint, source = build_runner(cfg, 0, self.link.init_method)
+            self.pusher = Pusher(self.runner, self.endpoint, on_push, cfg.kv_push_timeout_s, secret, source)
             for report in self.collect():
                 if report.error:
                     raise error_from_code(*report.error)
@@ -96,8 +97,8 @@ class PassRunner:
             rank, msg = item
             if isinstance(msg, RankLost):
                 self._lost[rank] = msg.who
-            elif isinstance(msg, PushResult):
-                self._on_push(msg)
+            elif isinstance(msg, PushResult):  # a push stage names its CP rank; the leader counts world ranks
+                self._on_push(dataclasses.replace(msg, rank=rank))
             else:
                 self._reports.put(msg)
 

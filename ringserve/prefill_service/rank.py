@@ -14,13 +14,14 @@ from ringserve.engine.model import Llama
 from ringserve.errors import RingserveError
 from ringserve.kv_transfer.nixl import NixlEndpoint
 from ringserve.kv_transfer.secret import deployment_secret
+from ringserve.mesh import Layout, Mesh
 from ringserve.prefill_service.context_parallel import CPRunner
 from ringserve.prefill_service.prefix_cache import RankBlocks, RankSeq
 from ringserve.prefill_service.protocol import Pass, PassReport
-from ringserve.prefill_service.push import Pusher
+from ringserve.prefill_service.push import Pusher, SourceRank
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 from ringserve.prefill_service.strategy import measure_rates
-from ringserve.process_group import check_group, init_group
+from ringserve.process_group import check_group, init_group, join_and_load_tp
 from ringserve.rank_link import RankLink
 
 
@@ -32,22 +33,31 @@ def device_for(cfg: PrefillConfig, rank: int) -> torch.device:
 
 def build_runner(
     cfg: PrefillConfig, rank: int, init_method: str, device: torch.device | None = None
-) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None]:
-    """Load the model, join the group's torch.distributed group, allocate this rank's KV cache (on
-    ``device``, default: the rank's GPU, or the CPU)."""
+) -> tuple[CPRunner, RankBlocks, NixlEndpoint | None, SourceRank]:
+    """Load the model (this rank's TP shard), join the group's torch.distributed group (world
+    rank ``rank`` of TP x CP, ``mesh.Layout``), allocate this rank's KV cache (its heads; on
+    ``device``, default: the rank's GPU, or the CPU). Returns also where the rank sits in the
+    layout, for its push stage."""
     from ringserve.service import torch_dtype
 
     device = device or device_for(cfg, rank)
     dtype = torch_dtype(cfg.dtype)
-    model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
-    init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)
-    check_group(model, cfg.cp, dtype)
+    if cfg.tp == 1:
+        model = Llama.load(cfg.model, dtype=dtype, device=device, progress=rank == 0, load_format=cfg.load_format)
+        init_group(rank, cfg.cp, init_method, device, cfg.group_timeout_s)
+        mesh = Mesh(Layout(1, cfg.cp), rank, None, None)  # the CP group is the whole group; no TP collective
+    else:
+        model, mesh = join_and_load_tp(cfg, Layout(cfg.tp, cfg.cp), rank, init_method, device, dtype)
+    check_group(model, cfg.cp, dtype, mesh.outer_group)
     cache = KVCache(model.config, cfg.kv_blocks, cfg.block_size, dtype=dtype, device=device)
     c = model.config
     rates = measure_rates(None, device, dtype, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
     key = deployment_secret(cfg.deployment_secret_file)
     endpoint = NixlEndpoint(cache, landing_key=key) if cfg.kv_transfer == "nixl" else None  # pool registered once
-    return CPRunner(model, cache, strategy=cfg.strategy, rates=rates), RankBlocks(cache, rank, cfg.cp), endpoint
+    runner = CPRunner(model, cache, group=mesh.outer_group, strategy=cfg.strategy, rates=rates)
+    full_kv_heads = (model.tp.full_config if model.tp else c).num_key_value_heads
+    source = SourceRank(mesh.outer_rank, full_kv_heads, mesh.tp_rank, cfg.tp)
+    return runner, RankBlocks(cache, mesh.outer_rank, cfg.cp), endpoint, source
 
 
 def run_pass(
@@ -63,7 +73,7 @@ def run_pass(
     """
     import torch.distributed as dist
 
-    report = PassReport(runner.rank)
+    report = PassReport(dist.get_rank())  # the world rank: TP ranks of one CP rank report apart
     try:
         blocks.evict(p.evict)
         for request_id, store in p.finish:
@@ -89,7 +99,7 @@ def run_pass(
         if finished:
             counts: list = [None] * runner.world
             with runner.comm.peer_errors():
-                dist.all_gather_object(counts, [rs.seq.num_cached_local for _, rs in finished])
+                dist.all_gather_object(counts, [rs.seq.num_cached_local for _, rs in finished], group=runner.comm.group)
             for i, (w, rs) in enumerate(finished):
                 pusher.submit(w.request_id, rs.seq, w.targets, [c[i] for c in counts])
     except BaseException:
@@ -107,12 +117,13 @@ def rank_main(link: RankLink, device: torch.device | None = None) -> None:
     ``device``: this host's (a rank started on its own); default as ``device_for``."""
     cfg: PrefillConfig = link.config
     try:
-        runner, blocks, endpoint = build_runner(cfg, link.rank, link.welcome.init_method, device)
+        runner, blocks, endpoint, source = build_runner(cfg, link.rank, link.welcome.init_method, device)
     except RingserveError as e:
         link.send(PassReport(link.rank, error=(e.code, str(e))))
         return
     # Push results go straight to the leader, from the push stage's threads.
-    pusher = Pusher(runner, endpoint, link.send, cfg.kv_push_timeout_s, deployment_secret(cfg.deployment_secret_file))
+    secret = deployment_secret(cfg.deployment_secret_file)
+    pusher = Pusher(runner, endpoint, link.send, cfg.kv_push_timeout_s, secret, source)
     link.send(PassReport(link.rank))  # ready
     active: dict[str, RankSeq] = {}
     try:

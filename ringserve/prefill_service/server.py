@@ -54,7 +54,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         ids = check_prompt(request.token_ids, config.max_position_embeddings, config.vocab_size)
         if request.strategy not in ("", *STRATEGIES):
             raise InvalidArgument(f"strategy must be one of {STRATEGIES}, got {request.strategy!r}")
-        check_targets(targets, len(ids), config.num_key_value_heads)
+        full = self.group.model.tp.full_config if self.group.model.tp else config  # targets name global heads
+        check_targets(targets, len(ids), full.num_key_value_heads)
         params = sampling_from_proto(request.sampling)
         params.validate_for(config.vocab_size)
         ttft_s = check_ttft_slo(request.ttft_slo_seconds)
@@ -144,6 +145,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.GetPrefillInfoResponse(
             model=self.model_desc,
             cp_size=self.cfg.cp,
+            tp_size=self.cfg.tp,
             transport=self.group.transport,
             active_requests=self.work.requests,
             kv_blocks_used=alloc.num_used,
@@ -176,5 +178,5 @@ def serve(cfg: PrefillConfig):
     )
     server, port, address, drain = serve_worker(cfg, service)
     group.on_broken = drain.give_up
-    log.info("prefill group (cp=%d) serving on %s", cfg.cp, address)
+    log.info("prefill group (tp=%d, cp=%d) serving on %s", cfg.tp, cfg.cp, address)
     return server, port, group, drain

@@ -84,7 +84,7 @@ class GetDecodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetDecodeInfoResponse(_message.Message):
-    __slots__ = ("model", "kvp_size", "active_requests", "reserved_requests", "kv_blocks_used", "kv_blocks_free", "transport")
+    __slots__ = ("model", "kvp_size", "active_requests", "reserved_requests", "kv_blocks_used", "kv_blocks_free", "transport", "tp_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KVP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class GetDecodeInfoResponse(_message.Message):
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelDescription
     kvp_size: int
     active_requests: int
@@ -99,4 +100,5 @@ class GetDecodeInfoResponse(_message.Message):
     kv_blocks_used: int
     kv_blocks_free: int
     transport: str
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., kvp_size: _Optional[int] = ..., active_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    tp_size: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., kvp_size: _Optional[int] = ..., active_requests: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., transport: _Optional[str] = ..., tp_size: _Optional[int] = ...) -> None: ...

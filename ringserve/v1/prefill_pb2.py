@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ringserve.v1 import common_pb2 as ringserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aringserve/v1/prefill.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\"\xbc\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParams\x12\'\n\x07targets\x18\x04 \x03(\x0b\x32\x16.ringserve.v1.KVTarget\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x18\n\x10ttft_slo_seconds\x18\x06 \x01(\x01\"\xcc\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x19\n\x11\x62ytes_transferred\x18\x05 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12\x16\n\x0equeued_seconds\x18\x07 \x01(\x01\x12\x0e\n\x06passes\x18\x08 \x01(\r\"\x17\n\x15GetPrefillInfoRequest\"\xe9\x01\n\x16GetPrefillInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x0f\n\x07\x63p_size\x18\x02 \x01(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x33\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x1d.ringserve.v1.PrefixCacheInfo\"w\n\x0fPrefixCacheInfo\x12\x0e\n\x06\x62locks\x18\x01 \x03(\r\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x02 \x01(\r\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\x04\x32\xa7\x01\n\x07Prefill\x12\x46\n\x07Prefill\x12\x1c.ringserve.v1.PrefillRequest\x1a\x1d.ringserve.v1.PrefillResponse\x12T\n\x07GetInfo\x12#.ringserve.v1.GetPrefillInfoRequest\x1a$.ringserve.v1.GetPrefillInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aringserve/v1/prefill.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\"\xbc\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParams\x12\'\n\x07targets\x18\x04 \x03(\x0b\x32\x16.ringserve.v1.KVTarget\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x18\n\x10ttft_slo_seconds\x18\x06 \x01(\x01\"\xcc\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x19\n\x11\x62ytes_transferred\x18\x05 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\x12\x16\n\x0equeued_seconds\x18\x07 \x01(\x01\x12\x0e\n\x06passes\x18\x08 \x01(\r\"\x17\n\x15GetPrefillInfoRequest\"\xfa\x01\n\x16GetPrefillInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x0f\n\x07\x63p_size\x18\x02 \x01(\r\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x33\n\x0cprefix_cache\x18\x07 \x01(\x0b\x32\x1d.ringserve.v1.PrefixCacheInfo\x12\x0f\n\x07tp_size\x18\x08 \x01(\r\"w\n\x0fPrefixCacheInfo\x12\x0e\n\x06\x62locks\x18\x01 \x03(\r\x12\x17\n\x0f\x63\x61pacity_blocks\x18\x02 \x01(\r\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x05 \x01(\x04\x32\xa7\x01\n\x07Prefill\x12\x46\n\x07Prefill\x12\x1c.ringserve.v1.PrefillRequest\x1a\x1d.ringserve.v1.PrefillResponse\x12T\n\x07GetInfo\x12#.ringserve.v1.GetPrefillInfoRequest\x1a$.ringserve.v1.GetPrefillInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPREFILLINFOREQUEST']._serialized_start=469
   _globals['_GETPREFILLINFOREQUEST']._serialized_end=492
   _globals['_GETPREFILLINFORESPONSE']._serialized_start=495
-  _globals['_GETPREFILLINFORESPONSE']._serialized_end=728
-  _globals['_PREFIXCACHEINFO']._serialized_start=730
-  _globals['_PREFIXCACHEINFO']._serialized_end=849
-  _globals['_PREFILL']._serialized_start=852
-  _globals['_PREFILL']._serialized_end=1019
+  _globals['_GETPREFILLINFORESPONSE']._serialized_end=745
+  _globals['_PREFIXCACHEINFO']._serialized_start=747
+  _globals['_PREFIXCACHEINFO']._serialized_end=866
+  _globals['_PREFILL']._serialized_start=869
+  _globals['_PREFILL']._serialized_end=1036
 # @@protoc_insertion_point(module_scope)

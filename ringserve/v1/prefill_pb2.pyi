@@ -48,7 +48,7 @@ class GetPrefillInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetPrefillInfoResponse(_message.Message):
-    __slots__ = ("model", "cp_size", "transport", "active_requests", "kv_blocks_used", "kv_blocks_free", "prefix_cache")
+    __slots__ = ("model", "cp_size", "transport", "active_requests", "kv_blocks_used", "kv_blocks_free", "prefix_cache", "tp_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class GetPrefillInfoResponse(_message.Message):
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.ModelDescription
     cp_size: int
     transport: str
@@ -63,7 +64,8 @@ class GetPrefillInfoResponse(_message.Message):
     kv_blocks_used: int
     kv_blocks_free: int
     prefix_cache: PrefixCacheInfo
-    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., cp_size: _Optional[int] = ..., transport: _Optional[str] = ..., active_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ...) -> None: ...
+    tp_size: int
+    def __init__(self, model: _Optional[_Union[_common_pb2.ModelDescription, _Mapping]] = ..., cp_size: _Optional[int] = ..., transport: _Optional[str] = ..., active_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class PrefixCacheInfo(_message.Message):
     __slots__ = ("blocks", "capacity_blocks", "lookups", "hits", "cached_prompt_tokens")
