@@ -284,7 +284,7 @@ class DecodeRank:
         self.rank.reserve("req", 1, self.table, first, share)
         self.landed, self.repeated, self.cond = LandedRows(len(self.heads)), 0, threading.Condition()
         cfg = DecodeConfig(host="127.0.0.1", kv_transfer=transport)
-        self.receiver, self.endpoint = _receivers(cfg, self.rank, self._on_landed, lambda *done: None)
+        self.receiver, self.endpoint = _receivers(cfg, self.rank, self.rank.rank, self._on_landed, lambda *done: None)
         self.complete = 0
 
     def _on_landed(self, note: RowsLanded) -> None:
