@@ -20,7 +20,7 @@ import redis
 from ringserve.config import WorkerArgs
 from ringserve.errors import InvalidArgument
 from ringserve.metrics import REDIS_UP
-from ringserve.registry import connect
+from ringserve.registry import connect, redacted
 from ringserve.registry_schema import ROLES, Keys, Load
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Registration:
         self.tp = cfg.tp  # the layout: tp x degree ranks
         self.load, self.changes = load, changes
         self.heartbeat_s, self.ttl_ms = cfg.heartbeat_s, int(cfg.registry_ttl_s * 1000)
-        self.redis_url = cfg.redis_url
+        self.redis_url = redacted(cfg.redis_url)  # for logs only
         self.client = connect(cfg)
         self.keys = Keys(cfg.cluster)
         self.id = ""

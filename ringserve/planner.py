@@ -41,7 +41,7 @@ from prometheus_client import Counter, Gauge
 from ringserve.config import RedisArgs, _opt
 from ringserve.errors import InvalidArgument
 from ringserve.metrics import serve_metrics
-from ringserve.registry import Registry, connect
+from ringserve.registry import Registry, connect, redacted
 from ringserve.registry_schema import GroupRecord
 
 log = logging.getLogger(__name__)
@@ -329,7 +329,7 @@ def run(cfg: PlannerConfig) -> int:
             planner.step(started)
         except redis.RedisError as e:
             ERRORS.labels("redis").inc()
-            log.warning("planner: Redis at %s unreachable (%s): no decision this step", cfg.redis_url, e)
+            log.warning("planner: Redis at %s unreachable (%s): no decision this step", redacted(cfg.redis_url), e)
         except ApiException as e:
             ERRORS.labels("kubernetes").inc()
             log.warning("planner: Kubernetes API answered %s %s: %s", e.status, e.reason, (e.body or "")[:300])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -35,11 +36,23 @@ from ringserve.registry_schema import GroupRecord, Keys, MalformedRecord
 log = logging.getLogger(__name__)
 
 
+def redacted(url: str) -> str:
+    """``url`` fit for logs and messages: a password in it (redis://user:PASSWORD@host) shows as ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+
+
 def connect(cfg: RedisArgs, timeout_s: float = 1.0) -> redis.Redis:
     """A client for ``cfg.redis_url`` (password, TLS options) that fails fast: no retries, short
     timeouts, so a Redis outage turns into a fallback at once rather than stalled requests."""
     if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise InvalidArgument(f"--redis-url must start with redis://, rediss:// or unix://, got {cfg.redis_url!r}")
+        raise InvalidArgument(
+            f"--redis-url must start with redis://, rediss:// or unix://, got {redacted(cfg.redis_url)!r}"
+        )
     tls_files = {
         "ssl_ca_certs": cfg.redis_ca_cert,
         "ssl_certfile": cfg.redis_client_cert,
@@ -47,7 +60,7 @@ def connect(cfg: RedisArgs, timeout_s: float = 1.0) -> redis.Redis:
     }
     options: dict = {k: v for k, v in tls_files.items() if v}
     if options and not cfg.redis_url.startswith("rediss://"):
-        raise InvalidArgument(f"Redis TLS options need a rediss:// URL, got --redis-url {cfg.redis_url}")
+        raise InvalidArgument(f"Redis TLS options need a rediss:// URL, got --redis-url {redacted(cfg.redis_url)}")
     if cfg.redis_password:
         options["password"] = cfg.redis_password  # else the URL's, if it has one
     return redis.Redis.from_url(

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from ringserve.config import WorkerArgs
+from ringserve.config import RedisArgs, WorkerArgs
 from ringserve.engine.kv_cache import block_hashes
 from ringserve.errors import InvalidArgument
 from ringserve.heartbeat import Registration
@@ -214,3 +214,14 @@ def test_malformed_records_are_skipped_and_logged_once(cfg, caplog):
         assert any("block_size" in m for m in warned if "missing-field" in m)
     finally:
         good.stop()
+
+
+def test_a_redis_password_never_reaches_logs_or_messages():
+    from ringserve.registry import redacted
+
+    assert redacted("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
+    assert redacted("rediss://ringserve:s3cret@redis.ns.svc:6380") == "rediss://ringserve:***@redis.ns.svc:6380"
+    assert redacted("redis://10.0.0.5:6379/0") == "redis://10.0.0.5:6379/0"
+    with pytest.raises(InvalidArgument) as e:
+        connect(RedisArgs(redis_url="http://:s3cret@10.0.0.5:6379"))
+    assert "s3cret" not in str(e.value) and "***" in str(e.value)

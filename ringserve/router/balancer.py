@@ -35,7 +35,7 @@ from ringserve.config import RouterConfig
 from ringserve.engine.kv_cache import block_hashes, blocks_needed
 from ringserve.errors import InvalidArgument, Unavailable
 from ringserve.metrics import REDIS_UP, ROUTER_DECISION_SECONDS, ROUTER_DECISIONS, ROUTER_GROUPS
-from ringserve.registry import Registry, connect
+from ringserve.registry import Registry, connect, redacted
 from ringserve.registry_schema import ROLES, GroupRecord
 from ringserve.router.policy import POLICIES, DecodeCandidate, PrefillCandidate, pick_decode, pick_prefill
 from ringserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
@@ -103,7 +103,8 @@ class Balancer:
     def __init__(self, cfg: RouterConfig):
         if cfg.policy not in POLICIES:
             raise InvalidArgument(f"--policy must be one of {', '.join(POLICIES)}, got {cfg.policy!r}")
-        self.policy, self.refresh_s, self.redis_url = cfg.policy, cfg.refresh_s, cfg.redis_url
+        self.policy, self.refresh_s = cfg.policy, cfg.refresh_s
+        self.redis_url = redacted(cfg.redis_url)  # for logs and messages only
         self.registry = Registry(connect(cfg), cfg.cluster)
         self.groups: dict[str, Group] = {}
         self.lock = threading.Lock()

@@ -165,7 +165,7 @@ def serve(cfg: RouterConfig):
         cfg.host,
         port,
         cfg.policy,
-        cfg.redis_url,
+        balancer.redis_url,
         cfg.cluster,
         len(balancer.known("prefill")),
         len(balancer.known("decode")),
