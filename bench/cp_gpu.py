@@ -410,7 +410,7 @@ def section_check(ctx: Ctx) -> None:
     kernels = {selected: attention.BACKENDS[selected]}
     if ctx.cuda:  # for information: the other built-in GPU kernel, and the proposed cuDNN one
         kernels.setdefault("flash", attention.BACKENDS["flash"])
-        kernels[PROPOSED] = cudnn_gqa_kernel
+        kernels[PROPOSED] = attention.Backend(cudnn_gqa_kernel)
     ref_kernel = attention.BACKENDS["torch"]
     rows, out_rows = [], []
     works = {}  # dtype -> the selected backend ran without error on this rank
@@ -421,8 +421,8 @@ def section_check(ctx: Ctx) -> None:
             for tq, tk, causal in check_cases(n):
                 q = randn(gen, (tq, h, d), ctx, dtype)
                 k, v = randn(gen, (tk, hkv, d), ctx, dtype), randn(gen, (tk, hkv, d), ctx, dtype)
-                ref_out, ref_lse = attention.attend(q.float(), k.float(), v.float(), causal, kernel=ref_kernel)
-                res, err = attempt(ctx, lambda: attention.attend(q, k, v, causal, kernel=kernel))  # noqa: B023
+                ref_out, ref_lse = attention.attend(q.float(), k.float(), v.float(), causal, backend=ref_kernel)
+                res, err = attempt(ctx, lambda: attention.attend(q, k, v, causal, backend=kernel))  # noqa: B023
                 if backend == selected:
                     works[dtype] = works.get(dtype, True) and err is None
                 e_out = e_lse = None
@@ -481,7 +481,7 @@ def section_check(ctx: Ctx) -> None:
         gen = torch.Generator().manual_seed(11)
         q = randn(gen, (t, h, d), ctx, dtype)
         k, v = randn(gen, (p + t, hkv, d), ctx, dtype), randn(gen, (p + t, hkv, d), ctx, dtype)
-        ref32 = attention.attend(q.float(), k.float(), v.float(), True, kernel=ref_kernel)[0]
+        ref32 = attention.attend(q.float(), k.float(), v.float(), True, backend=ref_kernel)[0]
         ref_same = attention.attend(q, k, v, True)[0]  # single device, the selected backend
         idx = rank_index(plan, ctx.rank, ctx.device)
         local_k = torch.cat([k[cuts[ctx.rank] : cuts[ctx.rank + 1]], k[p + idx]])
@@ -602,7 +602,8 @@ def attention_one_gpu(ctx: Ctx, t: int, flops: float) -> list[dict]:
     free_memory(ctx)
     row("ringserve attend (1 GPU, no ring)", lambda: attention.attend(q, k, v, True))
     if ctx.cuda:
-        row(f"ringserve attend, {PROPOSED}", lambda: attention.attend(q, k, v, True, kernel=cudnn_gqa_kernel))
+        proposed = attention.Backend(cudnn_gqa_kernel)
+        row(f"ringserve attend, {PROPOSED}", lambda: attention.attend(q, k, v, True, backend=proposed))
     comm1 = RingComm(ctx.solo)
     layout1 = RingLayout(plan_pass(t, 1, BLOCK), (0,))
     row("ringserve CP1 ring_pass_kv (world 1)", lambda: ring_pass_kv(q, k, v, layout1, comm1))

@@ -11,16 +11,25 @@ are the last Tq positions of the keys. Rows that see no key (Tk == 0, or Tq > Tk
 get out = 0 and lse = -inf, and ``merge`` treats them as empty, so splitting the keys into any
 number of pieces and merging gives the unsplit result.
 
-Backends compute only two cases, full and square-causal; ``attend`` reduces every other case to
-those, so the CPU tests exercise the same decomposition the GPU kernels run under. Backends:
-``cpu_flash`` (CPU default: PyTorch's fused CPU kernel), ``torch`` (plain math, the reference),
-``cudnn`` (CUDA default), ``flash``, ``flash_attn``.
+A backend (``Backend``) is a kernel plus what it computes in one call. Every kernel does full
+attention and square causal (Tq == Tk); a ``bottom_right`` kernel also does causal with Tq < Tk
+(chunked prefill over a cached prefix), which ``attend`` otherwise splits into a full call over the
+prefix and a square-causal one, merged. A ``packed`` kernel attends several sequences, each causal
+over its own keys, in one call (``attend_packed``: a pass that packs requests); without one each
+sequence is a call of its own. Both paths give the same result, and the CPU tests run both.
+Backends: ``cpu_flash`` (CPU default: PyTorch's fused CPU kernel), ``torch`` (plain math, the
+reference; bottom-right), ``flash_attn4`` (CUDA default where the flash-attn-4 package is
+installed, ``ringserve[gpu]``: bottom-right and packed), ``cudnn`` (CUDA default otherwise),
+``flash`` (PyTorch's flash op).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,34 +40,49 @@ from ringserve.errors import InvalidArgument
 # PyTorch runs such shapes through cuDNN's ragged path with one plan. Read when attention first runs.
 os.environ.setdefault("TORCH_CUDNN_SDPA_AVOID_RECOMPILE", "1")
 
-# A backend kernel: (q [Tq,H,D], k [Tk,Hkv,D], v, causal_square, scale) -> (out, lse [Tq,H] fp32).
+# A kernel: (q [Tq,H,D], k [Tk,Hkv,D], v, causal, scale) -> (out, lse [Tq,H] fp32).
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+# A packed kernel: (q [sum Tq,H,D], k [sum Tk,Hkv,D], v, q_lens, k_lens, scale) -> (out, lse), causal.
+PackedKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...], float],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An attention kernel and what it computes in one call (see the module docstring)."""
+
+    kernel: Kernel
+    bottom_right: bool = False  # causal with Tq < Tk (queries the last Tq keys) in one call
+    packed: PackedKernel | None = None  # several sequences, each causal over its own keys, in one call
+
 
 # Above this many score elements the CPU kernel works through the queries in slices.
 _CPU_MAX_SCORES = 1 << 26
 
 
 def _torch_kernel(q, k, v, causal, scale):
-    """Plain PyTorch, fp32 scores; GQA by grouping query heads, never by copying K and V."""
+    """Plain PyTorch, fp32 scores, causal bottom-right aligned; GQA by grouping query heads, never by
+    copying K and V."""
     tq, h, d = q.shape
     tk, hkv, _ = k.shape
     g = h // hkv
+    offset = tk - tq  # causal: query i sees keys j <= i + offset
     if tq * tk * h > _CPU_MAX_SCORES and tq > 1:  # bound memory: slices of queries
         step = max(1, _CPU_MAX_SCORES // (tk * h))
         parts = []
         for i0 in range(0, tq, step):
             i1 = min(i0 + step, tq)
-            if causal:  # rows i0:i1 of a square-causal attention see keys [0, i1)
-                parts.append(attend(q[i0:i1], k[:i1], v[:i1], True, scale, _torch_kernel))
-            else:
-                parts.append(_torch_kernel(q[i0:i1], k, v, False, scale))
+            end = i1 + offset if causal else tk  # rows i0:i1 see no key past it
+            parts.append(_torch_kernel(q[i0:i1], k[:end], v[:end], causal, scale))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     qg = q.float().reshape(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)
     kf = k.float().transpose(0, 1)
     vf = v.float().transpose(0, 1)
     scores = torch.bmm(qg, kf.transpose(1, 2)).mul_(scale)  # [Hkv, G*Tq, Tk]
     if causal:
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril_()
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril_(offset)
         scores = scores.view(hkv, g, tq, tk).masked_fill_(~keep, float("-inf")).view(hkv, g * tq, tk)
     lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G*Tq]
     probs = torch.exp(scores - lse.unsqueeze(-1))
@@ -103,43 +127,71 @@ def _flash_kernel(q, k, v, causal, scale):
     return res[0][0].transpose(0, 1), res[1][0].transpose(0, 1).float()
 
 
-def _flash_attn_kernel(q, k, v, causal, scale):
-    """The flash-attn package (handles GQA natively), used when it is installed."""
-    from flash_attn import flash_attn_func
+def _fa4_kernel(q, k, v, causal, scale):
+    """flash-attn-4 (CuTe DSL): GQA as it is, causal bottom-right aligned. Its first call of a kernel
+    variant compiles it (seconds); a service's calibration passes run every variant it uses."""
+    from flash_attn.cute import flash_attn_func
 
-    out, lse, _ = flash_attn_func(
-        q.unsqueeze(0),
-        k.unsqueeze(0),
-        v.unsqueeze(0),
-        softmax_scale=scale,
-        causal=causal,
-        return_attn_probs=True,
+    out, lse = flash_attn_func(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), softmax_scale=scale, causal=causal, return_lse=True
     )
-    return out[0], lse[0].transpose(0, 1).float()
+    return out[0], lse[0].transpose(0, 1)
 
 
-BACKENDS: dict[str, Kernel] = {
-    "torch": _torch_kernel,  # plain math in fp32: the reference, and float32 on GPUs
-    "cpu_flash": _cpu_flash_kernel,
-    "cudnn": _cudnn_kernel,
-    "flash": _flash_kernel,
-    "flash_attn": _flash_attn_kernel,
+@functools.lru_cache(maxsize=256)
+def _cu_seqlens(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as int32 on ``device``: built once per pass shape, not once per layer."""
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _fa4_packed(q, k, v, q_lens, k_lens, scale):
+    """flash-attn-4's variable-length entry: every sequence causal over its own keys, one launch."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, lse = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=_cu_seqlens(q_lens, q.device),
+        cu_seqlens_k=_cu_seqlens(k_lens, q.device),
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(k_lens),
+        softmax_scale=scale,
+        causal=True,
+        return_lse=True,
+    )
+    return out, lse.transpose(0, 1)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend(_torch_kernel, bottom_right=True),  # plain math in fp32: the reference, and float32 on GPUs
+    "cpu_flash": Backend(_cpu_flash_kernel),
+    "cudnn": Backend(_cudnn_kernel),
+    "flash": Backend(_flash_kernel),
+    "flash_attn4": Backend(_fa4_kernel, bottom_right=True, packed=_fa4_packed),
 }
 
 CPU_BACKENDS = ("cpu_flash", "torch")
 _selected: dict[str, str] = {}  # device type -> backend name, chosen once
 
 
-def _capable_cuda_backend() -> str:
-    try:
-        import flash_attn  # noqa: F401
-
-        return "flash_attn"
-    except ImportError:
-        pass
-    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+def choose_cuda_backend(capability: tuple[int, int], cudnn: bool, fa4: bool) -> str:
+    """The CUDA default for a GPU of ``capability``: flash-attn-4 where it is installed (``fa4``) and
+    the GPU is Hopper or newer (where it was measured, docs/BENCHMARKS.md), else cuDNN SDPA (Ampere
+    and newer), else PyTorch's flash op."""
+    if fa4 and capability >= (9, 0):
+        return "flash_attn4"
+    if cudnn and capability >= (8, 0):
         return "cudnn"
     return "flash"
+
+
+def _fa4_installed() -> bool:
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def set_backend(name: str | None, device_type: str = "cuda") -> None:
@@ -162,7 +214,13 @@ def backend_name(device: torch.device) -> str:
         if forced and (dev == "cuda" or forced in CPU_BACKENDS):
             set_backend(forced, dev)
         else:
-            _selected[dev] = _capable_cuda_backend() if dev == "cuda" else "cpu_flash"
+            _selected[dev] = (
+                choose_cuda_backend(
+                    torch.cuda.get_device_capability(), torch.backends.cudnn.is_available(), _fa4_installed()
+                )
+                if dev == "cuda"
+                else "cpu_flash"
+            )
     return _selected[dev]
 
 
@@ -172,36 +230,63 @@ def _empty(q: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.full((rows, q.shape[1]), float("-inf"), device=q.device, dtype=torch.float32)
 
 
+def default_backend(q: torch.Tensor) -> Backend:
+    """The backend that attends ``q``: its device's, but float32 on a GPU runs the plain kernel (the
+    GPU kernels take only half precision)."""
+    gpu_fp32 = q.device.type != "cpu" and q.dtype == torch.float32
+    return BACKENDS["torch" if gpu_fp32 else backend_name(q.device)]
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     causal: bool,
     scale: float | None = None,
-    kernel: Kernel | None = None,
+    backend: Backend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over k, v with its log-sum-exp; see the module docstring for shapes and masks."""
     tq, h, d = q.shape
     tk = k.shape[0]
     if scale is None:
         scale = d**-0.5
-    if kernel is None:
-        # The GPU kernels take only half precision; float32 on a GPU runs the plain kernel.
-        gpu_fp32 = q.device.type != "cpu" and q.dtype == torch.float32
-        kernel = BACKENDS["torch" if gpu_fp32 else backend_name(q.device)]
+    backend = backend or default_backend(q)
+    kernel = backend.kernel
     if tq == 0 or tk == 0:
         return _empty(q, tq)
     if not causal or tq == 1:  # one query at the end of the keys sees them all
         return kernel(q, k, v, False, scale)
     if tq > tk:  # the first tq - tk queries see nothing
-        out, lse = attend(q[tq - tk :], k, v, True, scale, kernel)
+        out, lse = attend(q[tq - tk :], k, v, True, scale, backend)
         empty_out, empty_lse = _empty(q, tq - tk)
         return torch.cat([empty_out, out]), torch.cat([empty_lse, lse])
-    if tq == tk:
+    if tq == tk or backend.bottom_right:
         return kernel(q, k, v, True, scale)
     # tq < tk: every query sees the prefix in full, and the last tq keys causally.
     split = tk - tq
     return merge(*kernel(q, k[:split], v[:split], False, scale), *kernel(q, k[split:], v[split:], True, scale))
+
+
+def attend_packed(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    q_lens: Sequence[int],
+    scale: float | None = None,
+    backend: Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of several sequences packed in one batch: sequence i's ``q_lens[i]`` rows of
+    ``q`` (in order) over ``keys[i]``, ``values[i]``, its queries the last of its keys. The same as
+    ``attend`` of each sequence, concatenated; one kernel call where the backend packs."""
+    backend = backend or default_backend(q)
+    if len(keys) == 1:
+        return attend(q, keys[0], values[0], True, scale, backend)
+    k_lens = tuple(k.shape[0] for k in keys)
+    if backend.packed is None or not all(0 < n <= m for n, m in zip(q_lens, k_lens)):
+        parts = [attend(qs, k, v, True, scale, backend) for qs, k, v in zip(q.split(list(q_lens)), keys, values)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return backend.packed(q, torch.cat(list(keys)), torch.cat(list(values)), tuple(q_lens), k_lens, scale)
 
 
 def merge(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ringserve.engine.attention import attend
+from ringserve.engine.attention import attend_packed
 from ringserve.engine.config import ModelConfig
 from ringserve.errors import InvalidArgument, ResourceExhausted
 
@@ -193,8 +193,6 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.cache.write(layer, self.slots, k, v)
-        outs = []
-        for s, table in zip(self.spans, self.tables):
-            keys, values = self.cache.read(layer, table, s.cached + s.end - s.start)
-            outs.append(attend(q[s.start : s.end], keys, values, causal=True)[0])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        kv = [self.cache.read(layer, t, s.cached + s.end - s.start) for s, t in zip(self.spans, self.tables)]
+        q_lens = [s.end - s.start for s in self.spans]
+        return attend_packed(q, [k for k, _ in kv], [v for _, v in kv], q_lens)[0]

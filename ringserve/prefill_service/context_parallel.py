@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ringserve.engine.attention import attend
+from ringserve.engine.attention import attend_packed
 from ringserve.engine.kv_cache import KVCache, as_run, blocks_needed
 from ringserve.engine.model import Llama
 from ringserve.prefill_service.ring import RingComm, RingLayout, SeqLayout, ring_pass_kv, ring_pass_q
@@ -54,10 +54,10 @@ class RingAttention:
         self.cache.write(layer, self.slots, k, v)
         kv = [self.cache.read(layer, t, n) for t, n in zip(self.tables, self.lengths)]
         if self.comm.world == 1:
-            # One rank holds each chunk whole, in token order, after its cached KV: one bottom-right
-            # causal attention per sequence (no ring buffer to pack, no pieces to merge; fewer launches).
-            outs = [attend(qs, k, v, causal=True)[0] for qs, (k, v) in zip(self.layout.split_q(q, 0), kv)]
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
+            # One rank holds each chunk whole, in token order, after its cached KV: bottom-right causal
+            # attention of every sequence, packed (no ring buffer to pack, no pieces to merge).
+            q_lens = [s.plan.rank_len(0) for s in self.layout.seqs]
+            return attend_packed(q, [k for k, _ in kv], [v for _, v in kv], q_lens)[0]
         return self.ring(q, [k for k, _ in kv], [v for _, v in kv], self.layout, self.comm)
 
 
