@@ -103,13 +103,17 @@ def table(title: str, headers: list[str], rows: list[list]) -> None:
 
 
 def section_compile(args) -> None:
+    t0 = time.perf_counter()
     from flash_attn.cute import flash_attn_varlen_func
 
+    RESULTS["fa4_import_s"] = time.perf_counter() - t0
+    log(f"compile: importing flash_attn.cute took {RESULTS['fa4_import_s']:.1f} s")
     fa4 = attention.BACKENDS["flash_attn4"]
     q, k, v = qkv(2 * K, 6 * K)
     cu = torch.tensor([0, K, 2 * K], dtype=torch.int32, device="cuda")
     cases = [
-        ("causal (square and Tq < Tk: one variant)", lambda: attend(q, k, v, True, backend=fa4)),
+        ("causal, 2K over 6K", lambda: attend(q, k, v, True, backend=fa4)),
+        ("causal, square 6K (a new shape)", lambda: attend(*qkv(6 * K, 6 * K, seed=3), True, backend=fa4)),
         ("full (non-causal)", lambda: attend(q, k, v, False, backend=fa4)),
         (
             "packed (varlen, causal)",
