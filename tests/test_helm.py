@@ -623,22 +623,26 @@ REDIS_PASSWORD = "s3cret-test"
 LEADER_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # two "hosts" (all of 127.0.0.0/8 is loopback)
 
 
-def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_model):
-    """The CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders, each pod run as the LWS controller
-    and the kubelet would start it: the leaders on one "host", the workers on another, given LWS_LEADER_ADDRESS,
-    LWS_WORKER_INDEX and their pod IPs; with the rendered router they serve the single-process engine's tokens,
-    and the workers end when their leaders stop."""
+def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, gqa_dir):
+    """The TP 2 x CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders (conftest's small GQA model),
+    each pod run as the LWS controller and the kubelet would start it: the leaders on one "host", the workers on
+    another, given LWS_LEADER_ADDRESS, LWS_WORKER_INDEX and their pod IPs; the prefill worker pod runs CP rank 1's
+    TP group (world ranks 2 and 3). With the rendered router they serve the single-process engine's tokens, and
+    the workers end when their leaders stop."""
     from ringserve import rpc
     from ringserve.engine.engine import Engine
+    from ringserve.engine.model import Llama
     from ringserve.engine.sampling import SamplingParams
+    from ringserve.engine.tokenizer import Tokenizer
     from ringserve.v1 import decode_pb2, decode_pb2_grpc
 
     redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
     values = {
         **SPAN_HOSTS,
-        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1},
+        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1, "tpSize": 2},
+        "model": {"source": "image", "path": str(gqa_dir)},
         "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
-        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # five processes loading on two cores
+        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # seven processes loading on two cores
     }
     _, docs = render(helm, values, tmp_path)
     config, secrets = api_objects(docs)
@@ -671,8 +675,8 @@ def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_
             # Rank 1's KV receiver is in the worker pod, at the pod IP the downward API gave it.
             assert sorted(t.address.rsplit(":", 1)[0] for t in reserved.targets) == [LEADER_IP, WORKER_IP]
             assert stub.Release(decode_pb2.ReleaseRequest(request_id="where", landing_unused=True)).released
-        model, tokenizer = default_model
-        engine = Engine(model, tokenizer)
+        engine = Engine(Llama.load(gqa_dir, progress=False), Tokenizer.from_checkpoint(gqa_dir))
+        tokenizer = engine.tokenizer
         with Client(router.address, timeout=180) as client:
             for prompt in ("The capital of France is", "Once upon a time " * 40):  # the long one: every rank
                 ids = [e.token_id for e in engine.generate(tokenizer.encode(prompt), SamplingParams(max_tokens=12))]
@@ -681,9 +685,10 @@ def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_
         router.stop()
         for pod in leaders.values():
             pod.stop()
-        for pod in workers:  # a worker ends when its leader hangs up
+        for pod, ranks in zip(workers, ([2, 3], [1])):  # a worker ends when its leader hangs up
             assert pod.proc.wait(timeout=60) == 0, pod.tail()
-            assert f"joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
+            for rank in ranks:
+                assert f"rank {rank} joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
     finally:
         for pod in [router, *leaders.values(), *workers]:
             if pod is not None:
