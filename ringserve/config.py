@@ -230,7 +230,7 @@ def _pool_blocks(
 
     return gpu_pool_blocks(
         cfg.device, cfg.model, cfg.dtype, cfg.block_size, cfg.gpu_memory_fraction, work_tokens, logits_rows,
-        min_blocks, what,
+        min_blocks, what, cfg.tp,
     )  # fmt: skip
 
 
