@@ -71,7 +71,7 @@ def run_rank(cfg: WorkerArgs, role: str, outer: int, rank_main: Callable) -> int
     from ringserve.kv_transfer.secret import deployment_secret
     from ringserve.rank_link import join_group, link_key, spawn_ranks
 
-    world, n = cfg.tp * outer, cfg.local_ranks or 1
+    world, n = cfg.tp * outer, 1 if cfg.local_ranks is None else cfg.local_ranks
     if not cfg.group_leader:
         raise InvalidArgument(f"--group-rank needs --group-leader HOST:PORT (the {role} leader's rank link)")
     first = cfg.group_rank * n
@@ -98,6 +98,10 @@ def run_rank(cfg: WorkerArgs, role: str, outer: int, rank_main: Callable) -> int
             _joined(role, address, own, devices[0], rank_main, link)
         finally:
             link.close()
+    except BaseException:
+        for proc in children:  # this rank did not join, or failed: the group is broken; end this host's ranks too
+            proc.kill()
+        raise
     finally:
         for proc in children:  # they end when the leader hangs up, as this rank did
             proc.join(timeout=60)

@@ -43,30 +43,40 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
 
 
+def _make_netns(ns: str, here: str, there: str, subnet: str) -> None:
+    _ip("netns", "add", ns)
+    _ip("link", "add", here, "type", "veth", "peer", "name", there)
+    _ip("link", "set", there, "netns", ns)
+    _ip("addr", "add", f"{subnet}.1/24", "dev", here)
+    _ip("link", "set", here, "up")
+    inside = ["netns", "exec", ns, "ip"]
+    _ip(*inside, "addr", "add", f"{subnet}.2/24", "dev", there)
+    _ip(*inside, "link", "set", there, "up")
+    _ip(*inside, "link", "set", "lo", "up")
+
+
+def _remove_netns(ns: str, here: str) -> None:
+    for cmd in (["link", "del", here], ["netns", "del", ns]):  # either may not exist
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            _ip(*cmd)
+
+
 @pytest.fixture
 def hosts():
     """A network namespace joined to this one by a veth pair (10.231.N.1 here, .2 there), removed
-    afterwards; 127.0.0.2 / 127.0.0.3 on loopback where it cannot be made."""
-    n = os.getpid() % 250
-    ns, here, there = f"rs-test-{os.getpid()}", f"rsh{os.getpid()}"[:15], f"rsn{os.getpid()}"[:15]
+    afterwards; 127.0.0.2 / 127.0.0.3 on loopback where it cannot be made (no root, no NET_ADMIN)."""
+    pid = os.getpid()
+    ns, here, there, subnet = f"rs-test-{pid}", f"rsh{pid}"[:15], f"rsn{pid}"[:15], f"10.231.{pid % 250}"
     try:
-        _ip("netns", "add", ns)
+        _make_netns(ns, here, there, subnet)
     except (OSError, subprocess.CalledProcessError):
+        _remove_netns(ns, here)
         yield Hosts("127.0.0.2", "127.0.0.3", [], ("lo", "lo"))
         return
     try:
-        _ip("link", "add", here, "type", "veth", "peer", "name", there)
-        _ip("link", "set", there, "netns", ns)
-        _ip("addr", "add", f"10.231.{n}.1/24", "dev", here)
-        _ip("link", "set", here, "up")
-        for cmd in (["addr", "add", f"10.231.{n}.2/24", "dev", there], ["link", "set", there, "up"]):
-            _ip("netns", "exec", ns, "ip", *cmd)
-        _ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield Hosts(f"10.231.{n}.1", f"10.231.{n}.2", ["ip", "netns", "exec", ns], (here, there))
+        yield Hosts(f"{subnet}.1", f"{subnet}.2", ["ip", "netns", "exec", ns], (here, there))
     finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            _ip("link", "del", here)
-        _ip("netns", "del", ns)
+        _remove_netns(ns, here)
 
 
 def test_tp_groups_whose_ranks_join_over_the_network_serve_exact_tokens(
