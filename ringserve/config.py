@@ -209,6 +209,9 @@ class PrefillConfig(WorkerArgs):
         0, "largest pass timed at start to fit the scheduler's cost model (0: 32768 on a GPU, 2048 on CPU)"
     )
     kv_push_timeout_s: float = _opt(30.0, "a KV push to a decode rank that does not complete in this long fails")
+    recalibrate: bool = _opt(
+        False, "time the calibration passes even if timings for this model, layout and device are stored"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -124,7 +124,7 @@ class PrefillGroup:
         self.on_broken: Callable[[str], None] | None = None
         self.ranks = PassRunner(cfg, self._push_done)
         self.runner, self.pusher = self.ranks.runner, self.ranks.pusher
-        calibrate(self.ranks, self.cost, self.model.config.vocab_size)
+        calibrate(self.ranks, self.cost, self.model.config)
         self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
         self._loop_thread.start()
 
