@@ -33,7 +33,7 @@ import torch
 
 from ringserve.engine.kv_cache import KVCache
 from ringserve.errors import FailedPrecondition, InvalidArgument, Unavailable
-from ringserve.kv_transfer.descriptors import plan_descriptors
+from ringserve.kv_transfer.descriptors import check_heads, plan_descriptors
 from ringserve.kv_transfer.landing import (
     Done,
     Landed,
@@ -45,6 +45,7 @@ from ringserve.kv_transfer.landing import (
     landing_bytes,
     parse_notif,
 )
+from ringserve.kv_transfer.staging import DEFAULT_STAGING_BYTES, Staging
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class NixlEndpoint:
         on_done: Callable[[Done], None] | None = None,
         poll_interval_s: float = 1e-3,
         landing_key: bytes | None = None,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
     ):
         from nixl._api import nixl_agent, nixl_agent_config
 
@@ -88,6 +90,11 @@ class NixlEndpoint:
         self.layout = PoolLayout.of(cache)
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
+        self.staging_bytes = staging_bytes
+        self._staging_lock = threading.Lock()  # one staged push at a time on this endpoint
+        self._staging_buf: Staging | None = None
+        self._staging_reg = None
+        self.descriptors_posted = 0  # per side, over every WRITE: how well pushes coalesce
         try:
             self._agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
             if "UCX" not in self._agent.backends:
@@ -166,7 +173,9 @@ class NixlEndpoint:
         positions [dst_start, dst_start + count) of a landing; returns the bytes written once NIXL
         reports the WRITE complete. The notification names the landing's request and epoch, the
         transfer and the rows. With head ranges (local KV head indices on each side; None: all),
-        only those heads of each row move, and the notification names ``dst_heads``.
+        only those heads of each row move, and the notification names ``dst_heads``; a source head
+        sub-range into whole destination rows goes through the staging buffer, a bounded chunk
+        (``staging_bytes``) per WRITE and notification.
 
         Raises InvalidArgument/FailedPrecondition for bad input (rows out of range, foreign or
         corrupt landing, mismatched layouts) and Unavailable when the transfer fails or does not
@@ -185,24 +194,54 @@ class NixlEndpoint:
             count,
             limit=landing.num_tokens,
         )
-        local, remote = plan_descriptors(
-            self.layout,
-            block_table,
-            src_start,
-            landing.layout,
-            landing.block_table,
-            dst_start,
-            count,
-            src_heads,
-            dst_heads,
-        )
-        whole = dst_heads is None or len(dst_heads) == landing.layout.kv_heads
+        src_heads, dst_heads = check_heads(self.layout, src_heads, landing.layout, dst_heads)
+        whole_src, whole_dst = len(src_heads) == self.layout.kv_heads, len(dst_heads) == landing.layout.kv_heads
         transfer_id = transfer_id or uuid.uuid4().hex[:12]
-        nbytes = int(local[:, 1].sum())
-        if self.layout.mem == "VRAM":  # the kernels that wrote this KV must be done before NIXL reads it
-            torch.cuda.current_stream(self.cache.k.device).synchronize()
         deadline = time.monotonic() + timeout_s
-        where = f"request {rid} transfer {transfer_id}: NIXL WRITE of {nbytes} bytes to agent {landing.agent}"
+        if whole_src or not whole_dst:  # rows as they lie (a strided destination: one descriptor per row)
+            self._sync()
+            dst = (landing.layout, landing.block_table, dst_start)
+            local, remote = plan_descriptors(self.layout, block_table, src_start, *dst, count, src_heads, dst_heads)
+            note = landed_notif(rid, landing.epoch, transfer_id, dst_start, count, None if whole_dst else dst_heads)
+            return self._write(landing, local, remote, note, transfer_id, deadline, timeout_s)
+        sent = 0
+        with self._staging_lock:  # a strided source, whole destination rows: gathered, then as whole rows
+            staging = self._staging()
+            for i, (a, n) in enumerate(staging.chunks(count, src_heads)):
+                packed = staging.gather(self.layout, block_table, src_start + a, n, src_heads)
+                self._sync()
+                local, remote = plan_descriptors(packed, [0], 0, landing.layout, landing.block_table, dst_start + a, n)
+                chunk = f"{transfer_id}/{i}"  # each chunk lands (and is counted) on its own
+                note = landed_notif(rid, landing.epoch, chunk, dst_start + a, n)
+                sent += self._write(landing, local, remote, note, chunk, deadline, timeout_s)
+        return sent
+
+    def _sync(self) -> None:
+        """On GPU, wait for the kernels that wrote the KV (or the staging buffer) before NIXL reads it."""
+        if self.layout.mem == "VRAM":
+            torch.cuda.current_stream(self.cache.k.device).synchronize()
+
+    def _staging(self) -> Staging:
+        """The staging buffer, made and registered on first use (staging lock held)."""
+        if self._staging_buf is None:
+            staging = Staging(self.cache, self.staging_bytes)
+            with self._lock:
+                try:
+                    self._staging_reg = self._agent.register_memory([staging.buffer])
+                except Exception as e:
+                    raise Unavailable(f"NIXL could not register a staging buffer: {type(e).__name__}: {e}") from e
+            self._staging_buf = staging
+        return self._staging_buf
+
+    def _write(
+        self, landing: Landing, local, remote, note: bytes, transfer_id: str, deadline: float, timeout_s: float
+    ) -> int:
+        """One WRITE of descriptors ``local`` to ``remote`` with notification ``note``; returns the
+        bytes written once NIXL reports it complete."""
+        nbytes = int(local[:, 1].sum())
+        self.descriptors_posted += len(local)
+        where = f"request {landing.request_id} transfer {transfer_id}: NIXL WRITE of {nbytes} bytes"
+        where += f" to agent {landing.agent}"
         with self._lock:
             fingerprint = self._connect(landing)
             try:
@@ -211,7 +250,7 @@ class NixlEndpoint:
                     self._agent.get_xfer_descs(local, self.layout.mem),
                     self._agent.get_xfer_descs(remote, landing.layout.mem),
                     landing.agent,
-                    landed_notif(rid, landing.epoch, transfer_id, dst_start, count, None if whole else dst_heads),
+                    note,
                 )
             except Exception as e:
                 self._forget(landing.agent, fingerprint)
@@ -316,10 +355,12 @@ class NixlEndpoint:
         with self._lock:
             for agent, peer in list(self._peers.items()):
                 self._forget(agent, peer.fingerprint)
-            try:
-                self._agent.deregister_memory(self._registered)
-            except Exception as e:
-                log.warning("NIXL: deregistering the KV pool failed: %s: %s", type(e).__name__, e)
+            for what, registered in (("the KV pool", self._registered), ("the staging buffer", self._staging_reg)):
+                try:
+                    if registered is not None:
+                        self._agent.deregister_memory(registered)
+                except Exception as e:
+                    log.warning("NIXL: deregistering %s failed: %s: %s", what, type(e).__name__, e)
 
 
 @functools.cache
