@@ -278,18 +278,21 @@ def _reserve(state: _State, request_id: str, num_tokens: int) -> bytes:
     return state.endpoint.landing(request_id, next(state.epochs), table, num_tokens)
 
 
-def _receive(state: _State, request_id: str, expected: torch.Tensor, timeout_s: float = 10.0):
-    """Decode side: wait for the notifications, then compare the rows; release the reservation.
+def _receive(state: _State, request_id: str, expected: torch.Tensor, timeout_s: float = 10.0, heads=None):
+    """Decode side: wait for the notifications, then compare the rows (of ``heads`` only, if given);
+    release the reservation.
 
     Returns (rows bit-identical, rest of the pool untouched, blocks in use afterwards)."""
     table = state.tables.pop(request_id)
     k0, v0 = state.snapshots.pop(request_id)
+    heads = heads or range(state.cache.k.shape[-2])
     try:
         state.tally.wait(request_id, expected.shape[2], timeout_s)
-        same = torch.equal(_rows(state.cache, table, 0, expected.shape[2]), expected)
+        same = torch.equal(_rows(state.cache, table, 0, expected.shape[2])[:, :, :, heads.start : heads.stop], expected)
         written = state.cache.slots(table, 0, expected.shape[2])
         for now, old in ((state.cache.k, k0), (state.cache.v, v0)):
-            now.flatten(1, 2)[:, written] = old.flatten(1, 2)[:, written]
+            cells = (slice(None), written, slice(heads.start, heads.stop))
+            now.flatten(1, 2)[cells] = old.flatten(1, 2)[cells]
         # Bits, not values: an unwritten slot may hold NaN, which equals nothing.
         untouched = all(
             torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in ((state.cache.k, k0), (state.cache.v, v0))
@@ -628,13 +631,13 @@ def test_a_staging_buffer_smaller_than_a_row_is_refused():
         list(Staging(KVCache(CONFIG, 4, 4), 10).chunks(3, range(1)))
 
 
-def _push_heads(state: _State, rows: torch.Tensor, heads: range, landing: bytes, timeout_s: float = 10.0):
-    """Prefill side: store rows (every head), push heads ``heads`` of them; returns (bytes, descriptors
-    posted, blocks in use after)."""
+def _push_heads(state: _State, rows: torch.Tensor, heads, landing: bytes, dst_heads=None, timeout_s: float = 10.0):
+    """Prefill side: store rows (every head), push heads ``heads`` of them (into ``dst_heads``);
+    returns (bytes, descriptors posted, blocks in use after)."""
     table = _prefill(state, rows, 3)
     before = state.endpoint.descriptors_posted
     try:
-        sent = state.endpoint.push(table, 3, rows.shape[2], landing, 0, "heads", timeout_s, heads, None)
+        sent = state.endpoint.push(table, 3, rows.shape[2], landing, 0, "heads", timeout_s, heads, dst_heads)
     finally:
         state.cache.allocator.free(table)
     return sent, state.endpoint.descriptors_posted - before, state.cache.allocator.num_used
@@ -653,5 +656,31 @@ def test_a_tp_rank_pushes_its_heads_to_a_decode_rank_of_higher_tp_through_stagin
             assert (sent, used) == (rows[:, :, :, heads.start : heads.stop].numel() * 4, 0)
             assert descriptors == 3 * 2 * LAYERS  # 3 chunks of <= 40 rows into one run (per-row: 100x)
             assert decode.call(_receive, rid, rows[:, :, :, heads.start : heads.stop].contiguous()) == (True, True, 0)
+    finally:
+        _stop([prefill, decode])
+
+
+def _descriptors(state: _State) -> int:
+    return state.endpoint.descriptors_posted
+
+
+def test_head_pieces_strided_on_the_decode_side_are_pulled_into_place():
+    """(TP 2 -> TP 1, and a sub-range of both): the decode rank READs the packed rows out of the
+    sender's staging buffer in chunks of its own and stores them into just those heads of its
+    rows; the rows' other heads and the rest of the pool stay as they were, bit for bit."""
+    row = 2 * LAYERS * 2 * DIM * 4
+    prefill, decode = _start([("pull-prefill", 64, 4, 2, None, 70 * row), ("pull-decode", 64, 8, 4, None, 30 * row)])
+    try:
+        rows = torch.randn(LAYERS, 2, 100, 2, DIM)
+        for rid, heads, dst_heads in (("upper", None, range(2, 4)), ("inner", range(1, 2), range(1, 2))):
+            landing = decode.call(_reserve, rid, 100)
+            before = decode.call(_descriptors)
+            sent, descriptors, used = prefill.call(_push_heads, rows, heads, landing, dst_heads)
+            part = rows if heads is None else rows[:, :, :, heads.start : heads.stop].contiguous()
+            assert (sent, descriptors, used) == (part.numel() * 4, 0, 0)  # the receiver posts the READs
+            # 2 chunks of <= 70 rows (140 for one head) sent, READ in chunks of <= 30 (60) rows.
+            reads = 4 * 2 * LAYERS if heads is None else 2 * 2 * LAYERS
+            assert decode.call(_descriptors) - before == reads
+            assert decode.call(_receive, rid, part, 10.0, dst_heads) == (True, True, 0)
     finally:
         _stop([prefill, decode])

@@ -6,7 +6,8 @@ metadata, the reservation's block ids and a seal over all of it: an HMAC-SHA256 
 deployment secret (``kv_transfer/secret.py``) when the deployment has one, else an xxh3-64
 checksum. Notifications travel with a WRITE (``landed_notif``: request, epoch, transfer, rows) or
 alone after a request's last push (``done_notif``: the sender writes nothing more for that
-request and epoch).
+request and epoch); a piece strided in the receiver's pool goes as a ``Pull`` (the receiver
+READs packed rows from the sender's staging buffer and stores them) answered by ``Pulled``.
 """
 
 from __future__ import annotations
@@ -262,12 +263,78 @@ def done_notif(request_id: str, epoch: int) -> bytes:
     return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
 
-def parse_notif(sender: str, msg: bytes) -> Landed | Done | None:
+@dataclass(frozen=True)
+class Pull:
+    """A sender has packed rows in its staging buffer (``source``: their layout there) for heads
+    ``heads`` (the receiver's local indices, strided in its pool) of rows [first_position,
+    first_position + count) of a reservation: the receiver READs them (NIXL) and stores them in
+    ``blocks`` from position ``offset`` (the reservation's blocks holding those rows), then answers
+    ``Pulled``. ``metadata`` and ``incarnation`` let the receiver reach the sender's agent."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    first_position: int
+    count: int
+    heads: range
+    blocks: tuple[int, ...]
+    offset: int
+    source: PoolLayout
+    sender: str
+    incarnation: int
+    metadata: bytes
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """The receiver has stored a ``Pull``'s rows (``error``: why it could not)."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    sender: str
+    error: str | None = None
+
+
+def pull_notif(pull: Pull) -> bytes:
+    body = dataclasses.asdict(pull) | {"heads": [pull.heads.start, pull.heads.stop], "metadata": pull.metadata.hex()}
+    return _NOTIF_PREFIX + json.dumps({"pull": True, **body}, separators=(",", ":")).encode()
+
+
+def pulled_notif(request_id: str, epoch: int, transfer_id: str, error: str | None = None) -> bytes:
+    body = {"pulled": True, "request_id": request_id, "epoch": epoch, "transfer_id": transfer_id, "error": error}
+    return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def _parse_pull(sender: str, body: dict) -> Pull:
+    heads = range(int(body["heads"][0]), int(body["heads"][1]))
+    return Pull(
+        str(body["request_id"]),
+        int(body["epoch"]),
+        str(body["transfer_id"]),
+        int(body["first_position"]),
+        int(body["count"]),
+        heads,
+        tuple(int(b) for b in body["blocks"]),
+        int(body["offset"]),
+        PoolLayout(**body["source"]),
+        sender,
+        int(body["incarnation"]),
+        bytes.fromhex(body["metadata"]),
+    )
+
+
+def parse_notif(sender: str, msg: bytes) -> Landed | Done | Pull | Pulled | None:
     """A notification from ``sender``, or None for bytes that are not one of ours."""
     if not msg.startswith(_NOTIF_PREFIX):
         return None
     try:
         body = json.loads(msg[len(_NOTIF_PREFIX) :])
+        if body.get("pulled"):
+            error = None if body["error"] is None else str(body["error"])
+            return Pulled(str(body["request_id"]), int(body["epoch"]), str(body["transfer_id"]), sender, error)
+        if body.get("pull"):
+            return _parse_pull(sender, body)
         rid, epoch = str(body["request_id"]), int(body["epoch"])
         if body.get("done"):
             return Done(rid, epoch, sender)

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -39,23 +40,38 @@ from ringserve.kv_transfer.landing import (
     Landed,
     Landing,
     PoolLayout,
+    Pull,
+    Pulled,
     check_rows,
     done_notif,
     landed_notif,
     landing_bytes,
     parse_notif,
+    pull_notif,
+    pulled_notif,
 )
 from ringserve.kv_transfer.staging import DEFAULT_STAGING_BYTES, Staging
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "nixl", "tcp")
+PULL_TIMEOUT_S = 60.0  # a receiver's READs of one Pull (the sender gives up at its own timeout)
 
 
 @dataclass
 class _Peer:
     fingerprint: bytes
     incarnation: int
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A peer agent as a transfer needs it: its name, run, NIXL metadata and the memory it serves."""
+
+    agent: str
+    incarnation: int
+    metadata: bytes
+    mem: str
 
 
 class NixlEndpoint:
@@ -90,16 +106,18 @@ class NixlEndpoint:
         self.layout = PoolLayout.of(cache)
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
-        self.staging_bytes = staging_bytes
-        self._staging_lock = threading.Lock()  # one staged push at a time on this endpoint
-        self._staging_buf: Staging | None = None
-        self._staging_reg = None
-        self.descriptors_posted = 0  # per side, over every WRITE: how well pushes coalesce
+        # Registered with the pool, so the agent's metadata never changes: packed head pieces
+        # (staging.py), sent from here or READ into here (Pull). One user at a time.
+        self._staging = Staging(cache, staging_bytes)
+        self._staging_lock = threading.Lock()
+        self._pulled: dict[tuple, tuple[threading.Event, list[Pulled]]] = {}  # pushes awaiting a Pulled
+        self._pulls: queue.Queue[Pull | None] = queue.Queue()  # Pulls to serve, one at a time
+        self.descriptors_posted = 0  # over every transfer this side posted: how well moves coalesce
         try:
             self._agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
             if "UCX" not in self._agent.backends:
                 raise RuntimeError("NIXL has no UCX backend plugin")
-            self._registered = self._agent.register_memory([cache.k, cache.v])
+            self._registered = self._agent.register_memory([cache.k, cache.v, self._staging.buffer])
             self.metadata = self._agent.get_agent_metadata()
         except Exception as e:
             raise Unavailable(
@@ -108,6 +126,8 @@ class NixlEndpoint:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._progress, name="nixl-progress", daemon=True)
         self._thread.start()
+        self._puller = threading.Thread(target=self._serve_pulls, name="nixl-pulls", daemon=True)
+        self._puller.start()
         log.info(
             "kv_transfer=nixl agent=%s mem=%s device=%d pool_bytes=%d metadata_bytes=%d",
             self.name,
@@ -147,13 +167,65 @@ class NixlEndpoint:
         if note is None:
             log.warning("NIXL: dropped an unknown notification from agent %s (%d bytes)", sender, len(msg))
             return
-        handler = self.on_done if isinstance(note, Done) else self.on_landed
+        if isinstance(note, Pull):
+            self._pulls.put(note)
+        elif isinstance(note, Pulled):
+            with self._lock:
+                waiter = self._pulled.get((sender, note.request_id, note.epoch, note.transfer_id))
+            if waiter is not None:
+                waiter[1].append(note)
+                waiter[0].set()
+        else:
+            self._handle(self.on_done if isinstance(note, Done) else self.on_landed, note)
+
+    @staticmethod
+    def _handle(handler: Callable | None, note: Landed | Done) -> None:
         if handler is None:
             return
         try:
             handler(note)
         except Exception:
             log.exception("request_id=%s epoch=%d: handling a NIXL notification failed", note.request_id, note.epoch)
+
+    def _serve_pulls(self) -> None:
+        """The receiving side of pieces strided in this pool: READ each Pull's packed rows into the
+        staging buffer, a chunk at a time, store them into the pool's rows, then report the rows
+        landed (``on_landed``) and answer the sender."""
+        while (note := self._pulls.get()) is not None:
+            error = None
+            where = f"request {note.request_id} transfer {note.transfer_id}: NIXL READ from agent {note.sender}"
+            try:
+                with self._lock:  # first, so that even a refusal can be answered
+                    self._connect(note.sender, note.incarnation, note.metadata, where)
+                self._store_pull(note, where)
+            except Exception as e:
+                error = f"{type(e).__name__}: {e}"
+                log.warning("%s failed: %s", where, error)
+            if error is None:
+                landed = (note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
+                self._handle(self.on_landed, Landed(*landed, note.sender, note.heads))
+            with self._lock:
+                try:
+                    self._agent.send_notif(
+                        note.sender, pulled_notif(note.request_id, note.epoch, note.transfer_id, error)
+                    )
+                except Exception as e:  # the sender times out
+                    log.warning("NIXL: answering agent %s failed: %s: %s", note.sender, type(e).__name__, e)
+
+    def _store_pull(self, note: Pull, where: str) -> None:
+        rows_fit = note.offset + note.count <= len(note.blocks) * self.layout.block_size
+        if not rows_fit or max(note.blocks, default=0) >= self.layout.num_blocks or note.offset < 0:
+            raise InvalidArgument(f"rows [{note.offset}, +{note.count}) do not fit blocks {note.blocks}")
+        check_heads(note.source, None, self.layout, note.heads)
+        peer = _Remote(note.sender, note.incarnation, note.metadata, note.source.mem)
+        deadline = time.monotonic() + PULL_TIMEOUT_S
+        with self._staging_lock:
+            for a, n in self._staging.chunks(note.count, note.heads):
+                rows, packed = self._staging.packed(self.layout, n, len(note.heads))
+                remote, local = plan_descriptors(note.source, [0], a, packed, [0], 0, n)
+                self._xfer("READ", peer, local, remote, b"", where, deadline, PULL_TIMEOUT_S)
+                self._staging.scatter(rows, note.blocks, note.offset + a, note.heads)
+            self._sync()  # stored before the rows count as landed
 
     # --- prefill side ------------------------------------------------------------------------
 
@@ -198,65 +270,96 @@ class NixlEndpoint:
         whole_src, whole_dst = len(src_heads) == self.layout.kv_heads, len(dst_heads) == landing.layout.kv_heads
         transfer_id = transfer_id or uuid.uuid4().hex[:12]
         deadline = time.monotonic() + timeout_s
-        if whole_src or not whole_dst:  # rows as they lie (a strided destination: one descriptor per row)
+        peer = _Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
+        where = f"request {rid} transfer {transfer_id}: NIXL WRITE to agent {landing.agent}"
+        if whole_src and whole_dst:  # rows as they lie, one descriptor per run of blocks of both sides
             self._sync()
             dst = (landing.layout, landing.block_table, dst_start)
-            local, remote = plan_descriptors(self.layout, block_table, src_start, *dst, count, src_heads, dst_heads)
-            note = landed_notif(rid, landing.epoch, transfer_id, dst_start, count, None if whole_dst else dst_heads)
-            return self._write(landing, local, remote, note, transfer_id, deadline, timeout_s)
+            local, remote = plan_descriptors(self.layout, block_table, src_start, *dst, count)
+            note = landed_notif(rid, landing.epoch, transfer_id, dst_start, count)
+            return self._xfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
         sent = 0
-        with self._staging_lock:  # a strided source, whole destination rows: gathered, then as whole rows
-            staging = self._staging()
-            for i, (a, n) in enumerate(staging.chunks(count, src_heads)):
-                packed = staging.gather(self.layout, block_table, src_start + a, n, src_heads)
+        with self._staging_lock:  # head pieces, packed as whole rows of their heads
+            for i, (a, n) in enumerate(self._staging.chunks(count, src_heads)):
+                packed = self._staging.gather(self.layout, block_table, src_start + a, n, src_heads)
                 self._sync()
-                local, remote = plan_descriptors(packed, [0], 0, landing.layout, landing.block_table, dst_start + a, n)
                 chunk = f"{transfer_id}/{i}"  # each chunk lands (and is counted) on its own
-                note = landed_notif(rid, landing.epoch, chunk, dst_start + a, n)
-                sent += self._write(landing, local, remote, note, chunk, deadline, timeout_s)
+                if whole_dst:  # WRITE them into the destination's rows
+                    dst = (landing.layout, landing.block_table, dst_start + a)
+                    local, remote = plan_descriptors(packed, [0], 0, *dst, n)
+                    note = landed_notif(rid, landing.epoch, chunk, dst_start + a, n)
+                    sent += self._xfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
+                else:  # strided there too: the receiver READs and stores them
+                    sent += self._pull(landing, packed, chunk, dst_start + a, n, dst_heads, deadline, timeout_s)
         return sent
+
+    def _pull(
+        self,
+        landing: Landing,
+        packed: PoolLayout,
+        chunk: str,
+        first: int,
+        count: int,
+        heads: range,
+        deadline: float,
+        timeout_s: float,
+    ) -> int:
+        """Have the landing's agent READ ``count`` packed rows into heads ``heads`` of its rows from
+        ``first``; returns their bytes once it answers that they are stored (staging lock held)."""
+        bs = landing.layout.block_size
+        blocks = landing.block_table[first // bs : -(-(first + count) // bs)]
+        rows = (landing.request_id, landing.epoch, chunk, first, count, heads, blocks, first % bs, packed)
+        pull = Pull(*rows, self.name, self.incarnation, self.metadata)
+        key = (landing.agent, landing.request_id, landing.epoch, chunk)
+        waiter: tuple[threading.Event, list[Pulled]] = (threading.Event(), [])
+        where = f"request {landing.request_id} transfer {chunk}: a NIXL READ by agent {landing.agent}"
+        with self._lock:
+            fingerprint = self._connect(landing.agent, landing.incarnation, landing.metadata, where)
+            self._pulled[key] = waiter
+        try:
+            with self._lock:
+                self._agent.send_notif(landing.agent, pull_notif(pull))
+            if not waiter[0].wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"not complete after {timeout_s:.1f} s")
+            if waiter[1][0].error:
+                raise RuntimeError(f"the receiver could not store the rows: {waiter[1][0].error}")
+        except Exception as e:
+            with self._lock:
+                self._forget(landing.agent, fingerprint)
+            raise Unavailable(f"{where} failed: {type(e).__name__}: {e}") from e
+        finally:
+            with self._lock:
+                del self._pulled[key]
+        return 2 * packed.num_layers * packed.block_size * packed.row_bytes
 
     def _sync(self) -> None:
         """On GPU, wait for the kernels that wrote the KV (or the staging buffer) before NIXL reads it."""
         if self.layout.mem == "VRAM":
             torch.cuda.current_stream(self.cache.k.device).synchronize()
 
-    def _staging(self) -> Staging:
-        """The staging buffer, made and registered on first use (staging lock held)."""
-        if self._staging_buf is None:
-            staging = Staging(self.cache, self.staging_bytes)
-            with self._lock:
-                try:
-                    self._staging_reg = self._agent.register_memory([staging.buffer])
-                except Exception as e:
-                    raise Unavailable(f"NIXL could not register a staging buffer: {type(e).__name__}: {e}") from e
-            self._staging_buf = staging
-        return self._staging_buf
-
-    def _write(
-        self, landing: Landing, local, remote, note: bytes, transfer_id: str, deadline: float, timeout_s: float
+    def _xfer(
+        self, op: str, peer: _Remote, local, remote, note: bytes, where: str, deadline: float, timeout_s: float
     ) -> int:
-        """One WRITE of descriptors ``local`` to ``remote`` with notification ``note``; returns the
-        bytes written once NIXL reports it complete."""
+        """One ``op`` (WRITE or READ) of descriptors ``local`` to or from ``remote`` of ``peer``
+        with notification ``note``; returns the bytes moved once NIXL reports it complete."""
         nbytes = int(local[:, 1].sum())
         self.descriptors_posted += len(local)
-        where = f"request {landing.request_id} transfer {transfer_id}: NIXL WRITE of {nbytes} bytes"
-        where += f" to agent {landing.agent}"
+        where = f"{where} ({nbytes} bytes)"
         with self._lock:
-            fingerprint = self._connect(landing)
+            fingerprint = self._connect(peer.agent, peer.incarnation, peer.metadata, where)
             try:
                 handle = self._agent.initialize_xfer(
-                    "WRITE",
+                    op,
                     self._agent.get_xfer_descs(local, self.layout.mem),
-                    self._agent.get_xfer_descs(remote, landing.layout.mem),
-                    landing.agent,
+                    self._agent.get_xfer_descs(remote, peer.mem),
+                    peer.agent,
                     note,
                 )
             except Exception as e:
-                self._forget(landing.agent, fingerprint)
+                self._forget(peer.agent, fingerprint)
                 raise Unavailable(f"{where} could not start: {type(e).__name__}: {e}") from e
         try:
-            self._run(handle, deadline, where, landing.agent, fingerprint, timeout_s)
+            self._run(handle, deadline, where, peer.agent, fingerprint, timeout_s)
         finally:
             self._release(handle)
         return nbytes
@@ -289,8 +392,9 @@ class NixlEndpoint:
         epoch, so the blocks it holds back (quarantine) can go. Raises Unavailable if NIXL cannot."""
         if isinstance(landing, bytes | bytearray | memoryview):
             landing = Landing.from_bytes(bytes(landing), self.landing_key)
+        where = f"request {landing.request_id}: the done notification"
         with self._lock:
-            fingerprint = self._connect(landing)
+            fingerprint = self._connect(landing.agent, landing.incarnation, landing.metadata, where)
             try:
                 self._agent.send_notif(landing.agent, done_notif(landing.request_id, landing.epoch))
             except Exception as e:
@@ -307,33 +411,33 @@ class NixlEndpoint:
             except Exception as e:  # NIXL keeps a handle it cannot abort and frees it with the agent
                 log.warning("NIXL: could not release a transfer handle: %s: %s", type(e).__name__, e)
 
-    def _connect(self, landing: Landing) -> bytes:
-        """Load the landing's agent metadata unless it is loaded already (lock held); returns its
-        fingerprint."""
-        fingerprint = hashlib.blake2b(landing.metadata, digest_size=16).digest()
-        peer = self._peers.get(landing.agent)
+    def _connect(self, agent: str, incarnation: int, metadata: bytes, where: str) -> bytes:
+        """Load a peer's agent metadata unless it is loaded already (lock held); returns its
+        fingerprint. ``where`` names the transfer in errors."""
+        fingerprint = hashlib.blake2b(metadata, digest_size=16).digest()
+        peer = self._peers.get(agent)
         if peer is not None and peer.fingerprint == fingerprint:
             return fingerprint
-        if peer is not None and landing.incarnation < peer.incarnation:
+        if peer is not None and incarnation < peer.incarnation:
             raise Unavailable(
-                f"request {landing.request_id}: the landing comes from an earlier run of decode agent "
-                f"{landing.agent}, which has restarted since; reserve again on the running worker"
+                f"{where}: the landing comes from an earlier run of agent {agent}, which has restarted "
+                "since; reserve again on the running worker"
             )
         if peer is not None:
-            log.info("NIXL: agent %s restarted (new metadata); reloading it", landing.agent)
-            self._forget(landing.agent, peer.fingerprint)
+            log.info("NIXL: agent %s restarted (new metadata); reloading it", agent)
+            self._forget(agent, peer.fingerprint)
         try:
-            loaded = self._agent.add_remote_agent(landing.metadata)
+            loaded = self._agent.add_remote_agent(metadata)
         except Exception as e:
             raise Unavailable(
-                f"request {landing.request_id}: NIXL refused the metadata of agent {landing.agent}: "
-                f"{type(e).__name__}: {e}; restart that decode worker or use --kv-transfer tcp"
+                f"{where}: NIXL refused the metadata of agent {agent}: {type(e).__name__}: {e}; restart that "
+                "worker or use --kv-transfer tcp"
             ) from e
         loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
-        if loaded != landing.agent:
+        if loaded != agent:
             self._agent.remove_remote_agent(loaded)
-            raise InvalidArgument(f"the landing names agent {landing.agent} but its metadata is agent {loaded}")
-        self._peers[landing.agent] = _Peer(fingerprint, landing.incarnation)
+            raise InvalidArgument(f"{where}: the peer names agent {agent} but its metadata is agent {loaded}")
+        self._peers[agent] = _Peer(fingerprint, incarnation)
         return fingerprint
 
     def _forget(self, agent: str, fingerprint: bytes) -> None:
@@ -351,16 +455,16 @@ class NixlEndpoint:
     def close(self) -> None:
         """Stop the progress loop, disconnect peers and deregister the pool."""
         self._stop.set()
+        self._pulls.put(None)
         self._thread.join(timeout=5)
+        self._puller.join(timeout=5)
         with self._lock:
             for agent, peer in list(self._peers.items()):
                 self._forget(agent, peer.fingerprint)
-            for what, registered in (("the KV pool", self._registered), ("the staging buffer", self._staging_reg)):
-                try:
-                    if registered is not None:
-                        self._agent.deregister_memory(registered)
-                except Exception as e:
-                    log.warning("NIXL: deregistering %s failed: %s: %s", what, type(e).__name__, e)
+            try:
+                self._agent.deregister_memory(self._registered)
+            except Exception as e:
+                log.warning("NIXL: deregistering the KV pool failed: %s: %s", type(e).__name__, e)
 
 
 @functools.cache

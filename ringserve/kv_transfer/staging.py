@@ -10,6 +10,7 @@ buffer) packs them as [K/V, layer, rows, heads, dim], which is a pool of one blo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -38,31 +39,29 @@ class Staging:
         for a in range(0, count, per_chunk):
             yield a, min(per_chunk, count - a)
 
+    def packed(self, layout: PoolLayout, count: int, heads: int) -> tuple[torch.Tensor, PoolLayout]:
+        """The buffer's first bytes as ``count`` rows of ``heads`` heads, [K/V, layer, rows, heads,
+        dim], and the layout that addresses them (a pool of one block of ``count`` whole rows)."""
+        layers, _, _, _, dim = self.cache.k.shape
+        nbytes = 2 * layers * count * heads * dim * self.cache.k.element_size()
+        rows = self.buffer[:nbytes].view(self.cache.k.dtype).view(2, layers, count, heads, dim)
+        where = dict(k_addr=rows[0].data_ptr(), v_addr=rows[1].data_ptr(), num_blocks=1, block_size=count)
+        return rows, dataclasses.replace(layout, **where, kv_heads=heads)
+
     def gather(
         self, layout: PoolLayout, block_table: Sequence[int], start: int, count: int, heads: range
     ) -> PoolLayout:
-        """Copy heads ``heads`` of rows [start, start + count) of ``block_table`` into the buffer;
-        returns the layout that addresses them there (one block of ``count`` whole rows)."""
-        cache = self.cache
-        layers, _, _, _, dim = cache.k.shape
-        elems = layers * count * len(heads) * dim
-        packed = (
-            self.buffer[: 2 * elems * cache.k.element_size()]
-            .view(cache.k.dtype)
-            .view(2, layers, count, len(heads), dim)
-        )
-        slots = cache.slots(block_table, start, start + count)
-        for pool, out in ((cache.k, packed[0]), (cache.v, packed[1])):
+        """Copy heads ``heads`` of rows [start, start + count) of ``block_table`` into the buffer
+        (one kernel per K and V); returns the layout that addresses them there."""
+        rows, packed = self.packed(layout, count, len(heads))
+        slots = self.cache.slots(block_table, start, start + count)
+        for pool, out in ((self.cache.k, rows[0]), (self.cache.v, rows[1])):
             torch.index_select(pool.flatten(1, 2)[:, :, heads.start : heads.stop], 1, slots, out=out)
-        return PoolLayout(
-            mem=layout.mem,
-            device_id=layout.device_id,
-            k_addr=packed[0].data_ptr(),
-            v_addr=packed[1].data_ptr(),
-            num_layers=layers,
-            num_blocks=1,
-            block_size=count,
-            kv_heads=len(heads),
-            head_dim=dim,
-            dtype=layout.dtype,
-        )
+        return packed
+
+    def scatter(self, rows: torch.Tensor, block_table: Sequence[int], start: int, heads: range) -> None:
+        """Store ``rows`` (from ``packed``) into heads ``heads`` of the cache's rows from position
+        ``start`` of ``block_table`` (one kernel per K and V)."""
+        slots = self.cache.slots(block_table, start, start + rows.shape[2])
+        for pool, part in ((self.cache.k, rows[0]), (self.cache.v, rows[1])):
+            pool.flatten(1, 2)[:, slots, heads.start : heads.stop] = part
