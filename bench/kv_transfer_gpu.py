@@ -12,9 +12,10 @@ with a paged KVCache of a Llama-3-8B shape (32 layers, 8 KV heads, head dim 128,
   a seeded mixed load of each pool, bench/fragment.py); the descriptors posted are reported;
 - ``heads-<case>`` (``--head-tokens`` tokens, fresh pools): a TP rank's piece of the rows.
   ``whole``: 8 heads into 8 (whole rows); ``src-strided``: heads 4..7 of an 8-head pool into a
-  4-head pool (prefill TP 1 -> decode TP 2: gathered into the staging buffer, then whole rows);
-  ``dst-strided``: a 4-head pool into heads 4..7 of an 8-head pool (TP 2 -> TP 1: one
-  descriptor per row, layer and K/V; ``--dst-strided-tokens`` tokens, as it is slow);
+  4-head pool (prefill TP 1 -> decode TP 2: gathered into the staging buffer, then WRITEs of
+  whole rows); ``dst-strided``: a 4-head pool into heads 4..7 of an 8-head pool (TP 2 -> TP 1:
+  packed, then pulled: the decode side READs and stores them); ``both-strided``: heads 4..7 of
+  an 8-head pool into heads 0..3 of another (packed and pulled);
 - ``nccl``: ``dist.send`` / ``dist.recv`` of the same bytes (one contiguous buffer), timed on
   both ranks after a barrier and a synchronize; the slower rank counts; for every size above;
 - ``copy``: in rank 0, ``dst.copy_(src)`` of the request's bytes from cuda:0 to cuda:1.
@@ -58,6 +59,7 @@ HEAD_CASES = [
     ("whole", 8, 8, None, None),
     ("src-strided", 8, 4, range(4, 8), None),
     ("dst-strided", 4, 8, None, range(4, 8)),
+    ("both-strided", 8, 8, range(4, 8), range(0, 4)),
 ]
 
 
@@ -139,7 +141,7 @@ def bench_push(args, cache: KVCache, tables: list[list[int]], tokens: int, heads
         while landed.acquire(timeout=1):  # they come within milliseconds of the last push
             notes += 1
     pushes = args.warmup + args.iters
-    counts: list = [None, None]  # (descriptors per push: rank 0's, notifications per push: rank 1's)
+    counts: list = [None, None]  # per rank, per push: descriptors posted (WRITEs: rank 0, READs: rank 1), notes
     dist.all_gather_object(counts, (endpoint.descriptors_posted / pushes, notes / pushes, sent[0]), group=ctrl)
     identical = check_rows(cache, tables, tokens, heads, ctrl, rank)
     endpoint.close()
@@ -147,7 +149,7 @@ def bench_push(args, cache: KVCache, tables: list[list[int]], tokens: int, heads
         "times": slowest(times, ctrl),
         "bytes": counts[0][2],
         "bit_identical": identical,
-        "descriptors": counts[0][0],
+        "descriptors": counts[0][0] + counts[1][0],
         "notifications": counts[1][1],
         "runs": [len(as_runs(t)) for t in tables],
     }
@@ -257,7 +259,7 @@ def run(args) -> None:
             attempt(results, f"nixl-{layout}", args, cache, tables, args.tokens, (None, None), ctrl, rank)
         del cache
         for name, src_h, dst_h, *heads in HEAD_CASES:
-            tokens = args.dst_strided_tokens if name == "dst-strided" else args.head_tokens
+            tokens = args.head_tokens
             cache = make_cache(tokens // args.block_size, args.block_size, device, src_h if rank == 0 else dst_h)
             if rank == 0:
                 cache.k.normal_()
@@ -319,7 +321,6 @@ def main() -> None:
     ap.add_argument("--pool-factor", type=int, default=4, help="pool blocks per request block")
     ap.add_argument("--layouts", default="contiguous,shuffled,mixed", help="NIXL block tables to measure")
     ap.add_argument("--head-tokens", type=int, default=16384, help="tokens of the head sub-range cases")
-    ap.add_argument("--dst-strided-tokens", type=int, default=2048, help="tokens of the dst-strided case")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", help="JSON file (default: $OUT/kv_transfer_gpu.json when $OUT is set)")

@@ -1,26 +1,29 @@
 """The NIXL KV data path: a prefill rank WRITEs KV rows straight into a decode rank's reserved blocks.
 
-One ``NixlEndpoint`` per worker process owns one NIXL agent (UCX backend) and registers that
-process's paged KV pool once (DRAM on CPU, VRAM on GPU). The two sides meet through the
-services' own gRPC calls, never through NIXL's listener: the decode side hands out a
-``Landing`` (kv_transfer/landing.py) in its Reserve answer; the prefill side ``push``es rows into
-it (descriptors from kv_transfer/descriptors.py) with a notification naming the request, the
-reservation's epoch, the transfer and the rows, and returns once NIXL reports the WRITE
-complete; after a request's last push the prefill leader sends ``notify_done``. The decode side
-gets both through ``on_landed`` / ``on_done``.
+One ``NixlEndpoint`` per worker process owns one NIXL agent (UCX backend, kv_transfer/agent.py)
+and registers that process's paged KV pool and a staging buffer once (DRAM on CPU, VRAM on GPU).
+The two sides meet through the services' own gRPC calls, never through NIXL's listener: the
+decode side hands out a ``Landing`` (kv_transfer/landing.py) in its Reserve answer; the prefill
+side ``push``es rows into it (descriptors from kv_transfer/descriptors.py) with a notification
+naming the request, the reservation's epoch, the transfer and the rows, and returns once NIXL
+reports the WRITE complete; after a request's last push the prefill leader sends
+``notify_done``. The decode side gets both through ``on_landed`` / ``on_done``.
+
+A TP rank's head sub-range of each row is strided in a pool ([.., slot, head, dim]). The sender
+packs it in its staging buffer (kv_transfer/staging.py): into whole destination rows it then
+WRITEs as above; into a sub-range of the destination's heads it sends a ``Pull`` instead, and
+the decode side READs the packed rows into its own staging buffer, stores them into those
+heads of its rows, reports them landed and answers ``Pulled``, on which the push returns.
 
 NIXL's progress thread is off (it busy-polls: ~3x slower on a 2-core machine), so each endpoint
 runs its own progress loop: both agents must keep polling or the first transfer never
 completes. Every NIXL exception and every timeout becomes ``Unavailable`` (or a caller error for
-bad input). Metadata reaches NIXL only after the landing's checksum and version pass (metadata
-that fails half-way poisons an agent name); a peer that restarts (same name, new metadata) is
-removed and re-added, and a landing from an earlier incarnation is refused.
+bad input).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import queue
@@ -28,12 +31,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from ringserve.engine.kv_cache import KVCache
 from ringserve.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ringserve.kv_transfer.agent import Agent, Remote
 from ringserve.kv_transfer.descriptors import check_heads, plan_descriptors
 from ringserve.kv_transfer.landing import (
     Done,
@@ -58,29 +61,14 @@ TRANSPORTS = ("auto", "nixl", "tcp")
 PULL_TIMEOUT_S = 60.0  # a receiver's READs of one Pull (the sender gives up at its own timeout)
 
 
-@dataclass
-class _Peer:
-    fingerprint: bytes
-    incarnation: int
-
-
-@dataclass(frozen=True)
-class _Remote:
-    """A peer agent as a transfer needs it: its name, run, NIXL metadata and the memory it serves."""
-
-    agent: str
-    incarnation: int
-    metadata: bytes
-    mem: str
-
-
 class NixlEndpoint:
     """This process's NIXL agent with its KV pool registered; sends (``push``) and receives (``landing``).
 
-    Thread-safe: every agent call holds one lock. The progress loop polls for notifications
-    (which also drives UCX) every ``poll_interval_s``: 1 ms costs ~2% of a core when idle (0.1 ms:
-    ~7%) and only delays notifications, since a push polls its own transfer without sleeping.
-    ``on_landed`` and ``on_done`` run on that loop's thread: keep them short.
+    Thread-safe (the agent holds one lock around every call). The progress loop polls for
+    notifications (which also drives UCX) every ``poll_interval_s``: 1 ms costs ~2% of a core when
+    idle (0.1 ms: ~7%) and only delays notifications, since a push polls its own transfer without
+    sleeping. ``on_landed`` and ``on_done`` run on that loop's thread (or the pull thread): keep
+    them short.
     """
 
     def __init__(
@@ -93,8 +81,6 @@ class NixlEndpoint:
         landing_key: bytes | None = None,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
     ):
-        from nixl._api import nixl_agent, nixl_agent_config
-
         if "NIXL_LOG_LEVEL" not in os.environ:  # NIXL's INFO lines go to stdout; ours below say it all
             logging.getLogger("nixl").setLevel(logging.WARNING)
         self.cache = cache
@@ -104,38 +90,35 @@ class NixlEndpoint:
         self.landing_key = landing_key  # the deployment secret: landings signed, and verified before a WRITE
         self.poll_interval_s = poll_interval_s
         self.layout = PoolLayout.of(cache)
-        self._lock = threading.Lock()
-        self._peers: dict[str, _Peer] = {}
         # Registered with the pool, so the agent's metadata never changes: packed head pieces
         # (staging.py), sent from here or READ into here (Pull). One user at a time.
         self._staging = Staging(cache, staging_bytes)
         self._staging_lock = threading.Lock()
-        self._pulled: dict[tuple, tuple[threading.Event, list[Pulled]]] = {}  # pushes awaiting a Pulled
-        self._pulls: queue.Queue[Pull | None] = queue.Queue()  # Pulls to serve, one at a time
-        self.descriptors_posted = 0  # over every transfer this side posted: how well moves coalesce
-        try:
-            self._agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-            if "UCX" not in self._agent.backends:
-                raise RuntimeError("NIXL has no UCX backend plugin")
-            self._registered = self._agent.register_memory([cache.k, cache.v, self._staging.buffer])
-            self.metadata = self._agent.get_agent_metadata()
-        except Exception as e:
-            raise Unavailable(
-                f"NIXL agent {self.name} could not start: {type(e).__name__}: {e}; use --kv-transfer tcp"
-            ) from e
+        self._waiting: dict[tuple, queue.SimpleQueue[Pulled]] = {}  # pulls this side asked for
+        self._pulls: queue.Queue[Pull | None] = queue.Queue()  # pulls to serve, one at a time
+        self._agent = Agent(self.name, [cache.k, cache.v, self._staging.buffer], self.layout.mem)
+        self.metadata = self._agent.metadata
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._progress, name="nixl-progress", daemon=True)
-        self._thread.start()
-        self._puller = threading.Thread(target=self._serve_pulls, name="nixl-pulls", daemon=True)
-        self._puller.start()
+        self._threads = [
+            threading.Thread(target=self._progress, name="nixl-progress", daemon=True),
+            threading.Thread(target=self._serve_pulls, name="nixl-pulls", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
         log.info(
-            "kv_transfer=nixl agent=%s mem=%s device=%d pool_bytes=%d metadata_bytes=%d",
+            "kv_transfer=nixl agent=%s mem=%s device=%d pool_bytes=%d staging_bytes=%d metadata_bytes=%d",
             self.name,
             self.layout.mem,
             self.layout.device_id,
             2 * self.layout.num_layers * self.layout.layer_stride,
+            staging_bytes,
             len(self.metadata),
         )
+
+    @property
+    def descriptors_posted(self) -> int:
+        """Descriptors of every transfer this side has posted (WRITEs; READs of pulls)."""
+        return self._agent.descriptors_posted
 
     # --- decode side -------------------------------------------------------------------------
 
@@ -152,8 +135,7 @@ class NixlEndpoint:
     def _progress(self) -> None:
         while not self._stop.is_set():
             try:
-                with self._lock:
-                    notifs = self._agent.get_new_notifs()
+                notifs = self._agent.notifications()
             except Exception:  # keep polling: a broken peer must not stop everyone's progress
                 log.exception("NIXL progress: get_new_notifs failed")
                 notifs = {}
@@ -166,26 +148,14 @@ class NixlEndpoint:
         note = parse_notif(sender, msg)
         if note is None:
             log.warning("NIXL: dropped an unknown notification from agent %s (%d bytes)", sender, len(msg))
-            return
-        if isinstance(note, Pull):
+        elif isinstance(note, Pull):
             self._pulls.put(note)
         elif isinstance(note, Pulled):
-            with self._lock:
-                waiter = self._pulled.get((sender, note.request_id, note.epoch, note.transfer_id))
+            waiter = self._waiting.get((sender, note.request_id, note.epoch, note.transfer_id))
             if waiter is not None:
-                waiter[1].append(note)
-                waiter[0].set()
+                waiter.put(note)
         else:
-            self._handle(self.on_done if isinstance(note, Done) else self.on_landed, note)
-
-    @staticmethod
-    def _handle(handler: Callable | None, note: Landed | Done) -> None:
-        if handler is None:
-            return
-        try:
-            handler(note)
-        except Exception:
-            log.exception("request_id=%s epoch=%d: handling a NIXL notification failed", note.request_id, note.epoch)
+            _handle(self.on_done if isinstance(note, Done) else self.on_landed, note)
 
     def _serve_pulls(self) -> None:
         """The receiving side of pieces strided in this pool: READ each Pull's packed rows into the
@@ -193,42 +163,36 @@ class NixlEndpoint:
         landed (``on_landed``) and answer the sender."""
         while (note := self._pulls.get()) is not None:
             error = None
-            where = f"request {note.request_id} transfer {note.transfer_id}: NIXL READ from agent {note.sender}"
+            where = f"request {note.request_id} transfer {note.transfer_id}"
+            peer = Remote(note.sender, note.incarnation, note.metadata, note.source.mem)
             try:
-                with self._lock:  # first, so that even a refusal can be answered
-                    self._connect(note.sender, note.incarnation, note.metadata, where)
-                self._store_pull(note, where)
+                self._store_pull(note, peer, where)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
-                log.warning("%s failed: %s", where, error)
+                log.warning("%s: storing rows pulled from agent %s failed: %s", where, note.sender, error)
             if error is None:
                 landed = (note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
-                self._handle(self.on_landed, Landed(*landed, note.sender, note.heads))
-            with self._lock:
-                try:
-                    self._agent.send_notif(
-                        note.sender, pulled_notif(note.request_id, note.epoch, note.transfer_id, error)
-                    )
-                except Exception as e:  # the sender times out
-                    log.warning("NIXL: answering agent %s failed: %s: %s", note.sender, type(e).__name__, e)
+                _handle(self.on_landed, Landed(*landed, note.sender, note.heads))
+            try:
+                self._agent.send(peer, pulled_notif(note.request_id, note.epoch, note.transfer_id, error), where)
+            except Unavailable as e:  # the sender gives up at its timeout
+                log.warning("%s: answering the pull failed: %s", where, e)
 
-    def _store_pull(self, note: Pull, where: str) -> None:
+    def _store_pull(self, note: Pull, peer: Remote, where: str) -> None:
         rows_fit = note.offset + note.count <= len(note.blocks) * self.layout.block_size
         if not rows_fit or max(note.blocks, default=0) >= self.layout.num_blocks or note.offset < 0:
             raise InvalidArgument(f"rows [{note.offset}, +{note.count}) do not fit blocks {note.blocks}")
         check_heads(note.source, None, self.layout, note.heads)
-        peer = _Remote(note.sender, note.incarnation, note.metadata, note.source.mem)
         deadline = time.monotonic() + PULL_TIMEOUT_S
         with self._staging_lock:
             for a, n in self._staging.chunks(note.count, note.heads):
                 rows, packed = self._staging.packed(self.layout, n, len(note.heads))
                 remote, local = plan_descriptors(note.source, [0], a, packed, [0], 0, n)
-                self._xfer("READ", peer, local, remote, b"", where, deadline, PULL_TIMEOUT_S)
+                self._agent.transfer("READ", peer, local, remote, b"", where, deadline, PULL_TIMEOUT_S)
                 self._staging.scatter(rows, note.blocks, note.offset + a, note.heads)
             self._sync()  # stored before the rows count as landed
 
     # --- prefill side ------------------------------------------------------------------------
-
     def push(
         self,
         block_table: Sequence[int],
@@ -245,9 +209,10 @@ class NixlEndpoint:
         positions [dst_start, dst_start + count) of a landing; returns the bytes written once NIXL
         reports the WRITE complete. The notification names the landing's request and epoch, the
         transfer and the rows. With head ranges (local KV head indices on each side; None: all),
-        only those heads of each row move, and the notification names ``dst_heads``; a source head
-        sub-range into whole destination rows goes through the staging buffer, a bounded chunk
-        (``staging_bytes``) per WRITE and notification.
+        only those heads of each row move, and the notification names ``dst_heads``. Head pieces go
+        through the staging buffer, a bounded chunk (``staging_bytes``) at a time, each landing
+        on its own (transfer ``<transfer_id>/<chunk>``): WRITEs into whole destination rows, pulls
+        into a sub-range of the destination's heads.
 
         Raises InvalidArgument/FailedPrecondition for bad input (rows out of range, foreign or
         corrupt landing, mismatched layouts) and Unavailable when the transfer fails or does not
@@ -270,14 +235,14 @@ class NixlEndpoint:
         whole_src, whole_dst = len(src_heads) == self.layout.kv_heads, len(dst_heads) == landing.layout.kv_heads
         transfer_id = transfer_id or uuid.uuid4().hex[:12]
         deadline = time.monotonic() + timeout_s
-        peer = _Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
-        where = f"request {rid} transfer {transfer_id}: NIXL WRITE to agent {landing.agent}"
+        peer = Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
+        where = f"request {rid} transfer {transfer_id}"
         if whole_src and whole_dst:  # rows as they lie, one descriptor per run of blocks of both sides
             self._sync()
             dst = (landing.layout, landing.block_table, dst_start)
             local, remote = plan_descriptors(self.layout, block_table, src_start, *dst, count)
             note = landed_notif(rid, landing.epoch, transfer_id, dst_start, count)
-            return self._xfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
+            return self._agent.transfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
         sent = 0
         with self._staging_lock:  # head pieces, packed as whole rows of their heads
             for i, (a, n) in enumerate(self._staging.chunks(count, src_heads)):
@@ -288,7 +253,7 @@ class NixlEndpoint:
                     dst = (landing.layout, landing.block_table, dst_start + a)
                     local, remote = plan_descriptors(packed, [0], 0, *dst, n)
                     note = landed_notif(rid, landing.epoch, chunk, dst_start + a, n)
-                    sent += self._xfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
+                    sent += self._agent.transfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
                 else:  # strided there too: the receiver READs and stores them
                     sent += self._pull(landing, packed, chunk, dst_start + a, n, dst_heads, deadline, timeout_s)
         return sent
@@ -309,27 +274,21 @@ class NixlEndpoint:
         bs = landing.layout.block_size
         blocks = landing.block_table[first // bs : -(-(first + count) // bs)]
         rows = (landing.request_id, landing.epoch, chunk, first, count, heads, blocks, first % bs, packed)
-        pull = Pull(*rows, self.name, self.incarnation, self.metadata)
-        key = (landing.agent, landing.request_id, landing.epoch, chunk)
-        waiter: tuple[threading.Event, list[Pulled]] = (threading.Event(), [])
+        peer = Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
         where = f"request {landing.request_id} transfer {chunk}: a NIXL READ by agent {landing.agent}"
-        with self._lock:
-            fingerprint = self._connect(landing.agent, landing.incarnation, landing.metadata, where)
-            self._pulled[key] = waiter
+        key = (landing.agent, landing.request_id, landing.epoch, chunk)
+        self._waiting[key] = answers = queue.SimpleQueue()
         try:
-            with self._lock:
-                self._agent.send_notif(landing.agent, pull_notif(pull))
-            if not waiter[0].wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"not complete after {timeout_s:.1f} s")
-            if waiter[1][0].error:
-                raise RuntimeError(f"the receiver could not store the rows: {waiter[1][0].error}")
-        except Exception as e:
-            with self._lock:
-                self._forget(landing.agent, fingerprint)
-            raise Unavailable(f"{where} failed: {type(e).__name__}: {e}") from e
+            self._agent.send(peer, pull_notif(Pull(*rows, self.name, self.incarnation, self.metadata)), where)
+            try:
+                answer = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self._agent.lost(peer)
+                raise Unavailable(f"{where} failed: not complete after {timeout_s:.1f} s") from None
         finally:
-            with self._lock:
-                del self._pulled[key]
+            del self._waiting[key]
+        if answer.error:
+            raise Unavailable(f"{where} failed: the decode worker could not store the rows: {answer.error}")
         return 2 * packed.num_layers * packed.block_size * packed.row_bytes
 
     def _sync(self) -> None:
@@ -337,134 +296,31 @@ class NixlEndpoint:
         if self.layout.mem == "VRAM":
             torch.cuda.current_stream(self.cache.k.device).synchronize()
 
-    def _xfer(
-        self, op: str, peer: _Remote, local, remote, note: bytes, where: str, deadline: float, timeout_s: float
-    ) -> int:
-        """One ``op`` (WRITE or READ) of descriptors ``local`` to or from ``remote`` of ``peer``
-        with notification ``note``; returns the bytes moved once NIXL reports it complete."""
-        nbytes = int(local[:, 1].sum())
-        self.descriptors_posted += len(local)
-        where = f"{where} ({nbytes} bytes)"
-        with self._lock:
-            fingerprint = self._connect(peer.agent, peer.incarnation, peer.metadata, where)
-            try:
-                handle = self._agent.initialize_xfer(
-                    op,
-                    self._agent.get_xfer_descs(local, self.layout.mem),
-                    self._agent.get_xfer_descs(remote, peer.mem),
-                    peer.agent,
-                    note,
-                )
-            except Exception as e:
-                self._forget(peer.agent, fingerprint)
-                raise Unavailable(f"{where} could not start: {type(e).__name__}: {e}") from e
-        try:
-            self._run(handle, deadline, where, peer.agent, fingerprint, timeout_s)
-        finally:
-            self._release(handle)
-        return nbytes
-
-    def _run(self, handle, deadline: float, where: str, peer: str, fingerprint: bytes, timeout_s: float) -> None:
-        """Post the transfer and poll it to completion, an error, or the deadline."""
-        try:
-            with self._lock:
-                state = self._agent.transfer(handle)
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"not complete after {timeout_s:.1f} s")
-                time.sleep(0)  # let the progress loop and the caller's other threads in
-                with self._lock:
-                    state = self._agent.check_xfer_state(handle)
-            if state != "DONE":
-                raise RuntimeError(f"NIXL reported transfer state {state}")
-        except Exception as e:
-            # The peer is dead, restarted or stuck: forget it, so that its next landing (a
-            # restarted worker's new metadata, or the same one after a network blip) connects anew.
-            with self._lock:
-                self._forget(peer, fingerprint)
-            raise Unavailable(
-                f"{where} failed: {type(e).__name__}: {e}; the decode worker died, restarted or is "
-                "unreachable: release the request's reservation and retry it"
-            ) from e
-
     def notify_done(self, landing: Landing | bytes) -> None:
         """Tell a landing's decode agent that this side WRITEs nothing more for its request and
         epoch, so the blocks it holds back (quarantine) can go. Raises Unavailable if NIXL cannot."""
         if isinstance(landing, bytes | bytearray | memoryview):
             landing = Landing.from_bytes(bytes(landing), self.landing_key)
+        peer = Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
         where = f"request {landing.request_id}: the done notification"
-        with self._lock:
-            fingerprint = self._connect(landing.agent, landing.incarnation, landing.metadata, where)
-            try:
-                self._agent.send_notif(landing.agent, done_notif(landing.request_id, landing.epoch))
-            except Exception as e:
-                self._forget(landing.agent, fingerprint)
-                raise Unavailable(
-                    f"request {landing.request_id}: the done notification to agent {landing.agent} failed: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-
-    def _release(self, handle) -> None:
-        with self._lock:
-            try:
-                handle.release()
-            except Exception as e:  # NIXL keeps a handle it cannot abort and frees it with the agent
-                log.warning("NIXL: could not release a transfer handle: %s: %s", type(e).__name__, e)
-
-    def _connect(self, agent: str, incarnation: int, metadata: bytes, where: str) -> bytes:
-        """Load a peer's agent metadata unless it is loaded already (lock held); returns its
-        fingerprint. ``where`` names the transfer in errors."""
-        fingerprint = hashlib.blake2b(metadata, digest_size=16).digest()
-        peer = self._peers.get(agent)
-        if peer is not None and peer.fingerprint == fingerprint:
-            return fingerprint
-        if peer is not None and incarnation < peer.incarnation:
-            raise Unavailable(
-                f"{where}: the landing comes from an earlier run of agent {agent}, which has restarted "
-                "since; reserve again on the running worker"
-            )
-        if peer is not None:
-            log.info("NIXL: agent %s restarted (new metadata); reloading it", agent)
-            self._forget(agent, peer.fingerprint)
-        try:
-            loaded = self._agent.add_remote_agent(metadata)
-        except Exception as e:
-            raise Unavailable(
-                f"{where}: NIXL refused the metadata of agent {agent}: {type(e).__name__}: {e}; restart that "
-                "worker or use --kv-transfer tcp"
-            ) from e
-        loaded = loaded.decode() if isinstance(loaded, bytes) else loaded
-        if loaded != agent:
-            self._agent.remove_remote_agent(loaded)
-            raise InvalidArgument(f"{where}: the peer names agent {agent} but its metadata is agent {loaded}")
-        self._peers[agent] = _Peer(fingerprint, incarnation)
-        return fingerprint
-
-    def _forget(self, agent: str, fingerprint: bytes) -> None:
-        """Drop a peer from NIXL and from the cache (lock held) unless it has been reloaded since
-        (a newer incarnation); its next landing loads it again."""
-        peer = self._peers.get(agent)
-        if peer is None or peer.fingerprint != fingerprint:
-            return
-        del self._peers[agent]
-        try:
-            self._agent.remove_remote_agent(agent)
-        except Exception as e:
-            log.warning("NIXL: removing agent %s failed: %s: %s", agent, type(e).__name__, e)
+        self._agent.send(peer, done_notif(landing.request_id, landing.epoch), where)
 
     def close(self) -> None:
-        """Stop the progress loop, disconnect peers and deregister the pool."""
+        """Stop the progress and pull loops, disconnect peers and deregister the pool."""
         self._stop.set()
         self._pulls.put(None)
-        self._thread.join(timeout=5)
-        self._puller.join(timeout=5)
-        with self._lock:
-            for agent, peer in list(self._peers.items()):
-                self._forget(agent, peer.fingerprint)
-            try:
-                self._agent.deregister_memory(self._registered)
-            except Exception as e:
-                log.warning("NIXL: deregistering the KV pool failed: %s: %s", type(e).__name__, e)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._agent.close()
+
+
+def _handle(handler: Callable | None, note: Landed | Done) -> None:
+    if handler is None:
+        return
+    try:
+        handler(note)
+    except Exception:
+        log.exception("request_id=%s epoch=%d: handling a NIXL notification failed", note.request_id, note.epoch)
 
 
 @functools.cache
