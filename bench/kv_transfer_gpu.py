@@ -1,8 +1,9 @@
-"""Moving one request's KV between two GPUs of one host: NIXL VRAM->VRAM vs NCCL vs a torch copy.
+"""Moving one request's KV between two processes' paged caches on GPU: NIXL VRAM->VRAM vs NCCL or a device copy.
 
-Two processes, rank 0 on cuda:0 (the prefill side) and rank 1 on cuda:1 (the decode side), each
-with a paged KVCache of a Llama-3-8B shape (32 layers, 8 KV heads, head dim 128, bf16) of
-``--pool-factor`` times the blocks of one request of ``--tokens`` tokens (128K: 16 GiB):
+Two processes, rank 0 (the prefill side) and rank 1 (the decode side), each with a paged KVCache
+of a Llama-3-8B shape (32 layers, 8 KV heads, head dim 128, bf16) of ``--pool-factor`` times the
+blocks of one request of ``--tokens`` tokens (128K: 16 GiB). With two GPUs rank r is on cuda:r;
+with one, both are on cuda:0 (both tiers on one GPU, as the served path of issue 15 runs).
 
 - ``nixl-<layout>``: rank 0 ``NixlEndpoint.push``-es every row of the request into rank 1's
   reserved blocks (both pools registered as VRAM), timed until push returns (NIXL reports the
@@ -16,14 +17,15 @@ with a paged KVCache of a Llama-3-8B shape (32 layers, 8 KV heads, head dim 128,
   whole rows); ``dst-strided``: a 4-head pool into heads 4..7 of an 8-head pool (TP 2 -> TP 1:
   packed, then pulled: the decode side READs and stores them); ``both-strided``: heads 4..7 of
   an 8-head pool into heads 0..3 of another (packed and pulled);
-- ``nccl``: ``dist.send`` / ``dist.recv`` of the same bytes (one contiguous buffer), timed on
-  both ranks after a barrier and a synchronize; the slower rank counts; for every size above;
-- ``copy``: in rank 0, ``dst.copy_(src)`` of the request's bytes from cuda:0 to cuda:1.
+- ``nccl-<bytes>`` (two GPUs): ``dist.send`` / ``dist.recv`` of the same bytes (one contiguous
+  buffer), timed on both ranks after a barrier and a synchronize; the slower rank counts;
+- ``copy-<bytes>``: in rank 0, ``dst.copy_(src)`` of the same bytes from its GPU to the other
+  (one GPU: within it, a read and a write of HBM per byte).
 
 Fixed iteration counts on every rank (``--warmup``, ``--iters``; never a self-tuning timer: the
-ranks' collectives must match), median reported. NIXL's result is checked bit for bit layer by
-layer (rank 1 sends its rows to rank 0 over NCCL). If NIXL does not import or fails, the NCCL
-and copy baselines still run and the table says why NIXL is missing.
+ranks' collectives must match), median reported. Every NIXL move is checked: both ranks
+checksum the moved heads of their rows layer by layer. If NIXL does not import or fails, the
+baselines still run and the table says why NIXL is missing.
 
     torchrun --nproc-per-node 2 bench/kv_transfer_gpu.py [--tokens 131072] [--block-size 64]
     python bench/kv_transfer_gpu.py ...   (spawns the two ranks itself)
@@ -156,23 +158,18 @@ def bench_push(args, cache: KVCache, tables: list[list[int]], tokens: int, heads
 
 
 def check_rows(cache: KVCache, tables: list[list[int]], tokens: int, heads: tuple, ctrl, rank: int) -> bool:
-    """Rank 1 sends its rows layer by layer; rank 0 compares them with the heads it sent."""
-    src_heads, dst_heads = heads
-    dst_h = [cache.k.shape[-2]]
-    dist.broadcast_object_list(dst_h, src=1, group=ctrl)
-    same = torch.ones((), dtype=torch.int32, device=cache.k.device)
+    """Both ranks checksum the moved heads of their rows, layer by layer (the bits as int16, summed
+    plain and position-weighted in int64, on the device); equal checksums on both sides."""
+    mine = []
     for layer in range(LAYERS):
-        rows = torch.stack(cache.read(layer, tables[rank], tokens)).contiguous()  # [2, tokens, heads, D]
-        if rank == 1:
-            dist.send(rows, dst=0)
-            continue
-        theirs = torch.empty(2, tokens, dst_h[0], DIM, dtype=DTYPE, device=cache.k.device)
-        dist.recv(theirs, src=1)
-        sent = rows if src_heads is None else rows[:, :, src_heads.start : src_heads.stop]
-        got = theirs if dst_heads is None else theirs[:, :, dst_heads.start : dst_heads.stop]
-        same &= torch.equal(sent.contiguous().view(torch.int16), got.contiguous().view(torch.int16))
-    dist.broadcast(same, src=0)
-    return bool(same.item())
+        rows = torch.stack(cache.read(layer, tables[rank], tokens))  # [K/V, tokens, heads, D]
+        part = heads[rank] if heads[rank] is not None else range(rows.shape[2])
+        bits = rows[:, :, part.start : part.stop].contiguous().view(torch.int16).flatten().to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
+        mine.append((int(bits.sum()), int((bits * weights).sum())))
+    both: list = [None, None]
+    dist.all_gather_object(both, mine, group=ctrl)
+    return both[0] == both[1]
 
 
 def bench_nccl(args, nbytes: int, device, ctrl, rank: int) -> dict:
@@ -217,21 +214,27 @@ def attempt(results: dict, name: str, args, cache: KVCache, tables, tokens: int,
 def run(args) -> None:
     rank = int(os.environ["RANK"])
     timeout = datetime.timedelta(seconds=600)
+    two_gpus = not args.smoke and torch.cuda.device_count() >= 2
     if args.smoke:  # the same code on CPU: gloo for NCCL, DRAM for VRAM
         device = other = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timeout)
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        other = torch.device("cuda", 1)
+    elif two_gpus:
+        device, other = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))), torch.device("cuda", 1)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    else:  # one GPU, both tiers on it (as issue 15's served path): no NCCL between two ranks of one GPU
+        device = other = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", timeout=timeout)
     ctrl = dist.new_group(backend="gloo")
     row_bytes = 2 * LAYERS * HEADS * DIM * DTYPE.itemsize  # K and V of one token, every layer
     nbytes = args.tokens * row_bytes
     request_blocks = args.tokens // args.block_size
     pool_blocks = args.pool_factor * request_blocks
     results: dict = {
-        "device": "CPU (smoke run, gloo)" if args.smoke else torch.cuda.get_device_name(device),
+        "device": "CPU (smoke run, gloo)"
+        if args.smoke
+        else f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}",
         "torch": torch.__version__,
         "tokens": args.tokens,
         "block_size": args.block_size,
@@ -267,12 +270,15 @@ def run(args) -> None:
             tables = [list(range(tokens // args.block_size))] * 2
             attempt(results, f"heads-{name}", args, cache, tables, tokens, tuple(heads), ctrl, rank)
             del cache
+        if torch.cuda.is_available():  # give the pools back: the copy below puts 16 GiB on cuda:1
+            torch.cuda.empty_cache()
     else:
         log(f"NIXL is missing: {why_not}; running the NCCL and copy baselines only")
     sizes = {nbytes} | {r["bytes"] for r in results["methods"].values() if r.get("bytes")}
-    for size in sorted(sizes):
-        results["methods"][f"nccl-{size}"] = bench_nccl(args, size, device, ctrl, rank)
-    results["methods"]["copy"] = bench_copy(args, nbytes, device, other, ctrl, rank)
+    for size in sorted(sizes):  # the baselines, for every size NIXL moved
+        if two_gpus or args.smoke:
+            results["methods"][f"nccl-{size}"] = bench_nccl(args, size, device, ctrl, rank)
+        results["methods"][f"copy-{size}"] = bench_copy(args, size, device, other, ctrl, rank)
     if rank == 0:
         report(results, args.out or (os.environ.get("OUT") and os.path.join(os.environ["OUT"], "kv_transfer_gpu.json")))
     dist.destroy_process_group()
@@ -280,7 +286,9 @@ def run(args) -> None:
 
 def report(results: dict, out: str | None) -> None:
     methods = results["methods"]
-    nccl = {r["bytes"]: statistics.median(r["times"]) for name, r in methods.items() if name.startswith("nccl-")}
+    # The baseline of each size: NCCL between the two GPUs, or on one GPU a device copy.
+    kind = "nccl" if any(name.startswith("nccl-") for name in methods) else "copy"
+    base_s = {r["bytes"]: statistics.median(r["times"]) for name, r in methods.items() if name.startswith(kind)}
     print(
         f"\n{results['device']}, 8B-shaped bf16 KV, block {results['block_size']}, request of {results['tokens']} "
         f"tokens ({results['bytes'] / 2**30:.2f} GiB) in pools of {results['pool_blocks']} blocks, "
@@ -288,18 +296,21 @@ def report(results: dict, out: str | None) -> None:
     )
     if results["nixl_missing"]:
         print(f"NIXL missing: {results['nixl_missing']}")
-    print("| method | GiB | seconds | GB/s | NCCL GB/s | vs NCCL | descriptors | runs src/dst | bit-identical |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|")
+    contiguous = methods.get("nixl-contiguous", {}).get("times")
+    print(f"| method | GiB | seconds | GB/s | {kind} GB/s | vs {kind} | vs contiguous | descs | runs src/dst | exact |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for name, r in methods.items():
         if "error" in r:
-            print(f"| {name} | error: {r['error']} | | | | | | | |")
+            print(f"| {name} | error: {r['error']} | | | | | | | | |")
             continue
-        s, base = statistics.median(r["times"]), nccl[r["bytes"]]
-        r["seconds"], r["gb_per_s"], r["vs_nccl"] = s, r["bytes"] / s / 1e9, base / s
+        s, base = statistics.median(r["times"]), base_s[r["bytes"]]
+        r["seconds"], r["gb_per_s"], r["vs_baseline"] = s, r["bytes"] / s / 1e9, base / s
+        vs = f"{statistics.median(contiguous) / s:.2f}" if contiguous and name.startswith("nixl-") else "-"
         runs = "/".join(map(str, r["runs"])) if "runs" in r else "-"
+        descriptors = f"{r['descriptors']:.0f}" if "descriptors" in r else "-"
         print(
             f"| {name} | {r['bytes'] / 2**30:.2f} | {s:.4f} | {r['gb_per_s']:.1f} | {r['bytes'] / base / 1e9:.1f} | "
-            f"{r['vs_nccl']:.2f} | {r.get('descriptors', '-')} | {runs} | {r.get('bit_identical', '-')} |"
+            f"{r['vs_baseline']:.2f} | {vs} | {descriptors} | {runs} | {r.get('bit_identical', '-')} |"
         )
     if out:
         with open(out, "w") as f:
