@@ -138,7 +138,7 @@ class Bench:
 
 
 def short_sizes(spec: str) -> tuple[int, int]:
-    """ "256" -> (256, 256); "1024-4096" -> (1024, 4096)."""
+    """"256" -> (256, 256); "1024-4096" -> (1024, 4096)."""
     lo, _, hi = spec.partition("-")
     return int(lo), int(hi or lo)
 
@@ -238,12 +238,8 @@ def phase_long(b: Bench, group: PrefillGroup) -> dict:
     o = run_one(b, group, "long", b.args.long_tokens)
     if o.error:
         log(f"long failed: {o.error}")
-    return {
-        "long_ttft_s": o.ttft_s,
-        "long_passes": o.passes,
-        "group_passes": group.scheduler.passes - passes0,
-        "requests": [asdict(o)],
-    }
+    return {"long_ttft_s": o.ttft_s, "long_passes": o.passes, "group_passes": group.scheduler.passes - passes0,
+            "requests": [asdict(o)]}
 
 
 def arrivals(b: Bench, service_s: float, long_s: float) -> tuple[list[Arrival], dict]:
@@ -260,14 +256,8 @@ def arrivals(b: Bench, service_s: float, long_s: float) -> tuple[list[Arrival], 
         out.append(Arrival(t, "short", rng.randint(lo, hi)))
         t += rng.expovariate(rate)
     out.sort(key=lambda x: x.at_s)
-    info = {
-        "short_rate_per_s": rate,
-        "short_service_s": service_s,
-        "duration_s": duration,
-        "long_every_s": every,
-        "shorts": sum(x.kind == "short" for x in out),
-        "longs": a.mix_longs,
-    }
+    info = {"short_rate_per_s": rate, "short_service_s": service_s, "duration_s": duration, "long_every_s": every,
+            "shorts": sum(x.kind == "short" for x in out), "longs": a.mix_longs}
     return out, info
 
 
@@ -351,72 +341,23 @@ def fmt(x: float | None, unit: str = "s") -> str:
 
 
 def table(r: dict) -> str:
-    head = [
-        "phase",
-        "policy",
-        "shorts",
-        "short p50 s",
-        "short p99 s",
-        "short max s",
-        "long TTFT s",
-        "long/alone",
-        "long passes",
-        "deadlines met",
-        "group passes",
-    ]
+    head = ["phase", "policy", "shorts", "short p50 s", "short p99 s", "short max s", "long TTFT s", "long/alone",
+            "long passes", "deadlines met", "group passes"]
     rows = []
     if "idle" in r:
         i = r["idle"]
-        rows.append(
-            [
-                "idle",
-                "-",
-                str(len(i["requests"])),
-                fmt(i["short_p50_s"]),
-                fmt(i["short_p99_s"]),
-                fmt(max((q["ttft_s"] or 0 for q in i["requests"]), default=None)),
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-            ]
-        )
+        rows.append(["idle", "-", str(len(i["requests"])), fmt(i["short_p50_s"]), fmt(i["short_p99_s"]),
+                     fmt(max((q["ttft_s"] or 0 for q in i["requests"]), default=None)), "-", "-", "-", "-", "-"])
     for name in ("long_alone", "long_one_pass"):
         if name in r:
             x = r[name]
-            rows.append(
-                [
-                    name,
-                    "lrs" if name == "long_alone" else "one pass",
-                    "0",
-                    "-",
-                    "-",
-                    "-",
-                    fmt(x["long_ttft_s"]),
-                    "-",
-                    str(x["long_passes"]),
-                    "-",
-                    str(x["group_passes"]),
-                ]
-            )
+            rows.append([name, "lrs" if name == "long_alone" else "one pass", "0", "-", "-", "-",
+                         fmt(x["long_ttft_s"]), "-", str(x["long_passes"]), "-", str(x["group_passes"])])
     for m in r.get("mix", {}).values():
         met = f"{m['short_deadlines_met']}/{m['shorts']} + {m['long_deadlines_met']}/{m['longs']}"
-        rows.append(
-            [
-                "mix",
-                m["policy"],
-                str(m["shorts"]),
-                fmt(m["short_p50_s"]),
-                fmt(m["short_p99_s"]),
-                fmt(m["short_max_s"]),
-                fmt(m["long_ttft_s"]),
-                fmt(m["long_vs_alone"], "x"),
-                str(m["long_passes"]),
-                met,
-                str(m["group_passes"]),
-            ]
-        )
+        rows.append(["mix", m["policy"], str(m["shorts"]), fmt(m["short_p50_s"]), fmt(m["short_p99_s"]),
+                     fmt(m["short_max_s"]), fmt(m["long_ttft_s"]), fmt(m["long_vs_alone"], "x"),
+                     str(m["long_passes"]), met, str(m["group_passes"])])
     widths = [max(len(h), *(len(row[k]) for row in rows)) if rows else len(h) for k, h in enumerate(head)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
@@ -424,10 +365,8 @@ def table(r: dict) -> str:
     if "idle" in r and r["idle"]["short_p50_s"]:
         for m in r.get("mix", {}).values():
             if m["short_p50_s"]:
-                summary.append(
-                    f"{m['policy']}: short p50 under load / idle p50 = "
-                    f"{m['short_p50_s'] / r['idle']['short_p50_s']:.2f}x"
-                )
+                summary.append(f"{m['policy']}: short p50 under load / idle p50 = "
+                               f"{m['short_p50_s'] / r['idle']['short_p50_s']:.2f}x")
     if r.get("chunking_overhead") is not None:
         summary.append(f"chunking overhead (long_alone / long_one_pass - 1) = {100 * r['chunking_overhead']:.1f}%")
     return "\n".join(lines + summary)
@@ -437,11 +376,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (rank r uses cuda:r)")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model directory; default: the embedded SmolLM2-135M on CPU, Llama-3-8B shape on GPU",
-    )
+    p.add_argument("--model", default=None,
+                   help="model directory; default: the embedded SmolLM2-135M on CPU, Llama-3-8B shape on GPU")
     p.add_argument("--load-format", default=None, help="auto or dummy; default: dummy with the Llama-3-8B shape")
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--short-tokens", default=None, help="N or LO-HI (uniform); default 256 on CPU, 1024-4096 on GPU")
@@ -449,43 +385,24 @@ def main() -> None:
     p.add_argument("--idle-requests", type=int, default=None, help="shorts in the idle phase (default 20 CPU, 30 GPU)")
     p.add_argument("--short-load", type=float, default=0.1, help="share of the group's time the shorts use in mix")
     p.add_argument("--mix-longs", type=int, default=1, help="long prompts in each mix phase")
-    p.add_argument(
-        "--long-lead",
-        type=float,
-        default=None,
-        help="seconds into mix the first long arrives (default: 4 short service times)",
-    )
+    p.add_argument("--long-lead", type=float, default=None,
+                   help="seconds into mix the first long arrives (default: 4 short service times)")
     p.add_argument("--long-every", type=float, default=None, help="seconds between longs (default 1.25 x long alone)")
-    p.add_argument(
-        "--mix-s",
-        type=float,
-        default=None,
-        help="seconds shorts keep arriving (default: until long-lead + mix-longs x long-every)",
-    )
+    p.add_argument("--mix-s", type=float, default=None,
+                   help="seconds shorts keep arriving (default: until long-lead + mix-longs x long-every)")
     p.add_argument("--policies", default="fcfs,lrs")
-    p.add_argument(
-        "--short-ttft-s",
-        type=float,
-        default=None,
-        help="TTFT deadline of each short request; default: the group's (max(1 s, 3 x predicted alone))",
-    )
+    p.add_argument("--short-ttft-s", type=float, default=None,
+                   help="TTFT deadline of each short request; default: the group's (max(1 s, 3 x predicted alone))")
     p.add_argument("--target-pass-s", type=float, default=0.25)
     p.add_argument("--max-pass-tokens", type=int, default=65536)
-    p.add_argument(
-        "--kv-blocks",
-        type=int,
-        default=None,
-        help="per rank; default: the mix's longs plus 16 of the largest shorts, plus 8",
-    )
+    p.add_argument("--kv-blocks", type=int, default=None,
+                   help="per rank; default: the mix's longs plus 16 of the largest shorts, plus 8")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--calibrate-tokens", type=int, default=2048)
     p.add_argument("--group-timeout-s", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--sections",
-        default=None,
-        help=f"comma-separated, of {','.join(SECTIONS)}; default: all on GPU, all but long_one_pass on CPU",
-    )
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated, of {','.join(SECTIONS)}; default: all on GPU, all but long_one_pass on CPU")
     p.add_argument("--out", default=None, help="JSON file for every number")
     args = p.parse_args()
 
@@ -529,10 +446,8 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(r, indent=1))
 
-    log(
-        f"device={args.device} dtype={args.dtype} cp={args.cp} model={args.model or 'default'} "
-        f"shorts={args.short_tokens} long={args.long_tokens} kv_blocks={args.kv_blocks} sections={sections}"
-    )
+    log(f"device={args.device} dtype={args.dtype} cp={args.cp} model={args.model or 'default'} "
+        f"shorts={args.short_tokens} long={args.long_tokens} kv_blocks={args.kv_blocks} sections={sections}")
     service_s = long_s = None
     group = make_group(args)
     b.vocab = group.model.config.vocab_size
@@ -560,19 +475,15 @@ def main() -> None:
                 args.long_lead = 4 * service
             schedule, info = arrivals(b, service, alone)  # every policy gets this very schedule
             r["mix_schedule"] = {**info, "long_lead_s": args.long_lead, "arrivals": [asdict(x) for x in schedule]}
-            log(
-                f"mix schedule: {info['shorts']} shorts at {info['short_rate_per_s']:.2f}/s over "
-                f"{info['duration_s']:.1f} s, {info['longs']} long(s) from {args.long_lead:.1f} s"
-            )
+            log(f"mix schedule: {info['shorts']} shorts at {info['short_rate_per_s']:.2f}/s over "
+                f"{info['duration_s']:.1f} s, {info['longs']} long(s) from {args.long_lead:.1f} s")
             for policy in policies:
                 use_schedule(group, args, policy)
                 log(f"mix ({policy}): {len(schedule)} requests")
                 m = phase_mix(b, group, schedule, long_s)
                 r.setdefault("mix", {})[policy] = m
-                log(
-                    f"mix ({policy}): short p50 {fmt(m['short_p50_s'])} s p99 {fmt(m['short_p99_s'])} s, "
-                    f"long {fmt(m['long_ttft_s'])} s, errors {m['errors']}, {m['wall_s']:.0f} s"
-                )
+                log(f"mix ({policy}): short p50 {fmt(m['short_p50_s'])} s p99 {fmt(m['short_p99_s'])} s, "
+                    f"long {fmt(m['long_ttft_s'])} s, errors {m['errors']}, {m['wall_s']:.0f} s")
                 save()
         if "long_one_pass" in sections:
             use_schedule(group, args, "lrs", one_pass=True)

@@ -1,11 +1,13 @@
-"""A sender's bounce buffer: a head sub-range of paged KV rows gathered so that it moves as whole rows.
+"""Bounce buffers for head pieces: a head sub-range of paged KV rows packed so that it moves in
+large pieces.
 
-A head sub-range of a row is strided in the pool ([.., slot, head, dim]), so written as it lies it
+A head sub-range of a row is strided in the pool ([.., slot, head, dim]), so moved as it lies it
 takes one NIXL descriptor per row, layer and K/V, and per-descriptor cost dominates (docs/
-BENCHMARKS.md, "KV transfer"). When the destination holds exactly the heads that move (a decode
-rank of higher TP than the prefill rank), one gather per K and V (``index_select`` into the
-buffer) packs them as [K/V, layer, rows, heads, dim], which is a pool of one block of whole rows:
-``plan_descriptors`` then coalesces them by the destination's runs of blocks, as for a TP 1 move.
+BENCHMARKS.md, "KV transfer"). One ``index_select`` per K and V packs a chunk of rows of those
+heads as [K/V, layer, rows, heads, dim], which is a pool of one block of whole rows: the sender
+WRITEs it into a destination that holds just those heads (``plan_descriptors`` coalesces it by
+the destination's runs of blocks), or the receiver READs it into its own buffer and ``scatter``s
+it into a sub-range of its heads (a Pull, kv_transfer/nixl.py).
 """
 
 from __future__ import annotations
