@@ -34,9 +34,13 @@ from ringserve.kv_transfer.landing import (  # noqa: E402
     Landed,
     Landing,
     PoolLayout,
+    Pull,
+    Pulled,
     done_notif,
     landed_notif,
     parse_notif,
+    pull_notif,
+    pulled_notif,
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves  # noqa: E402
@@ -684,3 +688,11 @@ def test_head_pieces_strided_on_the_decode_side_are_pulled_into_place():
             assert decode.call(_receive, rid, part, 10.0, dst_heads) == (True, True, 0)
     finally:
         _stop([prefill, decode])
+
+
+def test_pull_notifications_round_trip():
+    layout = PoolLayout.of(KVCache(CONFIG, 4, 4))
+    pull = Pull("r", 7, "0.1/2", 5, 3, range(1, 2), (4, 9), 1, layout, "p", 11, b"\x00meta\xff")
+    assert parse_notif("p", pull_notif(pull)) == pull
+    assert parse_notif("d", pulled_notif("r", 7, "0.1/2")) == Pulled("r", 7, "0.1/2", "d")
+    assert parse_notif("d", pulled_notif("r", 7, "0.1/2", "no room")).error == "no room"
