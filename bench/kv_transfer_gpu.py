@@ -204,7 +204,12 @@ def bench_copy(args, nbytes: int, device, other, ctrl, rank: int) -> dict:
 def attempt(results: dict, name: str, args, cache: KVCache, tables, tokens: int, heads: tuple, ctrl, rank: int) -> None:
     """One NIXL measurement; a failure is recorded in the table, never fatal to the rest."""
     try:
-        results["methods"][name] = bench_push(args, cache, tables, tokens, heads, ctrl, rank)
+        r = results["methods"][name] = bench_push(args, cache, tables, tokens, heads, ctrl, rank)
+        s = statistics.median(r["times"])
+        log(
+            f"{name}: {s:.4f} s, {r['bytes'] / s / 1e9:.1f} GB/s, {r['descriptors']:.0f} descriptors, "
+            f"exact={r['bit_identical']}"
+        )
     except Exception as e:
         results["methods"][name] = {"error": f"{type(e).__name__}: {e}"}
         log(traceback.format_exc())
