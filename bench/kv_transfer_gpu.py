@@ -15,8 +15,8 @@ with one, both are on cuda:0 (both tiers on one GPU, as the served path of issue
   ``whole``: 8 heads into 8 (whole rows); ``src-strided``: heads 4..7 of an 8-head pool into a
   4-head pool (prefill TP 1 -> decode TP 2: gathered into the staging buffer, then WRITEs of
   whole rows); ``dst-strided``: a 4-head pool into heads 4..7 of an 8-head pool (TP 2 -> TP 1:
-  packed, then pulled: the decode side READs and stores them); ``both-strided``: heads 4..7 of
-  an 8-head pool into heads 0..3 of another (packed and pulled);
+  packed, then pulled: WRITEs into the decode side's staging buffer, which stores them);
+  ``both-strided``: heads 4..7 of an 8-head pool into heads 0..3 of another (packed and pulled);
 - ``nccl-<bytes>`` (two GPUs): ``dist.send`` / ``dist.recv`` of the same bytes (one contiguous
   buffer), timed on both ranks after a barrier and a synchronize; the slower rank counts;
 - ``copy-<bytes>``: in rank 0, ``dst.copy_(src)`` of the same bytes from its GPU to the other
@@ -143,7 +143,7 @@ def bench_push(args, cache: KVCache, tables: list[list[int]], tokens: int, heads
         while landed.acquire(timeout=1):  # they come within milliseconds of the last push
             notes += 1
     pushes = args.warmup + args.iters
-    counts: list = [None, None]  # per rank, per push: descriptors posted (WRITEs: rank 0, READs: rank 1), notes
+    counts: list = [None, None]  # per rank, per push: descriptors posted (rank 0's WRITEs), notifications
     dist.all_gather_object(counts, (endpoint.descriptors_posted / pushes, notes / pushes, sent[0]), group=ctrl)
     identical = check_rows(cache, tables, tokens, heads, ctrl, rank)
     endpoint.close()
@@ -266,7 +266,7 @@ def run(args) -> None:
             tables = [block_table(pool_blocks, request_blocks, layout, seed=r + 1) for r in range(2)]
             attempt(results, f"nixl-{layout}", args, cache, tables, args.tokens, (None, None), ctrl, rank)
         del cache
-        for name, src_h, dst_h, *heads in HEAD_CASES:
+        for name, src_h, dst_h, *heads in HEAD_CASES if args.head_tokens else []:
             tokens = args.head_tokens
             cache = make_cache(tokens // args.block_size, args.block_size, device, src_h if rank == 0 else dst_h)
             if rank == 0:
@@ -336,7 +336,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--pool-factor", type=int, default=4, help="pool blocks per request block")
     ap.add_argument("--layouts", default="contiguous,shuffled,mixed", help="NIXL block tables to measure")
-    ap.add_argument("--head-tokens", type=int, default=16384, help="tokens of the head sub-range cases")
+    ap.add_argument("--head-tokens", type=int, default=16384, help="tokens of the head sub-range cases (0: none)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", help="JSON file (default: $OUT/kv_transfer_gpu.json when $OUT is set)")

@@ -35,12 +35,14 @@ from ringserve.kv_transfer.landing import (  # noqa: E402
     Landing,
     PoolLayout,
     Pull,
-    Pulled,
+    Reply,
+    Staged,
     done_notif,
     landed_notif,
     parse_notif,
     pull_notif,
-    pulled_notif,
+    reply_notif,
+    staged_notif,
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves  # noqa: E402
@@ -669,30 +671,31 @@ def _descriptors(state: _State) -> int:
 
 
 def test_head_pieces_strided_on_the_decode_side_are_pulled_into_place():
-    """(TP 2 -> TP 1, and a sub-range of both): the decode rank READs the packed rows out of the
-    sender's staging buffer in chunks of its own and stores them into just those heads of its
-    rows; the rows' other heads and the rest of the pool stay as they were, bit for bit."""
+    """(TP 2 -> TP 1, and a sub-range of both): the prefill rank packs its rows and WRITEs them
+    into the decode rank's staging buffer, a piece as large as that buffer at a time, and the
+    decode rank stores them into just those heads of its rows; the rows' other heads and the rest
+    of the pool stay as they were, bit for bit."""
     row = 2 * LAYERS * 2 * DIM * 4
     prefill, decode = _start([("pull-prefill", 64, 4, 2, None, 70 * row), ("pull-decode", 64, 8, 4, None, 30 * row)])
     try:
         rows = torch.randn(LAYERS, 2, 100, 2, DIM)
         for rid, heads, dst_heads in (("upper", None, range(2, 4)), ("inner", range(1, 2), range(1, 2))):
             landing = decode.call(_reserve, rid, 100)
-            before = decode.call(_descriptors)
             sent, descriptors, used = prefill.call(_push_heads, rows, heads, landing, dst_heads)
             part = rows if heads is None else rows[:, :, :, heads.start : heads.stop].contiguous()
-            assert (sent, descriptors, used) == (part.numel() * 4, 0, 0)  # the receiver posts the READs
-            # 2 chunks of <= 70 rows (140 for one head) sent, READ in chunks of <= 30 (60) rows.
-            reads = 4 * 2 * LAYERS if heads is None else 2 * 2 * LAYERS
-            assert decode.call(_descriptors) - before == reads
+            # Chunks of <= 70 rows here (140 of one head), pieces of <= 30 (60) there: 30+30+10+30 (60+40).
+            pieces = 4 if heads is None else 2
+            assert (sent, descriptors, used) == (part.numel() * 4, pieces * 2 * LAYERS, 0)
             assert decode.call(_receive, rid, part, 10.0, dst_heads) == (True, True, 0)
+        assert decode.call(_descriptors) == 0  # the decode side posts nothing
     finally:
         _stop([prefill, decode])
 
 
 def test_pull_notifications_round_trip():
-    layout = PoolLayout.of(KVCache(CONFIG, 4, 4))
-    pull = Pull("r", 7, "0.1/2", 5, 3, range(1, 2), (4, 9), 1, layout, "p", 11, b"\x00meta\xff")
+    pull = Pull("r", 7, "0.1/2+0", 5, 3, range(1, 2), (4, 9), 1, "p", 11, b"\x00meta\xff")
     assert parse_notif("p", pull_notif(pull)) == pull
-    assert parse_notif("d", pulled_notif("r", 7, "0.1/2")) == Pulled("r", 7, "0.1/2", "d")
-    assert parse_notif("d", pulled_notif("r", 7, "0.1/2", "no room")).error == "no room"
+    grant = Reply("r", 7, "0.1/2+0", "d", "grant", 3, 1 << 40, 1 << 41)
+    assert parse_notif("d", reply_notif(grant)) == grant
+    assert parse_notif("d", reply_notif(Reply("r", 7, "t", "x", "stored", error="no room"))).error == "no room"
+    assert parse_notif("p", staged_notif("r", 7, "t")) == Staged("r", 7, "t", "p")

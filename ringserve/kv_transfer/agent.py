@@ -66,9 +66,8 @@ class Agent:
         with self._lock:
             return self._agent.get_new_notifs()
 
-    def transfer(
+    def write(
         self,
-        op: str,
         peer: Remote,
         local: np.ndarray,
         remote: np.ndarray,
@@ -77,17 +76,17 @@ class Agent:
         deadline: float,
         timeout_s: float,
     ) -> int:
-        """One ``op`` (WRITE or READ) between descriptors ``local`` here and ``remote`` at ``peer``
-        with notification ``note``; returns the bytes moved once NIXL reports it complete, by
-        ``deadline`` (monotonic; that of a ``timeout_s`` for the whole move)."""
+        """One WRITE from descriptors ``local`` here to ``remote`` at ``peer`` with notification
+        ``note``; returns the bytes moved once NIXL reports it complete, by ``deadline``
+        (monotonic; that of a ``timeout_s`` for the whole move)."""
         nbytes = int(local[:, 1].sum())
-        where = f"{where}: NIXL {op} of {nbytes} bytes with agent {peer.agent}"
+        where = f"{where}: NIXL WRITE of {nbytes} bytes to agent {peer.agent}"
         with self._lock:
             fingerprint = self.connect(peer, where)
             self.descriptors_posted += len(local)
             try:
                 handle = self._agent.initialize_xfer(
-                    op,
+                    "WRITE",
                     self._agent.get_xfer_descs(local, self.mem),
                     self._agent.get_xfer_descs(remote, peer.mem),
                     peer.agent,

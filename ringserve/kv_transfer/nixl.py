@@ -11,9 +11,10 @@ reports the WRITE complete; after a request's last push the prefill leader sends
 
 A TP rank's head sub-range of each row is strided in a pool ([.., slot, head, dim]). The sender
 packs it in its staging buffer (kv_transfer/staging.py): into whole destination rows it then
-WRITEs as above; into a sub-range of the destination's heads it sends a ``Pull`` instead, and
-the decode side READs the packed rows into its own staging buffer, stores them into those
-heads of its rows, reports them landed and answers ``Pulled``, on which the push returns.
+WRITEs as above; into a sub-range of the destination's heads it sends a ``Pull`` instead: the
+decode side grants room in its own staging buffer, the sender WRITEs the packed rows there, and
+the decode side stores them into those heads of its rows, reports them landed and answers
+"stored", on which the push goes on.
 
 NIXL's progress thread is off (it busy-polls: ~3x slower on a 2-core machine), so each endpoint
 runs its own progress loop: both agents must keep polling or the first transfer never
@@ -23,6 +24,8 @@ bad input).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -44,21 +47,23 @@ from ringserve.kv_transfer.landing import (
     Landing,
     PoolLayout,
     Pull,
-    Pulled,
+    Reply,
+    Staged,
     check_rows,
     done_notif,
     landed_notif,
     landing_bytes,
     parse_notif,
     pull_notif,
-    pulled_notif,
+    reply_notif,
+    staged_notif,
 )
 from ringserve.kv_transfer.staging import DEFAULT_STAGING_BYTES, Staging
 
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "nixl", "tcp")
-PULL_TIMEOUT_S = 60.0  # a receiver's READs of one Pull (the sender gives up at its own timeout)
+PULL_TIMEOUT_S = 60.0  # how long a receiver waits for a granted WRITE (the sender gives up at its own timeout)
 
 
 class NixlEndpoint:
@@ -91,11 +96,14 @@ class NixlEndpoint:
         self.poll_interval_s = poll_interval_s
         self.layout = PoolLayout.of(cache)
         # Registered with the pool, so the agent's metadata never changes: packed head pieces
-        # (staging.py), sent from here or READ into here (Pull). One user at a time.
+        # (staging.py), written from here or into here (Pull). One user at a time.
         self._staging = Staging(cache, staging_bytes)
         self._staging_lock = threading.Lock()
-        self._waiting: dict[tuple, queue.SimpleQueue[Pulled]] = {}  # pulls this side asked for
-        self._pulls: queue.Queue[Pull | None] = queue.Queue()  # pulls to serve, one at a time
+        # Pulls in flight by (peer, request, epoch, transfer): this side's waiting for replies, and
+        # the peer's waiting for its WRITE into this side's staging buffer; pulls to serve, in order.
+        self._replies: dict[tuple, queue.SimpleQueue[Reply]] = {}
+        self._staged: dict[tuple, queue.SimpleQueue[Staged]] = {}
+        self._pulls: queue.Queue[Pull | None] = queue.Queue()
         self._agent = Agent(self.name, [cache.k, cache.v, self._staging.buffer], self.layout.mem)
         self.metadata = self._agent.metadata
         self._stop = threading.Event()
@@ -117,7 +125,7 @@ class NixlEndpoint:
 
     @property
     def descriptors_posted(self) -> int:
-        """Descriptors of every transfer this side has posted (WRITEs; READs of pulls)."""
+        """Descriptors of every WRITE this side has posted."""
         return self._agent.descriptors_posted
 
     # --- decode side -------------------------------------------------------------------------
@@ -150,47 +158,64 @@ class NixlEndpoint:
             log.warning("NIXL: dropped an unknown notification from agent %s (%d bytes)", sender, len(msg))
         elif isinstance(note, Pull):
             self._pulls.put(note)
-        elif isinstance(note, Pulled):
-            waiter = self._waiting.get((sender, note.request_id, note.epoch, note.transfer_id))
+        elif isinstance(note, Reply | Staged):
+            waiters = self._replies if isinstance(note, Reply) else self._staged
+            waiter = waiters.get((sender, note.request_id, note.epoch, note.transfer_id))
             if waiter is not None:
                 waiter.put(note)
         else:
             _handle(self.on_done if isinstance(note, Done) else self.on_landed, note)
 
     def _serve_pulls(self) -> None:
-        """The receiving side of pieces strided in this pool: READ each Pull's packed rows into the
-        staging buffer, a chunk at a time, store them into the pool's rows, then report the rows
-        landed (``on_landed``) and answer the sender."""
+        """The receiving side of pieces strided in this pool, one Pull at a time: grant room in the
+        staging buffer, take the sender's WRITE there, store the rows into those heads of the
+        pool's rows, report them landed (``on_landed``) and answer "stored"."""
         while (note := self._pulls.get()) is not None:
-            error = None
             where = f"request {note.request_id} transfer {note.transfer_id}"
-            peer = Remote(note.sender, note.incarnation, note.metadata, note.source.mem)
+            peer = Remote(note.sender, note.incarnation, note.metadata, self.layout.mem)
+            key = (note.sender, note.request_id, note.epoch, note.transfer_id)
+            self._staged[key] = staged = queue.SimpleQueue()
+            answer = (note.request_id, note.epoch, note.transfer_id, self.name)
             try:
-                self._store_pull(note, peer, where)
+                stored = self._store_pull(note, peer, staged, where)
+                _handle(self.on_landed, Landed(*answer[:3], note.first_position, stored, note.sender, note.heads))
+                reply = Reply(*answer, "stored", stored)
             except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-                log.warning("%s: storing rows pulled from agent %s failed: %s", where, note.sender, error)
-            if error is None:
-                landed = (note.request_id, note.epoch, note.transfer_id, note.first_position, note.count)
-                _handle(self.on_landed, Landed(*landed, note.sender, note.heads))
+                log.warning(
+                    "%s: storing rows pulled from agent %s failed: %s: %s", where, note.sender, type(e).__name__, e
+                )
+                reply = Reply(*answer, "stored", error=f"{type(e).__name__}: {e}")
+            finally:
+                del self._staged[key]
             try:
-                self._agent.send(peer, pulled_notif(note.request_id, note.epoch, note.transfer_id, error), where)
+                self._agent.send(peer, reply_notif(reply), where)
             except Unavailable as e:  # the sender gives up at its timeout
                 log.warning("%s: answering the pull failed: %s", where, e)
 
-    def _store_pull(self, note: Pull, peer: Remote, where: str) -> None:
+    def _store_pull(self, note: Pull, peer: Remote, staged: queue.SimpleQueue, where: str) -> int:
+        """Grant the staging buffer to ``note``'s sender, wait for its WRITE and store what it wrote;
+        returns the rows stored (the first ones of the Pull: as many as the buffer holds)."""
         rows_fit = note.offset + note.count <= len(note.blocks) * self.layout.block_size
         if not rows_fit or max(note.blocks, default=0) >= self.layout.num_blocks or note.offset < 0:
             raise InvalidArgument(f"rows [{note.offset}, +{note.count}) do not fit blocks {note.blocks}")
-        check_heads(note.source, None, self.layout, note.heads)
-        deadline = time.monotonic() + PULL_TIMEOUT_S
+        check_heads(self.layout, note.heads, self.layout, note.heads)  # inside this pool's heads
         with self._staging_lock:
-            for a, n in self._staging.chunks(note.count, note.heads):
-                rows, packed = self._staging.packed(self.layout, n, len(note.heads))
-                remote, local = plan_descriptors(note.source, [0], a, packed, [0], 0, n)
-                self._agent.transfer("READ", peer, local, remote, b"", where, deadline, PULL_TIMEOUT_S)
-                self._staging.scatter(rows, note.blocks, note.offset + a, note.heads)
+            n = min(note.count, self._staging.capacity(len(note.heads)))
+            rows, packed = self._staging.packed(self.layout, n, len(note.heads))
+            grant = Reply(
+                note.request_id, note.epoch, note.transfer_id, self.name, "grant", n, packed.k_addr, packed.v_addr
+            )
+            self._agent.send(peer, reply_notif(grant), where)
+            try:
+                staged.get(timeout=PULL_TIMEOUT_S)
+            except queue.Empty:
+                # Keep the buffer a while longer: a WRITE still in flight must not land in the next pull's rows.
+                with contextlib.suppress(queue.Empty):
+                    staged.get(timeout=PULL_TIMEOUT_S)
+                raise TimeoutError(f"the sender's WRITE did not come within {PULL_TIMEOUT_S:.0f} s") from None
+            self._staging.scatter(rows, note.blocks, note.offset, note.heads)
             self._sync()  # stored before the rows count as landed
+        return n
 
     # --- prefill side ------------------------------------------------------------------------
     def push(
@@ -242,7 +267,7 @@ class NixlEndpoint:
             dst = (landing.layout, landing.block_table, dst_start)
             local, remote = plan_descriptors(self.layout, block_table, src_start, *dst, count)
             note = landed_notif(rid, landing.epoch, transfer_id, dst_start, count)
-            return self._agent.transfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
+            return self._agent.write(peer, local, remote, note, where, deadline, timeout_s)
         sent = 0
         with self._staging_lock:  # head pieces, packed as whole rows of their heads
             for i, (a, n) in enumerate(self._staging.chunks(count, src_heads)):
@@ -253,8 +278,8 @@ class NixlEndpoint:
                     dst = (landing.layout, landing.block_table, dst_start + a)
                     local, remote = plan_descriptors(packed, [0], 0, *dst, n)
                     note = landed_notif(rid, landing.epoch, chunk, dst_start + a, n)
-                    sent += self._agent.transfer("WRITE", peer, local, remote, note, where, deadline, timeout_s)
-                else:  # strided there too: the receiver READs and stores them
+                    sent += self._agent.write(peer, local, remote, note, where, deadline, timeout_s)
+                else:  # strided there too: into the receiver's staging buffer, which stores them
                     sent += self._pull(landing, packed, chunk, dst_start + a, n, dst_heads, deadline, timeout_s)
         return sent
 
@@ -269,27 +294,45 @@ class NixlEndpoint:
         deadline: float,
         timeout_s: float,
     ) -> int:
-        """Have the landing's agent READ ``count`` packed rows into heads ``heads`` of its rows from
-        ``first``; returns their bytes once it answers that they are stored (staging lock held)."""
+        """Have the landing's agent store ``count`` packed rows (``packed``: where they lie here)
+        into heads ``heads`` of its rows from ``first``, in pieces as large as its staging buffer:
+        per piece a Pull, its grant, a WRITE into its staging buffer, its "stored". Returns the
+        bytes written (staging lock held)."""
         bs = landing.layout.block_size
-        blocks = landing.block_table[first // bs : -(-(first + count) // bs)]
-        rows = (landing.request_id, landing.epoch, chunk, first, count, heads, blocks, first % bs, packed)
         peer = Remote(landing.agent, landing.incarnation, landing.metadata, landing.layout.mem)
-        where = f"request {landing.request_id} transfer {chunk}: a NIXL READ by agent {landing.agent}"
-        key = (landing.agent, landing.request_id, landing.epoch, chunk)
-        self._waiting[key] = answers = queue.SimpleQueue()
-        try:
-            self._agent.send(peer, pull_notif(Pull(*rows, self.name, self.incarnation, self.metadata)), where)
+        done = sent = 0
+        while done < count:
+            piece, at = f"{chunk}+{done}", first + done  # each piece lands (and is counted) on its own
+            blocks = landing.block_table[at // bs : -(-(first + count) // bs)]
+            ids = (landing.request_id, landing.epoch, piece)
+            pull = Pull(*ids, at, count - done, heads, blocks, at % bs, self.name, self.incarnation, self.metadata)
+            where = f"request {landing.request_id} transfer {piece}: a pull by agent {landing.agent}"
+            key = (landing.agent, *ids)
+            self._replies[key] = replies = queue.SimpleQueue()
             try:
-                answer = answers.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self._agent.lost(peer)
-                raise Unavailable(f"{where} failed: not complete after {timeout_s:.1f} s") from None
-        finally:
-            del self._waiting[key]
-        if answer.error:
-            raise Unavailable(f"{where} failed: the decode worker could not store the rows: {answer.error}")
-        return 2 * packed.num_layers * packed.block_size * packed.row_bytes
+                self._agent.send(peer, pull_notif(pull), where)
+                grant = self._reply(replies, "grant", peer, deadline, timeout_s, where)
+                there = dataclasses.replace(packed, k_addr=grant.k_addr, v_addr=grant.v_addr, block_size=grant.rows)
+                local, remote = plan_descriptors(packed, [0], done, there, [0], 0, grant.rows)
+                sent += self._agent.write(peer, local, remote, staged_notif(*ids), where, deadline, timeout_s)
+                self._reply(replies, "stored", peer, deadline, timeout_s, where)
+            finally:
+                del self._replies[key]
+            done += grant.rows
+        return sent
+
+    def _reply(
+        self, replies: queue.SimpleQueue, stage: str, peer: Remote, deadline: float, timeout_s: float, where: str
+    ) -> Reply:
+        """The receiver's next reply to a pull, which must be ``stage`` without an error."""
+        try:
+            reply = replies.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self._agent.lost(peer)
+            raise Unavailable(f"{where} failed: not complete after {timeout_s:.1f} s") from None
+        if reply.error or reply.stage != stage:
+            raise Unavailable(f"{where} failed: the decode worker could not store the rows: {reply.error}")
+        return reply
 
     def _sync(self) -> None:
         """On GPU, wait for the kernels that wrote the KV (or the staging buffer) before NIXL reads it."""
