@@ -138,6 +138,7 @@ def bench_push(args, cache: KVCache, tables: list[list[int]], tokens: int, heads
             sent[0] = endpoint.push(tables[0], 0, tokens, box[0], 0, f"t{time.monotonic_ns()}", 300, *heads)
 
     times = timed(push, args.warmup, args.iters, ctrl)
+    dist.barrier(group=ctrl)  # rank 0's last push is done: its notification is on the way
     notes = 0
     if rank == 1:  # every notification arrives (a staged push sends one per chunk)
         while landed.acquire(timeout=1):  # they come within milliseconds of the last push
