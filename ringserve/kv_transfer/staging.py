@@ -58,19 +58,21 @@ class Staging:
         self, layout: PoolLayout, block_table: Sequence[int], start: int, count: int, heads: range
     ) -> PoolLayout:
         """Copy heads ``heads`` of rows [start, start + count) of ``block_table`` into the buffer
-        (one kernel per K and V); returns the layout that addresses them there."""
+        (one row gather per layer, K and V); returns the layout that addresses them there."""
         rows, packed = self.packed(layout, count, len(heads))
         slots = self.cache.slots(block_table, start, start + count)
         for pool, out in ((self.cache.k, rows[0]), (self.cache.v, rows[1])):
-            torch.index_select(_words(_heads(pool, heads)), 1, slots, out=_words(out))
+            for src, dst in zip(_words(_heads(pool, heads)), _words(out)):
+                torch.index_select(src, 0, slots, out=dst)
         return packed
 
     def scatter(self, rows: torch.Tensor, block_table: Sequence[int], start: int, heads: range) -> None:
         """Store ``rows`` (from ``packed``) into heads ``heads`` of the cache's rows from position
-        ``start`` of ``block_table`` (one kernel per K and V)."""
+        ``start`` of ``block_table`` (one row scatter per layer, K and V)."""
         slots = self.cache.slots(block_table, start, start + rows.shape[2])
         for pool, part in ((self.cache.k, rows[0]), (self.cache.v, rows[1])):
-            _words(_heads(pool, heads)).index_copy_(1, slots, _words(part))
+            for dst, src in zip(_words(_heads(pool, heads)), _words(part)):
+                dst.index_copy_(0, slots, src)
 
 
 def _heads(pool: torch.Tensor, heads: range) -> torch.Tensor:
@@ -81,7 +83,7 @@ def _heads(pool: torch.Tensor, heads: range) -> torch.Tensor:
 def _words(t: torch.Tensor) -> torch.Tensor:
     """[layers, rows, heads, dim] (the last two dims contiguous) as [layers, rows, words]: each row's
     heads as the widest integers that tile it, so that an indexed copy moves 8 bytes an element,
-    not 2 (a bf16 element at a time is several times slower)."""
+    not 2, and per layer gathers whole rows (on CPU 3-4x faster than one gather over all layers)."""
     flat = t.flatten(2)
     row_bytes, stride_bytes = flat.shape[2] * t.element_size(), flat.stride(1) * t.element_size()
     for word in (torch.int64, torch.int32, torch.int16, torch.uint8):
