@@ -23,9 +23,10 @@ import xxhash
 
 pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl)")
 
+from bench.fragment import mixed_load_table  # noqa: E402
 from ringserve.config import DecodeConfig, PrefillConfig, add_config_args, config_from_args  # noqa: E402
 from ringserve.engine.config import ModelConfig  # noqa: E402
-from ringserve.engine.kv_cache import BlockAllocator, KVCache, as_runs, blocks_needed  # noqa: E402
+from ringserve.engine.kv_cache import KVCache, as_runs, blocks_needed  # noqa: E402
 from ringserve.errors import InvalidArgument  # noqa: E402
 from ringserve.kv_transfer.descriptors import plan_descriptors  # noqa: E402
 from ringserve.kv_transfer.landing import (  # noqa: E402
@@ -562,39 +563,12 @@ def test_notifications_of_head_pieces_name_the_heads():
 # --- coalescing: runs of blocks from the allocator, head sub-ranges through the staging buffer ----
 
 
-def _churned(num_blocks: int, seed: int, request_blocks: int) -> list[int]:
-    """A request's block table after a seeded mixed load on a pool of ``num_blocks``: requests
-    (mostly short, some long) are admitted while they fit, grow a block at a time and finish at
-    random, so the pool runs nearly full; then running requests finish until ``request_blocks`` fit."""
-    rng = random.Random(seed)
-    alloc = BlockAllocator(num_blocks)
-    live: list[list[int]] = []
-
-    def size() -> int:
-        return rng.randint(1, 32) if rng.random() < 0.9 else rng.randint(num_blocks // 64, num_blocks // 8)
-
-    pending = size()
-    for _ in range(400):
-        for req in list(live):
-            if rng.random() < 0.05:
-                live.remove(req)
-                alloc.free(req)
-            elif rng.random() < 0.2 and alloc.num_free:
-                req.extend(alloc.allocate(1))
-        while pending <= alloc.num_free - 8:
-            live.append(alloc.allocate(pending))
-            pending = size()
-    while alloc.num_free < request_blocks:
-        alloc.free(live.pop(rng.randrange(len(live))))
-    return alloc.allocate(request_blocks)
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_after_a_mixed_load_a_request_moves_in_few_descriptors(seed):
     """The allocator hands out runs and the descriptors follow them: at most one descriptor per
     run of either side, per layer and K/V (a shuffled table needs about one per block)."""
     src, dst = KVCache(CONFIG, 400, 4), KVCache(CONFIG, 400, 4)
-    src_table, dst_table = _churned(400, seed, 100), _churned(400, seed + 100, 100)
+    src_table, dst_table = mixed_load_table(400, 100, seed), mixed_load_table(400, 100, seed + 100)
     runs = len(as_runs(src_table)) + len(as_runs(dst_table))
     assert max(len(as_runs(src_table)), len(as_runs(dst_table))) <= 25  # lowest free ids first: 35-56
     local, remote = plan_descriptors(PoolLayout.of(src), src_table, 0, PoolLayout.of(dst), dst_table, 0, 400)
