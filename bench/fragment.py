@@ -1,6 +1,6 @@
 """A pool after hours of mixed traffic, in a second: the block table a long request gets then.
 
-The KV transfer benchmarks share it (bench/kv_transfer_gpu.py, bench/kv_transfer_cpu.py).
+The KV transfer benchmarks (bench/kv_transfer_gpu.py, bench/kv_transfer_cpu.py) and tests share it.
 """
 
 from __future__ import annotations
