@@ -1,13 +1,14 @@
 """Paged KV cache: the block allocator, the chained block hashes, and slot addressing."""
 
 import hashlib
+import random
 import struct
 
 import pytest
 import torch
 
 from ringserve.engine.config import ModelConfig
-from ringserve.engine.kv_cache import BlockAllocator, KVCache, block_hashes, blocks_needed
+from ringserve.engine.kv_cache import BlockAllocator, KVCache, as_runs, block_hashes, blocks_needed
 from ringserve.errors import InvalidArgument, ResourceExhausted
 
 # -- BlockAllocator --------------------------------------------------------------------------------
@@ -63,6 +64,83 @@ def test_double_free_and_foreign_free_raise():
 def test_allocator_needs_blocks(n):
     with pytest.raises(InvalidArgument, match="num_blocks"):
         BlockAllocator(n)
+
+
+def _pool_with_holes() -> tuple[BlockAllocator, list[int]]:
+    """32 blocks, all used but for holes of one block at 1, 3, 5, 7 and runs 12..17 and 22..29."""
+    alloc = BlockAllocator(32)
+    singles = [alloc.allocate(1)[0] for _ in range(32)]
+    holes = [1, 3, 5, 7, *range(12, 18), *range(22, 30)]
+    alloc.free(holes)
+    return alloc, [b for b in singles if b not in holes]
+
+
+def test_allocate_takes_the_fewest_runs_there_are():
+    alloc, _ = _pool_with_holes()
+    assert alloc.free_runs() == [range(1, 2), range(3, 4), range(5, 6), range(7, 8), range(12, 18), range(22, 30)]
+    # No run holds 14: the two longest whole (the lowest 14 free ids would be 6 runs).
+    table = alloc.allocate(14)
+    assert as_runs(table) == [range(22, 30), range(12, 18)]
+    assert alloc.free_runs() == [range(1, 2), range(3, 4), range(5, 6), range(7, 8)]
+    assert (alloc.num_free, alloc.num_used) == (4, 28)
+
+
+def test_a_request_that_fits_a_run_takes_the_shortest_such_run():
+    alloc, _ = _pool_with_holes()
+    assert alloc.allocate(5) == list(range(12, 17))  # 12..17 (6) fits, 22..29 (8) stays whole
+    assert alloc.allocate(1) == [1]  # a single block fills the smallest hole, lowest first
+    assert alloc.allocate(1) == [3]
+    assert alloc.allocate(8) == list(range(22, 30))
+
+
+def test_freed_blocks_merge_into_maximal_runs():
+    alloc = BlockAllocator(16)
+    a, b, c = alloc.allocate(4), alloc.allocate(4), alloc.allocate(4)
+    assert (a, b, c) == (list(range(4)), list(range(4, 8)), list(range(8, 12)))
+    alloc.free(a)
+    alloc.free(c)  # merges with the free tail 12..15
+    assert alloc.free_runs() == [range(0, 4), range(8, 16)]
+    alloc.free(b[::-1])  # any order; joins both neighbours
+    assert alloc.free_runs() == [range(0, 16)]
+    assert alloc.allocate(16) == list(range(16))
+
+
+def test_a_seeded_churn_keeps_the_counters_and_runs_consistent():
+    rng = random.Random(7)
+    alloc = BlockAllocator(200)
+    live: list[list[int]] = []
+    for _ in range(2000):
+        if live and (rng.random() < 0.4 or alloc.num_free < 20):
+            alloc.free(live.pop(rng.randrange(len(live))))
+        elif live and rng.random() < 0.5:
+            live[rng.randrange(len(live))].extend(alloc.allocate(1))  # a decoding sequence grows
+        else:
+            live.append(alloc.allocate(rng.randint(1, 20)))
+        used = [b for t in live for b in t]
+        free = [b for r in alloc.free_runs() for b in r]
+        assert (alloc.num_used, alloc.num_free) == (len(used), len(free))
+        assert sorted(used + free) == list(range(200))  # every block exactly once
+        runs = alloc.free_runs()
+        assert all(x.stop < y.start for x, y in zip(runs, runs[1:]))  # maximal: no two touch
+    for t in live:
+        alloc.free(t)
+    assert (alloc.num_used, alloc.num_free, alloc.free_runs()) == (0, 200, [range(200)])
+
+
+def test_a_bad_free_frees_nothing():
+    alloc = BlockAllocator(8)
+    table = alloc.allocate(3)
+    for bad in ([table[0], table[0]], [table[1], 7]):
+        with pytest.raises(ValueError, match="freed twice or never allocated"):
+            alloc.free(bad)
+        assert (alloc.num_used, alloc.num_free) == (3, 5)
+    alloc.free(table)
+    assert alloc.free_runs() == [range(8)]
+
+
+def test_as_runs():
+    assert as_runs([]) == []
+    assert as_runs([4, 5, 6, 1, 2, 9]) == [range(4, 7), range(1, 3), range(9, 10)]
 
 
 def test_blocks_needed():

@@ -7,8 +7,9 @@ import socket
 import pytest
 import torch
 
+from bench.fragment import mixed_load_table
 from ringserve.engine.config import ModelConfig
-from ringserve.engine.kv_cache import KVCache
+from ringserve.engine.kv_cache import KVCache, as_runs
 from ringserve.errors import InvalidArgument, PermissionDenied, Unavailable
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves
 from ringserve.kv_transfer.secret import tag
@@ -151,5 +152,33 @@ def test_tcp_frames_carry_head_pieces_into_their_heads_only():
             with pytest.raises(InvalidArgument, match=match):
                 send_kv(receiver.address, "r", 1, "t", [(0, rows)], heads=heads)
         assert receiver.dropped["refused"] == 3 and len(stored) == 2
+    finally:
+        receiver.close()
+
+
+def test_tcp_moves_a_request_between_pools_after_a_mixed_load_bit_for_bit():
+    """Both pools served a seeded mixed load first; the request's rows, gathered from the blocks
+    the allocator gave it there, land in the blocks it got here, in bounded frames."""
+    config = ModelConfig(16, 16, 8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=4)
+    src, dst = KVCache(config, 400, 4), KVCache(config, 400, 4)
+    src.k.normal_(), src.v.normal_()
+    dst.k.zero_(), dst.v.zero_()
+    src_table, dst_table = mixed_load_table(400, 100, seed=1), mixed_load_table(400, 100, seed=2)
+    assert min(len(as_runs(src_table)), len(as_runs(dst_table))) > 1  # fragmented, not a fresh pool
+
+    def rows(cache, table):
+        slots = cache.slots(table, 0, 400)
+        return torch.stack([cache.k.flatten(1, 2)[:, slots], cache.v.flatten(1, 2)[:, slots]], dim=1)
+
+    def sink(frame, kv):
+        store_rows(dst, dst.slots(dst_table, frame.first_position, frame.first_position + frame.count), kv)
+
+    receiver = KVReceiver(lambda frame: frame.check_fits(dst), sink)
+    try:
+        kv = rows(src, src_table)
+        row_bytes = kv[:, :, :1].numel() * kv.element_size()
+        slices = [(a, kv[:, :, a:b]) for a, b in row_slices(400, row_bytes, limit=64 * row_bytes)]
+        assert send_kv(receiver.address, "r", 1, "0.0", slices) == kv.numel() * kv.element_size()
+        assert torch.equal(rows(dst, dst_table), kv)
     finally:
         receiver.close()

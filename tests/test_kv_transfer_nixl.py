@@ -23,9 +23,10 @@ import xxhash
 
 pytest.importorskip("nixl._api", reason="NIXL is not installed (pip install nixl)")
 
+from bench.fragment import mixed_load_table  # noqa: E402
 from ringserve.config import DecodeConfig, PrefillConfig, add_config_args, config_from_args  # noqa: E402
 from ringserve.engine.config import ModelConfig  # noqa: E402
-from ringserve.engine.kv_cache import KVCache, blocks_needed  # noqa: E402
+from ringserve.engine.kv_cache import KVCache, as_runs, blocks_needed  # noqa: E402
 from ringserve.errors import InvalidArgument  # noqa: E402
 from ringserve.kv_transfer.descriptors import plan_descriptors  # noqa: E402
 from ringserve.kv_transfer.landing import (  # noqa: E402
@@ -34,13 +35,20 @@ from ringserve.kv_transfer.landing import (  # noqa: E402
     Landed,
     Landing,
     PoolLayout,
+    Pull,
+    Reply,
+    Staged,
     done_notif,
     landed_notif,
     parse_notif,
+    pull_notif,
+    reply_notif,
+    staged_notif,
 )
 from ringserve.kv_transfer.nixl import NixlEndpoint, select_transport  # noqa: E402
 from ringserve.kv_transfer.plan import balanced_shares, plan_moves  # noqa: E402
 from ringserve.kv_transfer.secret import TAG_BYTES  # noqa: E402
+from ringserve.kv_transfer.staging import Staging  # noqa: E402
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")  # loopback only: no stray interfaces in CI
 
@@ -174,21 +182,23 @@ class Tally:
 class _State:
     """What an actor process keeps between commands."""
 
-    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int, report, key: bytes | None = None):
+    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int, report, key=None, staging=1 << 20):
         torch.set_num_threads(1)  # many processes share two cores
         config = dataclasses.replace(CONFIG, num_key_value_heads=heads, num_attention_heads=heads)
         self.cache = KVCache(config, num_blocks, block_size)
         self.tally = Tally()
-        self.endpoint = NixlEndpoint(self.cache, name=name, on_landed=self.tally, landing_key=key)
+        self.endpoint = NixlEndpoint(self.cache, name, self.tally, landing_key=key, staging_bytes=staging)
         self.epochs = itertools.count(1)
         self.tables: dict[str, list[int]] = {}
         self.snapshots: dict[str, tuple] = {}
         self.report = report
 
 
-def _actor_main(name, num_blocks, block_size, heads, commands, results, key=None):
+def _actor_main(name, num_blocks, block_size, heads, commands, results, key=None, staging=1 << 20):
     try:
-        state = _State(name, num_blocks, block_size, heads, lambda value: results.put(("progress", value)), key)
+        state = _State(
+            name, num_blocks, block_size, heads, lambda value: results.put(("progress", value)), key, staging
+        )
         results.put(("ok", "ready"))
     except BaseException as e:
         results.put(("error", (type(e).__name__, str(e))))
@@ -205,7 +215,7 @@ def _actor_main(name, num_blocks, block_size, heads, commands, results, key=None
 class Actor:
     """A worker process with a KV cache and a NixlEndpoint, running the functions it is sent."""
 
-    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int = HEADS, key: bytes | None = None):
+    def __init__(self, name: str, num_blocks: int, block_size: int, heads: int = HEADS, key=None, staging=1 << 20):
         ctx = mp.get_context("forkserver")
         # Actors fork from one server process that has imported torch and NIXL once (but made no
         # agent): starting eight costs a second, not eight torch imports on two cores.
@@ -213,7 +223,7 @@ class Actor:
         self.name, self.commands, self.results = name, ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(
             target=_actor_main,
-            args=(name, num_blocks, block_size, heads, self.commands, self.results, key),
+            args=(name, num_blocks, block_size, heads, self.commands, self.results, key, staging),
             daemon=True,
         )
         self.proc.start()
@@ -275,18 +285,21 @@ def _reserve(state: _State, request_id: str, num_tokens: int) -> bytes:
     return state.endpoint.landing(request_id, next(state.epochs), table, num_tokens)
 
 
-def _receive(state: _State, request_id: str, expected: torch.Tensor, timeout_s: float = 10.0):
-    """Decode side: wait for the notifications, then compare the rows; release the reservation.
+def _receive(state: _State, request_id: str, expected: torch.Tensor, timeout_s: float = 10.0, heads=None):
+    """Decode side: wait for the notifications, then compare the rows (of ``heads`` only, if given);
+    release the reservation.
 
     Returns (rows bit-identical, rest of the pool untouched, blocks in use afterwards)."""
     table = state.tables.pop(request_id)
     k0, v0 = state.snapshots.pop(request_id)
+    heads = heads or range(state.cache.k.shape[-2])
     try:
         state.tally.wait(request_id, expected.shape[2], timeout_s)
-        same = torch.equal(_rows(state.cache, table, 0, expected.shape[2]), expected)
+        same = torch.equal(_rows(state.cache, table, 0, expected.shape[2])[:, :, :, heads.start : heads.stop], expected)
         written = state.cache.slots(table, 0, expected.shape[2])
         for now, old in ((state.cache.k, k0), (state.cache.v, v0)):
-            now.flatten(1, 2)[:, written] = old.flatten(1, 2)[:, written]
+            cells = (slice(None), written, slice(heads.start, heads.stop))
+            now.flatten(1, 2)[cells] = old.flatten(1, 2)[cells]
         # Bits, not values: an unwritten slot may hold NaN, which equals nothing.
         untouched = all(
             torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in ((state.cache.k, k0), (state.cache.v, v0))
@@ -545,3 +558,118 @@ def test_notifications_of_head_pieces_name_the_heads():
         "r", 7, "0.1", 5, 3, "p", range(2, 4)
     )
     assert b"heads" not in landed_notif("r", 7, "0.1", 5, 3)  # whole rows: the notification of TP 1
+
+
+# --- coalescing: runs of blocks from the allocator, head sub-ranges through the staging buffer ----
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_after_a_mixed_load_a_request_moves_in_few_descriptors(seed):
+    """The allocator hands out runs and the descriptors follow them: at most one descriptor per
+    run of either side, per layer and K/V (a shuffled table needs about one per block)."""
+    src, dst = KVCache(CONFIG, 400, 4), KVCache(CONFIG, 400, 4)
+    src_table, dst_table = mixed_load_table(400, 100, seed), mixed_load_table(400, 100, seed + 100)
+    runs = len(as_runs(src_table)) + len(as_runs(dst_table))
+    assert max(len(as_runs(src_table)), len(as_runs(dst_table))) <= 25  # lowest free ids first: 35-56
+    local, remote = plan_descriptors(PoolLayout.of(src), src_table, 0, PoolLayout.of(dst), dst_table, 0, 400)
+    assert len(local) == len(remote) <= 2 * LAYERS * runs
+    for t in (src.k, src.v):
+        t.copy_(torch.randn(t.shape))
+    _memmove_descriptors(local, remote)
+    assert torch.equal(_rows(dst, dst_table, 0, 400), _rows(src, src_table, 0, 400))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_staged_head_sub_range_moves_as_whole_rows(seed):
+    """A source head sub-range into a destination holding just those heads: gathered into the
+    staging buffer, then one descriptor per destination run (not one per row), bit for bit."""
+    rng = random.Random(seed)
+    src_h, n = rng.choice([(2, 1), (4, 2), (4, 1), (3, 2)])
+    heads = range(a := rng.randint(0, src_h - n), a + n)
+    src = KVCache(dataclasses.replace(CONFIG, num_key_value_heads=src_h), 16, rng.choice([1, 3, 4]))
+    dst = KVCache(dataclasses.replace(CONFIG, num_key_value_heads=n), 16, rng.choice([2, 5, 16]))
+    for t in (src.k, src.v):
+        t.copy_(torch.randn(t.shape))
+    src_table, dst_table = rng.sample(range(16), 16), list(range(16))
+    count = rng.randint(1, min(16 * src.block_size, 16 * dst.block_size) // 2)
+    src_start, dst_start = rng.randint(0, 16 * src.block_size - count), rng.randint(0, 16 * dst.block_size - count)
+    row = 2 * LAYERS * n * DIM * 4
+    staging = Staging(src, row * rng.randint(1, count))  # from one row per chunk to all of them
+    chunks = list(staging.chunks(count, heads))
+    assert len(chunks) == -(-count // (len(staging.buffer) // row))
+    for first, rows in chunks:
+        packed = staging.gather(PoolLayout.of(src), src_table, src_start + first, rows, heads)
+        local, remote = plan_descriptors(packed, [0], 0, PoolLayout.of(dst), dst_table, dst_start + first, rows)
+        assert len(local) == 2 * LAYERS  # dst_table is one run: one descriptor per layer and K/V
+        _memmove_descriptors(local, remote)
+    got = _rows(dst, dst_table, dst_start, count)
+    assert torch.equal(got, _rows(src, src_table, src_start, count)[:, :, :, heads.start : heads.stop])
+
+
+def test_a_staging_buffer_smaller_than_a_row_is_refused():
+    with pytest.raises(InvalidArgument, match="holds no row"):
+        list(Staging(KVCache(CONFIG, 4, 4), 10).chunks(3, range(1)))
+
+
+def _push_heads(state: _State, rows: torch.Tensor, heads, landing: bytes, dst_heads=None, timeout_s: float = 10.0):
+    """Prefill side: store rows (every head), push heads ``heads`` of them (into ``dst_heads``);
+    returns (bytes, descriptors posted, blocks in use after)."""
+    table = _prefill(state, rows, 3)
+    before = state.endpoint.descriptors_posted
+    try:
+        sent = state.endpoint.push(table, 3, rows.shape[2], landing, 0, "heads", timeout_s, heads, dst_heads)
+    finally:
+        state.cache.allocator.free(table)
+    return sent, state.endpoint.descriptors_posted - before, state.cache.allocator.num_used
+
+
+def test_a_tp_rank_pushes_its_heads_to_a_decode_rank_of_higher_tp_through_staging():
+    """(TP 1 -> TP 2): a 4-head prefill rank sends heads 2..3 of a fragmented table to a 2-head
+    decode rank in chunks of the staging buffer: whole rows there, few descriptors, bit for bit."""
+    row = 2 * LAYERS * 2 * DIM * 4
+    prefill, decode = _start([("staged-prefill", 64, 4, 4, None, 40 * row), ("staged-decode", 64, 8, 2)])
+    try:
+        rows = torch.randn(LAYERS, 2, 100, 4, DIM)
+        for rid, heads in (("upper", range(2, 4)), ("lower", range(0, 2))):
+            landing = decode.call(_reserve, rid, 100)
+            sent, descriptors, used = prefill.call(_push_heads, rows, heads, landing)
+            assert (sent, used) == (rows[:, :, :, heads.start : heads.stop].numel() * 4, 0)
+            assert descriptors == 3 * 2 * LAYERS  # 3 chunks of <= 40 rows into one run (per-row: 100x)
+            assert decode.call(_receive, rid, rows[:, :, :, heads.start : heads.stop].contiguous()) == (True, True, 0)
+    finally:
+        _stop([prefill, decode])
+
+
+def _descriptors(state: _State) -> int:
+    return state.endpoint.descriptors_posted
+
+
+def test_head_pieces_strided_on_the_decode_side_are_pulled_into_place():
+    """(TP 2 -> TP 1, and a sub-range of both): the prefill rank packs its rows and WRITEs them
+    into the decode rank's staging buffer, a piece as large as that buffer at a time, and the
+    decode rank stores them into just those heads of its rows; the rows' other heads and the rest
+    of the pool stay as they were, bit for bit."""
+    row = 2 * LAYERS * 2 * DIM * 4
+    prefill, decode = _start([("pull-prefill", 64, 4, 2, None, 70 * row), ("pull-decode", 64, 8, 4, None, 30 * row)])
+    try:
+        rows = torch.randn(LAYERS, 2, 100, 2, DIM)
+        for rid, heads, dst_heads in (("upper", None, range(2, 4)), ("inner", range(1, 2), range(1, 2))):
+            landing = decode.call(_reserve, rid, 100)
+            sent, descriptors, used = prefill.call(_push_heads, rows, heads, landing, dst_heads)
+            part = rows if heads is None else rows[:, :, :, heads.start : heads.stop].contiguous()
+            # Chunks of <= 70 rows here (140 of one head), pieces of <= 30 (60) there: 30+30+10+30 (60+40).
+            pieces = 4 if heads is None else 2
+            assert (sent, descriptors, used) == (part.numel() * 4, pieces * 2 * LAYERS, 0)
+            assert decode.call(_receive, rid, part, 10.0, dst_heads) == (True, True, 0)
+        assert decode.call(_descriptors) == 0  # the decode side posts nothing
+    finally:
+        _stop([prefill, decode])
+
+
+def test_pull_notifications_round_trip():
+    pull = Pull("r", 7, "0.1/2+0", 5, 3, range(1, 2), (4, 9), 1, "p", 11, b"\x00meta\xff")
+    assert parse_notif("p", pull_notif(pull)) == pull
+    grant = Reply("r", 7, "0.1/2+0", "d", "grant", 3, 1 << 40, 1 << 41)
+    assert parse_notif("d", reply_notif(grant)) == grant
+    assert parse_notif("d", reply_notif(Reply("r", 7, "t", "x", "stored", error="no room"))).error == "no room"
+    assert parse_notif("p", staged_notif("r", 7, "t")) == Staged("r", 7, "t", "p")

@@ -8,8 +8,8 @@ after the rotary embedding, so a block's contents do not depend on where it is r
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-import heapq
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,50 +39,100 @@ def block_hashes(token_ids: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE,
 
 
 class BlockAllocator:
-    """Hands out block ids; ``num_used`` returns to zero when every request is done.
+    """Hands out block ids in runs of consecutive ids; ``num_used`` returns to zero when every
+    request is done.
 
-    Several blocks at once come as the lowest run of consecutive free ids when there is one (else
-    the lowest free ids): a sequence whose blocks form one run is read in place rather than
-    gathered (``KVCache.read``), and moves in one transfer descriptor."""
+    A sequence whose blocks form one run is read in place rather than gathered (``KVCache.read``)
+    and moves in one transfer descriptor per layer and K/V; a pool that has served mixed traffic
+    for hours must still hand out runs (docs/ARCHITECTURE.md, "KV transfer"). So the free blocks
+    are kept as maximal runs, freed blocks merge with their free neighbours, and ``allocate(n)``
+    takes the shortest free run that holds ``n`` (its low end); when none does, the longest runs
+    whole until the rest fits one: the fewest runs there can be. Single blocks (a decoding
+    sequence's growth) thus fill the smallest holes first and leave long runs whole.
+    """
 
     def __init__(self, num_blocks: int):
         if num_blocks <= 0:
             raise InvalidArgument(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks))  # a min-heap
+        self._num_free = 0
+        self._runs: dict[int, int] = {}  # free run start -> length
+        self._ends: dict[int, int] = {}  # free run end (exclusive) -> start
+        self._by_length: list[tuple[int, int]] = []  # (length, start) of every free run, sorted
         self._used: set[int] = set()
+        self._add_run(0, num_blocks)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
         return len(self._used)
 
+    def free_runs(self) -> list[range]:
+        """The free blocks as maximal runs, lowest first."""
+        return [range(start, start + n) for start, n in sorted(self._runs.items())]
+
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks, all or none."""
-        if n > len(self._free):
+        """Take ``n`` blocks, all or none, in as few runs as the free blocks allow."""
+        if n > self._num_free:
             raise ResourceExhausted(
-                f"KV cache full: {n} blocks needed, {len(self._free)} of {self.num_blocks} free; "
+                f"KV cache full: {n} blocks needed, {self._num_free} of {self.num_blocks} free; "
                 "retry later, shorten the request, or give the worker more KV memory"
             )
-        if n == 1:
-            blocks = [heapq.heappop(self._free)]
-        else:  # the lowest run of n consecutive free blocks if there is one, else the lowest n
-            free = sorted(self._free)  # a sorted list is a valid heap
-            at = next((i for i in range(len(free) - n + 1) if free[i + n - 1] - free[i] == n - 1), 0)
-            blocks, self._free = free[at : at + n], free[:at] + free[at + n :]
+        blocks: list[int] = []
+        while len(blocks) < n:
+            want = n - len(blocks)
+            i = min(bisect.bisect_left(self._by_length, (want, -1)), len(self._by_length) - 1)
+            length, start = self._by_length[i]
+            take = min(want, length)
+            self._remove_run(start, length)
+            if take < length:
+                self._add_run(start + take, length - take)
+            blocks.extend(range(start, start + take))
         self._used.update(blocks)
         return blocks
 
     def free(self, blocks: Sequence[int]) -> None:
-        """Return blocks; freeing a block that is not in use is a bug and raises."""
+        """Return blocks, all or none; freeing a block that is not in use is a bug and raises."""
+        seen: set[int] = set()
         for b in blocks:
-            if b not in self._used:
+            if b not in self._used or b in seen:
                 raise ValueError(f"block {b} freed twice or never allocated")
-            self._used.remove(b)
-            heapq.heappush(self._free, b)
+            seen.add(b)
+        self._used.difference_update(blocks)
+        for run in as_runs(sorted(blocks)):
+            start, stop = run.start, run.stop
+            if stop in self._runs:  # merge with the free run right after
+                stop += self._runs[stop]
+                self._remove_run(run.stop, stop - run.stop)
+            if start in self._ends:  # and the one right before
+                start = self._ends[start]
+                self._remove_run(start, run.start - start)
+            self._add_run(start, stop - start)
+
+    def _add_run(self, start: int, length: int) -> None:
+        self._runs[start] = length
+        self._ends[start + length] = start
+        bisect.insort(self._by_length, (length, start))
+        self._num_free += length
+
+    def _remove_run(self, start: int, length: int) -> None:
+        del self._runs[start], self._ends[start + length]
+        del self._by_length[bisect.bisect_left(self._by_length, (length, start))]
+        self._num_free -= length
+
+
+def as_runs(block_table: Sequence[int]) -> list[range]:
+    """A block table as its runs of consecutive ids, in table order."""
+    runs: list[range] = []
+    for b in block_table:
+        if runs and runs[-1].stop == b:
+            runs[-1] = range(runs[-1].start, b + 1)
+        else:
+            runs.append(range(b, b + 1))
+    return runs
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -17,6 +17,22 @@ def _slot_runs(table: np.ndarray, block_size: int, start: int, breaks: np.ndarra
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def check_heads(
+    src: PoolLayout, src_heads: range | None, dst: PoolLayout, dst_heads: range | None
+) -> tuple[range, range]:
+    """The head ranges of a move (None: all of a side's heads); raises InvalidArgument unless the
+    layouts are compatible and both ranges are as long and lie inside their pools' heads."""
+    src.check_compatible(dst)
+    src_heads = range(src.kv_heads) if src_heads is None else src_heads
+    dst_heads = range(dst.kv_heads) if dst_heads is None else dst_heads
+    for layout, heads in ((src, src_heads), (dst, dst_heads)):
+        if not heads or heads.step != 1 or heads.start < 0 or heads.stop > layout.kv_heads:
+            raise InvalidArgument(f"KV heads {heads} are not a range inside the pool's {layout.kv_heads} heads")
+    if len(src_heads) != len(dst_heads):
+        raise InvalidArgument(f"{len(src_heads)} source KV heads cannot fill {len(dst_heads)} destination heads")
+    return src_heads, dst_heads
+
+
 def plan_descriptors(
     src: PoolLayout,
     src_table: Sequence[int],
@@ -37,16 +53,10 @@ def plan_descriptors(
     that are contiguous on both sides (blocks with consecutive ids) merge back into one
     descriptor, so a fresh, unfragmented pool moves each layer's K and V in one descriptor each.
     A head sub-range of a row is strided in the pool ([.., slot, head, dim]): one descriptor per
-    row, layer and K/V.
+    row, layer and K/V (``NixlEndpoint.push`` gathers a strided source into a staging buffer first
+    when the destination takes whole rows, kv_transfer/staging.py).
     """
-    src.check_compatible(dst)
-    src_heads = range(src.kv_heads) if src_heads is None else src_heads
-    dst_heads = range(dst.kv_heads) if dst_heads is None else dst_heads
-    for layout, heads in ((src, src_heads), (dst, dst_heads)):
-        if not heads or heads.step != 1 or heads.start < 0 or heads.stop > layout.kv_heads:
-            raise InvalidArgument(f"KV heads {heads} are not a range inside the pool's {layout.kv_heads} heads")
-    if len(src_heads) != len(dst_heads):
-        raise InvalidArgument(f"{len(src_heads)} source KV heads cannot fill {len(dst_heads)} destination heads")
+    src_heads, dst_heads = check_heads(src, src_heads, dst, dst_heads)
     src_t = np.asarray(src_table, dtype=np.int64)
     dst_t = np.asarray(dst_table, dtype=np.int64)
     if len(src_heads) == src.kv_heads and len(dst_heads) == dst.kv_heads:

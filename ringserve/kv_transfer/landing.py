@@ -6,7 +6,9 @@ metadata, the reservation's block ids and a seal over all of it: an HMAC-SHA256 
 deployment secret (``kv_transfer/secret.py``) when the deployment has one, else an xxh3-64
 checksum. Notifications travel with a WRITE (``landed_notif``: request, epoch, transfer, rows) or
 alone after a request's last push (``done_notif``: the sender writes nothing more for that
-request and epoch).
+request and epoch); a piece strided in the receiver's pool goes as a ``Pull``: the receiver
+grants room in its staging buffer (``Reply``), the sender WRITEs the packed rows there
+(``Staged``) and the receiver stores them and answers again (``Reply``, "stored").
 """
 
 from __future__ import annotations
@@ -262,12 +264,106 @@ def done_notif(request_id: str, epoch: int) -> bytes:
     return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
 
 
-def parse_notif(sender: str, msg: bytes) -> Landed | Done | None:
+@dataclass(frozen=True)
+class Pull:
+    """A sender has rows packed in its staging buffer for heads ``heads`` (the receiver's local
+    indices, strided in its pool) of rows [first_position, first_position + count) of a
+    reservation, to go into ``blocks`` from position ``offset`` (the reservation's blocks holding
+    those rows). The receiver answers a grant (``Reply``), takes the sender's WRITE of up to that
+    many rows into its own staging buffer (``Staged``), stores them and answers "stored".
+    ``metadata`` and ``incarnation`` let the receiver reach the sender's agent."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    first_position: int
+    count: int
+    heads: range
+    blocks: tuple[int, ...]
+    offset: int
+    sender: str
+    incarnation: int
+    metadata: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The receiver's answer to a ``Pull``: ``stage`` "grant" (WRITE the first ``rows`` packed rows
+    to ``k_addr`` / ``v_addr`` of its staging buffer, laid out as in the sender's) or "stored"
+    (those rows are in its pool); ``error``: why it cannot."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    sender: str
+    stage: str
+    rows: int = 0
+    k_addr: int = 0
+    v_addr: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A sender's WRITE into the receiver's staging buffer for a ``Pull`` is complete."""
+
+    request_id: str
+    epoch: int
+    transfer_id: str
+    sender: str
+
+
+def pull_notif(pull: Pull) -> bytes:
+    body = dataclasses.asdict(pull) | {"heads": [pull.heads.start, pull.heads.stop], "metadata": pull.metadata.hex()}
+    return _NOTIF_PREFIX + json.dumps({"pull": True, **body}, separators=(",", ":")).encode()
+
+
+def reply_notif(reply: Reply) -> bytes:
+    body = {"reply": True, **dataclasses.asdict(reply)}
+    del body["sender"]  # the receiving agent knows who sent it
+    return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def staged_notif(request_id: str, epoch: int, transfer_id: str) -> bytes:
+    body = {"staged": True, "request_id": request_id, "epoch": epoch, "transfer_id": transfer_id}
+    return _NOTIF_PREFIX + json.dumps(body, separators=(",", ":")).encode()
+
+
+def _parse_pull(sender: str, body: dict) -> Pull:
+    heads = range(int(body["heads"][0]), int(body["heads"][1]))
+    return Pull(
+        str(body["request_id"]),
+        int(body["epoch"]),
+        str(body["transfer_id"]),
+        int(body["first_position"]),
+        int(body["count"]),
+        heads,
+        tuple(int(b) for b in body["blocks"]),
+        int(body["offset"]),
+        sender,
+        int(body["incarnation"]),
+        bytes.fromhex(body["metadata"]),
+    )
+
+
+def _parse_reply(sender: str, body: dict) -> Reply:
+    error = None if body["error"] is None else str(body["error"])
+    ids = (str(body["request_id"]), int(body["epoch"]), str(body["transfer_id"]), sender, str(body["stage"]))
+    return Reply(*ids, int(body["rows"]), int(body["k_addr"]), int(body["v_addr"]), error)
+
+
+def parse_notif(sender: str, msg: bytes) -> Landed | Done | Pull | Reply | Staged | None:
     """A notification from ``sender``, or None for bytes that are not one of ours."""
     if not msg.startswith(_NOTIF_PREFIX):
         return None
     try:
         body = json.loads(msg[len(_NOTIF_PREFIX) :])
+        if body.get("pull"):
+            return _parse_pull(sender, body)
+        if body.get("reply"):
+            return _parse_reply(sender, body)
+        if body.get("staged"):
+            return Staged(str(body["request_id"]), int(body["epoch"]), str(body["transfer_id"]), sender)
         rid, epoch = str(body["request_id"]), int(body["epoch"])
         if body.get("done"):
             return Done(rid, epoch, sender)
