@@ -14,7 +14,7 @@
 #                cutlass compiler library alone, the rest) to untar into one DIR, over two calls of a warm
 #                machine; load it with site.addsitedir(DIR) or PYTHONPATH=DIR:DIR/nvidia_cutlass_dsl/dsl_packages
 #                (its .pth file adds the latter).
-# /work/wt/CARRY.md (docs of the carry) says how to use them on the device.
+# docs/GPU_CARRY.md says how to use them on the device (bench/gpu_check.sh does it for the served path).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
