@@ -202,3 +202,29 @@ def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch, tls_r
     assert any("registered" in s for s in shown), "the services logged (and registered with the password)"
     for secret in (API_KEY, SECRET, password):
         assert not [s[:200] for s in shown if secret in s], secret
+
+
+@pytest.mark.parametrize(
+    "argv, instead",
+    [
+        (["router", "--redis-password", "s3cret"], "--redis-password-file FILE, or set RINGSERVE_REDIS_PASSWORD"),
+        (
+            ["decode", "--deployment-secret", "s3cret"],
+            "--deployment-secret-file FILE, or set RINGSERVE_DEPLOYMENT_SECRET",
+        ),
+        (
+            ["prefill", "--redis-url", "redis://:s3cret@10.0.0.5:6379/0"],
+            "--redis-password-file or RINGSERVE_REDIS_PASSWORD",
+        ),
+        (["up", "--redis-url", "rediss://user:s3cret@redis:6380"], "RINGSERVE_REDIS_PASSWORD"),
+        (["planner", "--prometheus-url", "http://u:s3cret@prom:9090"], "RINGSERVE_PROMETHEUS_URL"),
+    ],
+)
+def test_secret_valued_flags_are_refused_saying_where_the_secret_goes(argv, instead, capsys):
+    from ringserve.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "shows in process lists" in err and instead in err, err
+    assert "s3cret" not in err
