@@ -6,7 +6,9 @@ a second prefill group joining as `kubectl scale` would start it, and that group
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -966,3 +968,99 @@ def test_probe_health_names_follow_registration_drain_and_failure(redis_server):
     finally:
         for server in servers:
             server.stop(grace=0)
+
+
+def test_rendered_redis_serves_tls_only_and_loads_renewed_certificates(helm, tmp_path, tls_redis_binary, monkeypatch):
+    """The in-chart Redis of a tls.enabled render, its two containers run as the kubelet would start them
+    (Debian's TLS-capable redis-server and redis-cli for the image's; the mounted Secrets as local
+    directories, port 6379 a free one): the rendered router's Redis settings (URL, password, CA, its
+    certificate) reach it; a client without a certificate is refused; and once the mounted certificate is
+    renewed, the tls-reload container has Redis serve the new one to new connections, without a restart."""
+    import socket
+    import ssl
+
+    import redis as redis_client
+    from cryptography import x509
+
+    from ringserve.config import RedisArgs, config_from_args
+    from ringserve.registry import connect
+    from tests.certs import CA
+
+    secret_names = {r: f"{r}-tls" for r in ("router", "prefill", "decode", "redis")}
+    values = {"tls": {"enabled": True, "secrets": secret_names}, "redis": {"certReloadSeconds": 1}}
+    _, docs = render(helm, values, tmp_path)
+    config, secrets = api_objects(docs)
+    redis = find(docs, "Deployment", f"{FULLNAME}-redis")
+    port, ca = free_port(), CA(tmp_path / "ca")
+    mounts = {"/etc/redis-auth": tmp_path / "redis-auth", "/etc/redis-tls": tmp_path / "redis-tls"}
+    mounts["/etc/ringserve/tls"] = tmp_path / "router-tls"
+    for path in mounts.values():
+        path.mkdir()
+    for name, text in secrets[f"{FULLNAME}-redis-auth"].items():  # the generated Secret's files
+        (mounts["/etc/redis-auth"] / name).write_text(text)
+
+    def mount(issued, where: Path) -> None:
+        """A TLS Secret's files (tls.crt, tls.key, ca.crt) as the kubelet updates them: each replaced whole."""
+        for name, source in (("tls.crt", issued.cert), ("tls.key", issued.key), ("ca.crt", issued.ca)):
+            (where / f".{name}").write_bytes(Path(source).read_bytes())
+            (where / f".{name}").replace(where / name)
+
+    def local(text: str) -> str:
+        for path, directory in mounts.items():
+            text = text.replace(path, str(directory))
+        return text.replace("6379", str(port)).replace(f"{FULLNAME}-redis:", "127.0.0.1:")
+
+    first = ca.issue("redis-1")  # for 127.0.0.1 and localhost: the Service's name here
+    mount(first, mounts["/etc/redis-tls"])
+    mount(ca.issue("router", role="router"), mounts["/etc/ringserve/tls"])
+    server_c, reload_c = named(redis, "redis"), named(redis, "tls-reload")
+    out = (tmp_path / "redis.log").open("w")
+    procs = [subprocess.Popen([tls_redis_binary, *map(local, server_c["args"])], stdout=out, stderr=out)]
+    reload_env = {"PATH": f"{Path(tls_redis_binary).parent}:{os.environ['PATH']}"}
+    reload_env["REDISCLI_AUTH"] = secrets[f"{FULLNAME}-redis-auth"]["password"]
+    argv = [*reload_c["command"], *map(local, reload_c["args"])]
+    procs.append(subprocess.Popen(argv, env=reload_env, stdout=out, stderr=out))
+    try:
+        router_env = resolved_env(container(find(docs, "Deployment", f"{FULLNAME}-router")), config, secrets)
+        for name, value in router_env.items():
+            if name.startswith("RINGSERVE_REDIS_"):
+                monkeypatch.setenv(name, local(value))
+        cfg = config_from_args(RedisArgs, argparse.Namespace())
+        assert cfg.redis_url == f"rediss://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert connect(cfg).ping()
+                break
+            except redis_client.ConnectionError:
+                assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+                time.sleep(0.1)
+        without = dataclasses.replace(cfg, redis_client_cert=None, redis_client_key=None)
+        with pytest.raises(redis_client.ConnectionError):
+            connect(without).ping()
+
+        def served() -> int:
+            """The serial number of the certificate a new connection gets."""
+            context = ssl.create_default_context(cafile=cfg.redis_ca_cert)
+            context.load_cert_chain(cfg.redis_client_cert, cfg.redis_client_key)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+
+        def serial(issued) -> int:
+            return x509.load_pem_x509_certificate(Path(issued.cert).read_bytes()).serial_number
+
+        assert served() == serial(first)
+        renewed = ca.issue("redis-2")
+        mount(renewed, mounts["/etc/redis-tls"])
+        deadline = time.monotonic() + 20
+        while served() != serial(renewed):
+            assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+            time.sleep(0.2)
+        assert "tls-reload: Redis loaded the changed certificate files" in (tmp_path / "redis.log").read_text()
+        assert connect(cfg).ping() and procs[0].poll() is None  # the same server, serving the renewed file
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        out.close()
