@@ -283,6 +283,43 @@ def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(cl
     wait_blocks_free(cluster)
 
 
+@secure_only
+def test_secure_cluster_refuses_a_landing_replayed_to_another_prefill_group(clusters, redis_server):
+    """A landing the decode worker issued for a request, used by the prefill group the router picked,
+    then presented to a second prefill group (whose replay guard never saw it): refused with
+    PERMISSION_DENIED before that group WRITEs a byte (its counter)."""
+    import signal
+
+    from ringserve.config import RedisArgs
+    from ringserve.registry import Registry, connect
+
+    cluster = clusters(2)
+    other = cluster.add("prefill-b", ["prefill", "--cp", "1", "--calibrate-tokens", "256"], metrics=True)
+    groups = Registry(connect(RedisArgs(redis_url=redis_server.url)), cluster.name).groups()
+    ids = {g.address: g.id for g in groups if g.role == "prefill"}
+    sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
+    dc, pc, oc = (rpc.channel(a, tls=cluster.tls) for a in (cluster.decode, cluster.prefill, other))
+    try:
+        decode = decode_pb2_grpc.DecodeStub(dc)
+        reserve = decode.Reserve(
+            decode_pb2.ReserveRequest(request_id="moved", prompt_tokens=8, max_tokens=4), timeout=30
+        )
+        request = prefill_pb2.PrefillRequest(request_id="moved", token_ids=list(range(1, 9)), targets=reserve.targets)
+        prefill_pb2_grpc.PrefillStub(pc).Prefill(request, timeout=120)
+        with pytest.raises(grpc.RpcError) as e:
+            prefill_pb2_grpc.PrefillStub(oc).Prefill(request, timeout=120)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+        assert ids[cluster.prefill] in e.value.details()
+        assert scrape(cluster, "prefill-b", sent) == 0
+        decode.Release(decode_pb2.ReleaseRequest(request_id="moved"), timeout=10)
+    finally:
+        for channel in (dc, pc, oc):
+            channel.close()
+        cluster.procs["prefill-b"].send_signal(signal.SIGTERM)  # it drains and deregisters
+        cluster.procs["prefill-b"].wait(timeout=60)
+    wait_blocks_free(cluster)
+
+
 def test_repeated_prompt_reuses_the_prefix_cache(clusters, engine):
     """The same prompt twice: the second prefill reads the prompt's whole blocks from the prefix
     cache and gives the same greedy tokens. Afterwards the leader's blocks are exactly the cache's
