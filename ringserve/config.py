@@ -68,7 +68,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(
                 _flag(secret), type=_refused(_flag(secret), flag, _env_name(secret)), help=argparse.SUPPRESS
             )
-            help_text = f"{f.metadata['help']} (or the secret itself in env {_env_name(secret)}; default: none)"
+            help_text = f"{f.metadata['help']} (env {_env_name(f.name)}; or the secret in env {_env_name(secret)})"
         if f.metadata.get("url"):
             parser.add_argument(flag, type=url_without_password(flag, f.metadata["url"]), default=None, help=help_text)
         elif kind is bool:
