@@ -211,11 +211,15 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     group_port: int = _opt(0, "the leader's rank-link port (0: pick a free one; set it when ranks run on other hosts)")
     local_ranks: int | None = _opt(
         None,
-        "ranks the leader starts itself (itself included); the others join with --group-rank (default: all)",
+        "ranks this process runs (itself included, one device each): the leader ranks 0..L-1 (default: all), "
+        "a process with --group-rank R ranks R*L..R*L+L-1 (default 1: rank R)",
         int,
     )
     group_rank: int | None = _opt(
-        None, "run as this rank (1..N-1) of the group whose leader is at --group-leader; serves no gRPC", int
+        None,
+        "join the group whose leader is at --group-leader as its R-th block of --local-ranks ranks (1..); "
+        "serves no gRPC",
+        int,
     )
     group_leader: str | None = _opt(
         None, "HOST:PORT of the group leader's rank link (its --group-host/--group-port)", str
@@ -273,6 +277,9 @@ class PrefillConfig(WorkerArgs):
         0, "largest pass timed at start to fit the scheduler's cost model (0: 32768 on a GPU, 2048 on CPU)"
     )
     kv_push_timeout_s: float = _opt(30.0, "a KV push to a decode rank that does not complete in this long fails")
+    recalibrate: bool = _opt(
+        False, "time the calibration passes even if timings for this model, layout and device are stored"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,7 +301,7 @@ def _pool_blocks(
 
     return gpu_pool_blocks(
         cfg.device, cfg.model, cfg.dtype, cfg.block_size, cfg.gpu_memory_fraction, work_tokens, logits_rows,
-        min_blocks, what,
+        min_blocks, what, cfg.tp,
     )  # fmt: skip
 
 

@@ -98,6 +98,21 @@ def block_bytes(config, block_size: int, element_bytes: int) -> int:
     return config.num_hidden_layers * 2 * block_size * config.num_key_value_heads * config.head_dim * element_bytes
 
 
+def pool_request(
+    config, element_bytes: int, block_size: int, work_tokens: int, logits_rows: int, min_blocks: int, tp: int = 1
+) -> PoolRequest:
+    """What one TP rank of ``tp`` needs: its share of the weights (the replicated norms are a rounding
+    error), a block of its KV heads (``engine.tp.kv_heads``: one when ``tp`` exceeds them), and the
+    working memory of the whole hidden size (the MLP and vocabulary slices only make it smaller)."""
+    local_kv = max(1, config.num_key_value_heads // tp)
+    return PoolRequest(
+        -(-weight_bytes(config, element_bytes) // tp),
+        working_bytes(config, work_tokens, element_bytes, logits_rows),
+        block_bytes(config, block_size, element_bytes) // config.num_key_value_heads * local_kv,
+        min_blocks,
+    )
+
+
 def model_config(model: str | None):
     """The ModelConfig of ``--model`` without loading its weights where possible (a HF directory,
     or a GGUF converted before); a GGUF seen for the first time is converted here (once)."""
@@ -113,18 +128,12 @@ def model_config(model: str | None):
 
 
 def gpu_pool_blocks(device: str, model: str | None, dtype: str, block_size: int, fraction: float,
-                    work_tokens: int, logits_rows: int, min_blocks: int, what: str) -> int:  # fmt: skip
-    """``kv_pool_blocks`` for a service on ``device`` (a CUDA device) with ``--model`` in ``dtype``."""
+                    work_tokens: int, logits_rows: int, min_blocks: int, what: str, tp: int = 1) -> int:  # fmt: skip
+    """``kv_pool_blocks`` for a service on ``device`` (a CUDA device) with ``--model`` in ``dtype``, one
+    rank of ``tp`` (each holds its shard of the weights and its KV heads)."""
     import torch
 
-    config = model_config(model)
-    size = ELEMENT_BYTES[dtype]
-    req = PoolRequest(
-        weight_bytes(config, size),
-        working_bytes(config, work_tokens, size, logits_rows),
-        block_bytes(config, block_size, size),
-        min_blocks,
-    )
+    req = pool_request(model_config(model), ELEMENT_BYTES[dtype], block_size, work_tokens, logits_rows, min_blocks, tp)
     dev = torch.device(device)
     free, total = torch.cuda.mem_get_info(dev if dev.index is not None else torch.device("cuda", 0))
     blocks = kv_pool_blocks(req, total, free, fraction, what)

@@ -60,21 +60,25 @@ def run_prefill(cfg: PrefillConfig) -> int:
 HOST_LOCAL_FIELDS = ("model", "device", "host", "advertise_host", "kv_port", "deployment_secret_file", "metrics_port")
 
 
-def run_rank(cfg: WorkerArgs, role: str, world: int, rank_main: Callable) -> int:
-    """`ringserve prefill|decode --group-rank R --group-leader HOST:PORT`: join the group whose
-    leader listens there, run rank R until the leader hangs up (or dies)."""
-    import dataclasses
+def run_rank(cfg: WorkerArgs, role: str, outer: int, rank_main: Callable) -> int:
+    """`ringserve prefill|decode --group-rank R --group-leader HOST:PORT [--local-ranks L]`: run the
+    R-th block of L consecutive ranks of the group whose leader listens there (world ranks R*L ..
+    R*L+L-1 of TP x ``outer``; L = 1: rank R), one process each (this one and L-1 children) on
+    this host's devices 0..L-1, until the leader hangs up (or dies). With L = --tp, a host runs one
+    CP (or KVP) rank's TP group, as the leader's host (--local-ranks L) runs the first."""
+    import functools
 
     from ringserve.kv_transfer.secret import deployment_secret
-    from ringserve.rank_link import join_group, link_key
-    from ringserve.service import check_device
+    from ringserve.rank_link import join_group, link_key, spawn_ranks
 
+    world, n = cfg.tp * outer, 1 if cfg.local_ranks is None else cfg.local_ranks
     if not cfg.group_leader:
         raise InvalidArgument(f"--group-rank needs --group-leader HOST:PORT (the {role} leader's rank link)")
-    if not 1 <= cfg.group_rank < world:
-        size = "--cp" if role == "prefill" else "--kvp"
+    first = cfg.group_rank * n
+    if cfg.group_rank < 1 or n < 1 or first + n > world:
         raise InvalidArgument(
-            f"--group-rank must be 1..{world - 1} for a group of {size} {world}, got {cfg.group_rank}"
+            f"--group-rank {cfg.group_rank} with --local-ranks {n} names ranks {first}..{first + n - 1}, "
+            f"outside ranks 1..{world - 1} of this group of {world} (--tp {cfg.tp} x {outer})"
         )
     secret = deployment_secret(cfg.deployment_secret_file)
     if secret is None:
@@ -82,23 +86,56 @@ def run_rank(cfg: WorkerArgs, role: str, world: int, rank_main: Callable) -> int
             "a rank that joins its leader over the network needs the deployment secret "
             "(--deployment-secret-file or RINGSERVE_DEPLOYMENT_SECRET, the leader's): it keys the rank link"
         )
-    device = check_device(cfg.device)
-    link = join_group(cfg.group_leader, cfg.group_rank, world, link_key(secret), cfg.group_timeout_s)
+    devices = host_devices(cfg.device, n)
     own = {f: getattr(cfg, f) for f in HOST_LOCAL_FIELDS if hasattr(cfg, f)}
-    link.welcome = dataclasses.replace(link.welcome, config=dataclasses.replace(link.config, **own))
-    log.info(
-        "%s rank %d joined its leader at %s (torch.distributed at %s)",
-        role,
-        cfg.group_rank,
-        cfg.group_leader,
-        link.welcome.init_method,
-    )
+    key = link_key(secret)
+    address = cfg.group_leader
+    targets = [(first + i, functools.partial(_joined, role, address, own, devices[i], rank_main)) for i in range(1, n)]
+    children = spawn_ranks(role, world, address, key, targets, cfg.group_timeout_s)
     try:
-        rank_main(link, device)
+        link = join_group(address, first, world, key, cfg.group_timeout_s)
+        try:
+            _joined(role, address, own, devices[0], rank_main, link)
+        finally:
+            link.close()
+    except BaseException:
+        for proc in children:  # this rank did not join, or failed: the group is broken; end this host's ranks too
+            proc.kill()
+        raise
     finally:
-        link.close()
-    log.info("%s rank %d: the leader hung up; exiting", role, cfg.group_rank)
+        for proc in children:  # they end when the leader hangs up, as this rank did
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in children if p.exitcode]
+    if failed:
+        raise Unavailable(f"{role} ranks {', '.join(failed)} of this host failed; see their log lines")
     return 0
+
+
+def host_devices(device: str, n: int) -> list:
+    """The devices of a host's ``n`` ranks: ``device`` itself for one, this host's GPUs 0..n-1 for
+    several (``cuda``), or the CPU for each; checked before any rank starts."""
+    from ringserve.service import check_device
+
+    dev = check_device(device)
+    if n == 1 or dev.type == "cpu":
+        return [dev] * n
+    if dev.index is not None:
+        raise InvalidArgument(f"--device {device} names one GPU, but --local-ranks {n} runs a rank on each of {n}")
+    return [check_device(f"cuda:{i}") for i in range(n)]
+
+
+def _joined(role: str, address: str, own: dict, device, rank_main: Callable, link) -> None:
+    """One joined rank: its own host's settings over the leader's config, then ``rank_main``."""
+    import dataclasses
+
+    link.welcome = dataclasses.replace(link.welcome, config=dataclasses.replace(link.config, **own))
+    init = link.welcome.init_method
+    log.info("%s rank %d joined its leader at %s (torch.distributed at %s)", role, link.rank, address, init)
+    rank_main(link, device)
+    log.info("%s rank %d: the leader hung up; exiting", role, link.rank)
 
 
 def run_router(cfg: RouterConfig) -> int:

@@ -84,13 +84,12 @@ def join_and_load_tp(
     """A rank of a TP > 1 group (``cfg``: a prefill or decode config): join the group first (world
     rank ``rank`` of ``layout``), then read only this rank's shard of the checkpoint
     (``engine.tp.load_tp_model``, which checks the model splits over ``layout.tp`` before reading
-    any weight). TP 1 loads the whole model before joining, as it always has."""
+    any weight; ``--load-format dummy``: makes only its shard's random weights). TP 1 loads the
+    whole model before joining, as it always has."""
     from ringserve.engine.tp import load_tp_model
-    from ringserve.errors import InvalidArgument
     from ringserve.mesh import init_mesh
 
-    if cfg.load_format != "auto":
-        raise InvalidArgument(f"--load-format {cfg.load_format} is for TP 1 only; under --tp each rank reads its shard")
     init_group(rank, layout.world, init_method, device, cfg.group_timeout_s)
     mesh = init_mesh(layout)
-    return load_tp_model(cfg.model, mesh.tp_group, dtype=dtype, device=device, progress=rank == 0), mesh
+    model = load_tp_model(cfg.model, mesh.tp_group, dtype, device, progress=rank == 0, load_format=cfg.load_format)
+    return model, mesh

@@ -100,22 +100,8 @@ class LeaderLink:
         self._listening = True
 
     def spawn(self, ranks: range, target: Callable[[RankLink], None]) -> None:
-        """Start ``ranks`` here as child processes running ``target`` once joined (spawn: no fork of
-        the leader's threads), and share this host's CPU threads between them and the leader."""
-        import torch
-
-        threads = max(1, torch.get_num_threads() // (len(ranks) + 1))
-        torch.set_num_threads(threads)
-        ctx = mp.get_context("spawn")
-        for r in ranks:
-            proc = ctx.Process(
-                target=_child_main,
-                args=(target, self.name, r, self.world, self.address, self.key, threads),
-                name=f"{self.name}-rank{r}",
-                daemon=True,
-            )
-            proc.start()
-            self.procs.append(proc)
+        """Start ``ranks`` here as child processes running ``target`` once joined (``spawn_ranks``)."""
+        self.procs += spawn_ranks(self.name, self.world, self.address, self.key, [(r, target) for r in ranks], 60.0)
 
     def admit(self, config: Any, timeout_s: float) -> None:
         """Wait until every other rank has connected and said its rank, then welcome each with
@@ -312,8 +298,41 @@ def join_group(address: str, rank: int, world: int, key: bytes, timeout_s: float
     return RankLink(conn, rank, welcome)
 
 
+def spawn_ranks(
+    name: str, world: int, address: str, key: bytes, ranks: list[tuple[int, Callable[[RankLink], None]]],
+    timeout_s: float,
+) -> list[mp.Process]:
+    """Start each (rank, target) as a child process (spawn: no fork of this process's threads) that
+    joins the leader at ``address`` and runs ``target`` once welcomed; this host's CPU threads are
+    shared between the children and this process. Used by a leader for its local ranks and by a
+    process that runs several ranks of a host (``launch.run_rank``)."""
+    import torch
+
+    threads = max(1, torch.get_num_threads() // (len(ranks) + 1))
+    torch.set_num_threads(threads)
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank, target in ranks:
+        proc = ctx.Process(
+            target=_child_main,
+            args=(target, name, rank, world, address, key, threads, timeout_s),
+            name=f"{name}-rank{rank}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
 def _child_main(
-    target: Callable[[RankLink], None], name: str, rank: int, world: int, address: str, key: bytes, threads: int
+    target: Callable[[RankLink], None],
+    name: str,
+    rank: int,
+    world: int,
+    address: str,
+    key: bytes,
+    threads: int,
+    timeout_s: float,
 ) -> None:
     from ringserve.logs import setup_logging
 
@@ -322,7 +341,7 @@ def _child_main(
     import torch
 
     torch.set_num_threads(threads)
-    link = join_group(address, rank, world, key, timeout_s=60.0)
+    link = join_group(address, rank, world, key, timeout_s=timeout_s)
     try:
         target(link)
     finally:

@@ -40,6 +40,40 @@ def default_model(default_gguf):
 
 
 @pytest.fixture(scope="session")
+def gqa_dir(tmp_path_factory, default_gguf):
+    """A small random Llama with grouped KV heads (4 query heads, 2 KV heads: TP 2 splits both, TP 4
+    replicates the KV heads) and the default model's tokenizer (so the router can tokenize text for it)."""
+    path = tmp_path_factory.mktemp("gqa")
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ringserve.engine.tokenizer import Tokenizer
+    from ringserve.engine.weights import gguf_cache_dir
+
+    torch.manual_seed(3)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        initializer_range=0.2,  # decisive logits: greedy tokens far from ties
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+    Tokenizer.from_checkpoint(default_gguf)  # writes the GGUF's tokenizer files
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gguf_cache_dir(default_gguf) / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
 def redis_server():
     """A real redis-server (the embedded one `ringserve up` starts), shared by the session's tests;
     each test keeps to its own cluster name (key namespace)."""

@@ -7,8 +7,16 @@ import random
 
 import pytest
 
+from ringserve.config import PrefillConfig
+from ringserve.engine.config import ModelConfig
 from ringserve.errors import InvalidArgument
-from ringserve.prefill_service.calibration import calibration_shapes
+from ringserve.prefill_service.calibration import (
+    calibration_key,
+    calibration_path,
+    calibration_shapes,
+    load_timings,
+    store_timings,
+)
 from ringserve.prefill_service.cost_model import CostModel
 from ringserve.prefill_service.scheduler import Scheduler, SchedulerConfig
 
@@ -98,3 +106,28 @@ def test_the_old_seed_one_timed_run_of_short_shapes_plans_differently_per_start(
             cost.observe(work, t * rng.uniform(1.5, 3.0) if rng.random() < 1 / 3 else t)
         plans.append(len(plan(cost, 131072)))
     assert len(set(plans)) > 1, plans
+
+
+def test_stored_timings_serve_only_their_own_key(tmp_path, monkeypatch, caplog):
+    """Timings are found again under the same key only: another layout, dtype or model shape times anew,
+    and an unreadable file is ignored (with a warning), never trusted."""
+    monkeypatch.setenv("RINGSERVE_CACHE_DIR", str(tmp_path))
+    model = ModelConfig(vocab_size=97, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=4)  # fmt: skip
+    cfg = PrefillConfig(model="unused", cp=2, block_size=16, kv_blocks=64, port=0)
+    shapes = calibration_shapes(256, 32, late_chunks=False)
+    key = calibration_key(cfg, model, shapes)
+    timings = [(work, [0.01 * (i + 1), 0.02]) for i, work in enumerate(shapes)]
+    assert load_timings(key) is None
+    store_timings(key, timings)
+    assert load_timings(key) == [([tuple(seq) for seq in work], times) for work, times in timings]
+    others = [
+        calibration_key(PrefillConfig(model="unused", cp=1, block_size=16, kv_blocks=64, port=0), model, shapes),
+        calibration_key(PrefillConfig(model="unused", cp=2, block_size=16, kv_blocks=64, port=0, dtype="bfloat16"),
+                        model, shapes),  # fmt: skip
+        calibration_key(cfg, ModelConfig(**{**model.__dict__, "num_hidden_layers": 3}), shapes),
+        calibration_key(cfg, model, shapes[:-1]),
+    ]
+    assert all(load_timings(other) is None for other in others)
+    calibration_path(key).write_text('{"key": ')
+    assert load_timings(key) is None and "ignoring the stored calibration" in caplog.text

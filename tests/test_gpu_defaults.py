@@ -16,6 +16,7 @@ from ringserve.gpu_memory import (
     PoolRequest,
     block_bytes,
     kv_pool_blocks,
+    pool_request,
     resolve_device,
     resolve_dtype,
     weight_bytes,
@@ -63,6 +64,14 @@ def test_model_sizes_match_the_published_8b_count():
 def _request(min_blocks: int = 1024) -> PoolRequest:
     work = working_bytes(LLAMA3_8B, 65536, 2, 16)
     return PoolRequest(weight_bytes(LLAMA3_8B, 2), work, block_bytes(LLAMA3_8B, 64, 2), min_blocks)
+
+
+def test_a_tp_rank_sizes_its_pool_for_its_shard_and_its_kv_heads():
+    assert pool_request(LLAMA3_8B, 2, 64, 65536, 16, 1024) == _request()
+    one, two, sixteen = (pool_request(LLAMA3_8B, 2, 64, 65536, 16, 1024, tp) for tp in (1, 2, 16))
+    assert two.weight_bytes == one.weight_bytes // 2 and two.block_bytes == one.block_bytes // 2  # 4 of 8 KV heads
+    assert sixteen.block_bytes == one.block_bytes // 8  # 16 ranks share 8 KV heads: one each, replicated
+    assert one.working_bytes == two.working_bytes
 
 
 def test_pool_takes_what_the_fraction_leaves_after_weights_and_working_memory():

@@ -111,7 +111,7 @@ VALUE_SETS = {
         "extraVolumeMounts": [{"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}],
         "config": {"extraEnv": {"RINGSERVE_REDIS_CA_CERT": "/etc/redis-ca/ca.crt"}},
     },
-    "gpu-counts": {"prefill": {"cpSize": 8}, "decode": {"kvpSize": 4}},
+    "gpu-counts": {"prefill": {"cpSize": 4, "tpSize": 2}, "decode": {"kvpSize": 2, "tpSize": 4}},
     "scaled": {
         "router": {"replicas": 2, "service": {"type": "LoadBalancer"}},
         "prefill": {"replicas": 3},
@@ -184,13 +184,14 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     gpu = values.get("gpu", {}).get("enabled", True)
     cp = values.get("prefill", {}).get("cpSize", 2)
     kvp = values.get("decode", {}).get("kvpSize", 1)
-    assert container(prefill)["args"][:2] == ["--cp", str(cp)]
-    assert container(decode)["args"][:2] == ["--kvp", str(kvp)]
+    ptp, dtp = (values.get(tier, {}).get("tpSize", 1) for tier in ("prefill", "decode"))
+    assert container(prefill)["args"][:4] == ["--cp", str(cp), "--tp", str(ptp)]
+    assert container(decode)["args"][:4] == ["--kvp", str(kvp), "--tp", str(dtp)]
     assert router["spec"]["replicas"] == values.get("router", {}).get("replicas", 1)
     for workload in (router, prefill, decode):  # long enough to drain: the drain timeout and time to stop
         drain_s = float(env_of(container(workload))["RINGSERVE_DRAIN_TIMEOUT_S"])
         assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= drain_s + 10
-    for tier, workload, gpus in (("prefill", prefill, cp), ("decode", decode, kvp)):
+    for tier, workload, gpus in (("prefill", prefill, cp * ptp), ("decode", decode, kvp * dtp)):  # the whole group
         limits = container(workload)["resources"]["limits"]
         assert limits.get("nvidia.com/gpu") == (str(gpus) if gpu else None)  # a string: a quantity
         assert workload["spec"]["replicas"] == values.get(tier, {}).get("replicas", 1)
@@ -487,20 +488,26 @@ def pod_container(template: dict) -> dict:
 
 @pytest.mark.parametrize("kube_version", ["1.29.0", "1.33.0", "1.37.0"])
 def test_span_hosts_renders_leader_worker_sets(helm, tmp_path, kube_version):
-    """spanHosts: each tier a LeaderWorkerSet of `replicas` groups, one pod (one GPU) per rank; the leader serves
-    gRPC with the usual probes and is rank 0 at its pod IP, the workers join it by the controller's LWS_* env. The
-    LWS's fields pass the API reference's schema; its pod templates, and everything else, kubernetes-validate."""
+    """spanHosts: each tier a LeaderWorkerSet of `replicas` groups, one pod per CP/KVP rank holding its TP group
+    (tpSize GPUs, a process each); the leader serves gRPC with the usual probes and runs world ranks 0..tp-1 at its
+    pod IP, the workers join it by the controller's LWS_* env. The LWS's fields pass the API reference's schema; its
+    pod templates, and everything else, kubernetes-validate."""
     import jsonschema
 
-    values = {**SPAN_HOSTS, "gpu": {"enabled": True}}
+    values = {
+        **SPAN_HOSTS,
+        "gpu": {"enabled": True},
+        "prefill": {**SPAN_HOSTS["prefill"], "tpSize": 4},
+        "decode": {**SPAN_HOSTS["decode"], "tpSize": 2},
+    }
     text, docs = render(helm, values, tmp_path, kube_version=kube_version)
     assert not [d for d in docs if d["kind"] == "StatefulSet"]
     groups = {d["metadata"]["name"]: d for d in docs if d["kind"] == "LeaderWorkerSet"}
     assert sorted(groups) == [f"{FULLNAME}-decode", f"{FULLNAME}-prefill"]
     templates = []
-    for tier, flag, replicas, port, group_port in (
-        ("prefill", "--cp", 2, 50051, 29500),
-        ("decode", "--kvp", 1, 50061, 29501),
+    for tier, flag, replicas, port, group_port, tp in (
+        ("prefill", "--cp", 2, 50051, 29500, "4"),
+        ("decode", "--kvp", 1, 50061, 29501, "2"),
     ):
         lws = groups[f"{FULLNAME}-{tier}"]
         jsonschema.validate(lws, LWS_SCHEMA)
@@ -511,24 +518,25 @@ def test_span_hosts_renders_leader_worker_sets(helm, tmp_path, kube_version):
             templates.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{tier}-{role}"}})
             templates[-1]["template"] = template
             c = pod_container(template)
-            assert c["command"] == ["ringserve", tier] and c["args"][:2] == [flag, "2"]
-            assert c["resources"]["limits"]["nvidia.com/gpu"] == "1", "one rank, one GPU per pod"
+            assert c["command"] == ["ringserve", tier] and c["args"][:4] == [flag, "2", "--tp", tp]
+            assert c["resources"]["limits"]["nvidia.com/gpu"] == tp, "a TP group, a GPU per rank, per pod"
             env = env_of(c)
             assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
             assert env["RINGSERVE_GROUP_PORT"] == str(group_port)
             assert env["RINGSERVE_DEPLOYMENT_SECRET"]["secretKeyRef"]["key"] == "deployment-secret"
         leader_c, worker_c = pod_container(leader), pod_container(worker)
         args = leader_c["args"]
-        assert args[args.index("--local-ranks") + 1] == "1" and args[args.index("--group-host") + 1] == "$(POD_IP)"
+        assert args[args.index("--local-ranks") + 1] == tp and args[args.index("--group-host") + 1] == "$(POD_IP)"
         assert leader_c["readinessProbe"]["grpc"] == {"port": port, "service": "ringserve.ready"}
         assert {p["name"]: p["containerPort"] for p in leader_c["ports"]}["rank-link"] == group_port
         args = worker_c["args"]
         assert args[args.index("--group-rank") + 1] == "$(LWS_WORKER_INDEX)"
+        assert args[args.index("--local-ranks") + 1] == tp, "the pod's TP group: world ranks R*tp .. R*tp+tp-1"
         assert args[args.index("--group-leader") + 1] == "$(LWS_LEADER_ADDRESS):$(RINGSERVE_GROUP_PORT)"
         assert not any(k in worker_c for k in ("startupProbe", "livenessProbe", "readinessProbe")), "no gRPC there"
-        if tier == "decode":  # rank r's KV receiver: kvPort + r, rank 0 in the leader pod
-            assert [p["containerPort"] for p in leader_c["ports"] if p["name"].startswith("kv-")] == [50062]
-            assert [p["containerPort"] for p in worker_c["ports"]] == [50063]
+        if tier == "decode":  # world rank r's KV receiver: kvPort + r, ranks 0 and 1 (TP 2) in the leader pod
+            assert [p["containerPort"] for p in leader_c["ports"] if p["name"].startswith("kv-")] == [50062, 50063]
+            assert [p["containerPort"] for p in worker_c["ports"]] == [50064, 50065]
 
     others = [d for d in docs if d["kind"] != "LeaderWorkerSet"]
     done = validate(yaml.safe_dump_all(others + templates), tmp_path, kube_version)
@@ -676,22 +684,26 @@ REDIS_PASSWORD = "s3cret-test"
 LEADER_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"  # two "hosts" (all of 127.0.0.0/8 is loopback)
 
 
-def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_model):
-    """The CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders, each pod run as the LWS controller
-    and the kubelet would start it: the leaders on one "host", the workers on another, given LWS_LEADER_ADDRESS,
-    LWS_WORKER_INDEX and their pod IPs; with the rendered router they serve the single-process engine's tokens,
-    and the workers end when their leaders stop."""
+def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, gqa_dir):
+    """The TP 2 x CP 2 prefill and KVP 2 decode LeaderWorkerSets the chart renders (conftest's small GQA model),
+    each pod run as the LWS controller and the kubelet would start it: the leaders on one "host", the workers on
+    another, given LWS_LEADER_ADDRESS, LWS_WORKER_INDEX and their pod IPs; the prefill worker pod runs CP rank 1's
+    TP group (world ranks 2 and 3). With the rendered router they serve the single-process engine's tokens, and
+    the workers end when their leaders stop."""
     from ringserve import rpc
     from ringserve.engine.engine import Engine
+    from ringserve.engine.model import Llama
     from ringserve.engine.sampling import SamplingParams
+    from ringserve.engine.tokenizer import Tokenizer
     from ringserve.v1 import decode_pb2, decode_pb2_grpc
 
     redis = EmbeddedRedis(password=REDIS_PASSWORD).start()
     values = {
         **SPAN_HOSTS,
-        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1},
+        "prefill": {**SPAN_HOSTS["prefill"], "replicas": 1, "tpSize": 2},
+        "model": {"source": "image", "path": str(gqa_dir)},
         "redis": {"enabled": False, "external": {"url": redis.url, "existingSecret": "redis-auth"}},
-        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # five processes loading on two cores
+        "config": {"extraEnv": {"RINGSERVE_GROUP_TIMEOUT_S": "300"}},  # seven processes loading on two cores
     }
     _, docs = render(helm, values, tmp_path)
     config, secrets = api_objects(docs)
@@ -724,8 +736,8 @@ def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_
             # Rank 1's KV receiver is in the worker pod, at the pod IP the downward API gave it.
             assert sorted(t.address.rsplit(":", 1)[0] for t in reserved.targets) == [LEADER_IP, WORKER_IP]
             assert stub.Release(decode_pb2.ReleaseRequest(request_id="where", landing_unused=True)).released
-        model, tokenizer = default_model
-        engine = Engine(model, tokenizer)
+        engine = Engine(Llama.load(gqa_dir, progress=False), Tokenizer.from_checkpoint(gqa_dir))
+        tokenizer = engine.tokenizer
         with Client(router.address, timeout=180) as client:
             for prompt in ("The capital of France is", "Once upon a time " * 40):  # the long one: every rank
                 ids = [e.token_id for e in engine.generate(tokenizer.encode(prompt), SamplingParams(max_tokens=12))]
@@ -734,9 +746,10 @@ def test_rendered_leader_worker_sets_serve_exact_tokens(helm, tmp_path, default_
         router.stop()
         for pod in leaders.values():
             pod.stop()
-        for pod in workers:  # a worker ends when its leader hangs up
+        for pod, ranks in zip(workers, ([2, 3], [1])):  # a worker ends when its leader hangs up
             assert pod.proc.wait(timeout=60) == 0, pod.tail()
-            assert f"joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
+            for rank in ranks:
+                assert f"rank {rank} joined its leader at {LEADER_IP}:" in pod.log.read_text(), pod.tail()
     finally:
         for pod in [router, *leaders.values(), *workers]:
             if pod is not None:

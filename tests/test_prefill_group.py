@@ -294,3 +294,20 @@ def test_a_stuck_decode_rank_fails_only_its_request_and_stalls_no_pass(tiny_dir)
         group.submit(landing.job("after", tokens(9, 72))).result(timeout=60)
         landing.kv("after")
         assert_nothing_held_but_the_cache(group)
+
+
+def test_a_restart_fits_the_stored_calibration_and_recalibrate_times_anew(tiny_dir, caplog):
+    """The second start of the same group on the same machine fits its cost model from the first start's
+    stored timings (the same coefficients, no passes timed); --recalibrate times the shapes again."""
+    caplog.set_level("INFO", logger="ringserve.prefill_service.calibration")
+    with running_group(tiny_dir, 1, block_size=4) as (group, _):
+        first = group.cost.coefficients
+    assert "calibrating the prefill scheduler's cost model" in caplog.text
+    caplog.clear()
+    with running_group(tiny_dir, 1, block_size=4) as (group, _):
+        assert group.cost.coefficients == first
+    assert "calibrating" not in caplog.text and "from the calibration stored" in caplog.text
+    caplog.clear()
+    with running_group(tiny_dir, 1, block_size=4, recalibrate=True):
+        pass
+    assert "calibrating the prefill scheduler's cost model" in caplog.text

@@ -18,7 +18,7 @@ from ringserve.engine.config import ModelConfig
 from ringserve.engine.engine import Engine, Sequence
 from ringserve.engine.kv_cache import KVCache
 from ringserve.engine.model import Llama
-from ringserve.engine.tp import apply_tp, kv_heads, load_tp_model, param_shard
+from ringserve.engine.tp import apply_tp, kv_heads, load_tp_model, param_shard, random_shard
 from ringserve.engine.weights import gguf_cache_dir
 from ringserve.mesh import Layout, init_mesh
 from ringserve.prefill_service.context_parallel import CPRunner, CPSequence
@@ -156,6 +156,41 @@ def test_apply_tp_shards_a_loaded_model():
     ref = greedy(ours, prompt, 10, None)
     for tokens in values(run_ranks(2, apply_tp_in_place, hf.config.to_dict(), dict(ours.state_dict()), prompt)):
         assert tokens == ref
+
+
+def dummy_greedy(rank, world, path, prompt, n):
+    model = load_tp_model(path, progress=False, load_format="dummy")
+    return greedy(model, prompt, n, 4), run_chunks(model, prompt, [len(prompt)]), param_bytes(model)
+
+
+def test_dummy_weights_under_tp_are_each_ranks_own_part_of_one_model(tmp_path):
+    """``--load-format dummy`` at TP 4 over 2 KV heads and an odd vocabulary: each rank makes only its
+    part (a quarter of the bytes); put together (replicated heads agree), the parts are one model
+    whose single-process greedy tokens the group gives."""
+    config = ModelConfig.from_hf(tiny_hf(8, 2, False).config.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Llama(config).state_dict().items()}
+    full = {}
+    for name, shape in shapes.items():
+        full[name] = torch.full(shape, float("nan"))
+        for t in range(4):
+            shard = param_shard(name, config, t, 4)
+            part = random_shard(name, shape, shard, torch.float32, "cpu")
+            if shard is None:
+                full[name] = part
+                continue
+            rows = part.narrow(shard.dim, 0, shard.end - shard.start)  # not the padding
+            target = full[name].narrow(shard.dim, shard.start, shard.end - shard.start)
+            assert torch.isnan(target).all() or torch.equal(target, rows), f"{name}: replicas differ"
+            target.copy_(rows)
+    model = Llama.from_state_dict(config, full)
+    prompt = [5, 17, 42, 3, 88, 11, 60, 1, 96]
+    ref, ref_logits = greedy(model, prompt, 12, None), run_chunks(model, prompt, [len(prompt)])
+    for tokens, logits, nbytes in values(run_ranks(4, dummy_greedy, str(tmp_path), prompt, 12)):
+        assert tokens == ref
+        torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)  # every position, every logit
+        assert nbytes < param_bytes(model) / 4 * 1.1
 
 
 # --- TP x CP prefill, TP x KVP decode ------------------------------------------------------------

@@ -1,17 +1,20 @@
 """Tensor parallelism inside the service groups, end to end: real prefill (TP x CP) and decode
-(TP x KVP) groups of processes over gloo, the router in front, on a small random GQA checkpoint
-(4 query heads, 2 KV heads: TP 2 splits both). Greedy float32 tokens through the router equal the
-single-process engine's on the same weights, and every KV block is free afterwards."""
+(TP x KVP) groups of processes over gloo, the router in front (or `ringserve up --tp`), on a small
+random GQA checkpoint (conftest's ``gqa_dir``: 4 query heads, 2 KV heads, so TP 2 splits both and
+TP 4 replicates the KV heads). Greedy float32 tokens through the router equal the single-process
+engine's on the same weights, for full, chunked and cached prefills, and every KV block is free
+afterwards."""
 
-import shutil
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-import torch
 from test_services import prefill_info, wait_blocks_free
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_supervision import assert_none_left, start_up, wait_for_line
 
 from ringserve import rpc
 from ringserve.client import Client
@@ -23,7 +26,6 @@ from ringserve.engine.engine import Engine
 from ringserve.engine.model import Llama
 from ringserve.engine.sampling import SamplingParams
 from ringserve.engine.tokenizer import Tokenizer
-from ringserve.engine.weights import gguf_cache_dir
 from ringserve.launch import start_cluster
 from ringserve.registry import Registry, connect
 from ringserve.v1 import decode_pb2, decode_pb2_grpc
@@ -33,50 +35,46 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def gqa_dir(tmp_path_factory, default_gguf):
-    """A random Llama with grouped KV heads and the default model's tokenizer (so the router can
-    tokenize text for it)."""
-    path = tmp_path_factory.mktemp("gqa")
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        rms_norm_eps=1e-6,
-        initializer_range=0.2,  # decisive logits: greedy tokens far from ties
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    Tokenizer.from_checkpoint(default_gguf)  # writes the GGUF's tokenizer files
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(gguf_cache_dir(default_gguf) / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="module")
 def reference(gqa_dir):
     engine = Engine(Llama.load(gqa_dir, progress=False), Tokenizer.from_checkpoint(gqa_dir))
     params = SamplingParams(max_tokens=MAX_TOKENS)
     return {p: [e.token_id for e in engine.generate(engine.tokenizer.encode(p), params)] for p in PROMPTS}
 
 
+# Prefill in KV blocks of 16 and passes of at most 64 tokens: the long prompt takes several chunks
+# (each a partial prefill over the KV of the earlier ones), and its second request reads all but its
+# last block from the prefix cache.
+PREFILL_FLAGS = ["--block-size", "16", "--max-pass-tokens", "64"]
+LONG = PROMPTS[1]
+
+
+def check_tokens(router: str, reference: dict, log: Path) -> None:
+    """Every prompt's greedy tokens through the router equal the engine's; the long prompt was
+    prefilled in chunks (the leader's log says how many passes), then again from the prefix cache."""
+    with Client(router, timeout=180) as c:
+        usage = []
+        for prompt in [*PROMPTS, LONG]:
+            chunks = list(c.generate(prompt, max_tokens=MAX_TOKENS))
+            assert [t for ch in chunks for t in ch.token_ids] == reference[prompt], prompt
+            usage.append(chunks[-1].usage)
+    n = usage[1].prompt_tokens
+    assert usage[1].cached_prompt_tokens == 0 and usage[2].cached_prompt_tokens == (n - 1) // 16 * 16 > 0
+    passes = [int(m) for m in re.findall(rf"prefilled tokens={n} cached_tokens=0 .*passes=(\d+)", log.read_text())]
+    assert passes and passes[0] >= n // 64, passes
+
+
 @pytest.mark.parametrize(
     "prefill,decode,transport",
-    [((2, 1), (2, 1), "auto"), ((2, 2), (2, 2), "tcp"), ((1, 3), (2, 1), "auto")],
-    ids=["tp2cp1-to-tp2kvp1-nixl", "tp2cp2-to-tp2kvp2-tcp", "tp1cp3-to-tp2kvp1-nixl"],
+    [((4, 1), (4, 1), "auto"), ((2, 2), (2, 2), "tcp"), ((1, 3), (2, 1), "auto")],
+    ids=["tp4cp1-to-tp4kvp1-nixl", "tp2cp2-to-tp2kvp2-tcp", "tp1cp3-to-tp2kvp1-nixl"],
 )
 def test_greedy_tokens_through_tp_groups_match_single_process(
     gqa_dir, reference, redis_server, tmp_path, prefill, decode, transport
 ):
-    """(TP, CP) prefill -> (TP', KVP') decode: the layouts show in GetInfo and the registry, the
-    tokens are the engine's, and both tiers hold no KV block once the requests are done."""
+    """(TP, CP) prefill -> (TP', KVP') decode, TP 4 replicating the 2 KV heads on both tiers: the
+    layouts show in GetInfo and the registry, the tokens of full, chunked and cached prefills are
+    the engine's, and both tiers hold no KV block beyond the prefix cache once the requests are done."""
     (ptp, cp), (dtp, kvp) = prefill, decode
-    flags = ["--kv-transfer", transport, "--prefix-cache", "0"]
     cluster = start_cluster(
         cp=cp,
         kvp=kvp,
@@ -84,8 +82,8 @@ def test_greedy_tokens_through_tp_groups_match_single_process(
         log_dir=str(tmp_path),
         redis_url=redis_server.url,
         extra={
-            "prefill": ["--tp", str(ptp), *flags],
-            "decode": ["--tp", str(dtp), "--shard-tokens", "32", *flags[:2]],
+            "prefill": ["--tp", str(ptp), "--kv-transfer", transport, *PREFILL_FLAGS],
+            "decode": ["--tp", str(dtp), "--shard-tokens", "32", "--kv-transfer", transport],
             "router": [],
         },
     )
@@ -97,13 +95,26 @@ def test_greedy_tokens_through_tp_groups_match_single_process(
         assert (dinfo.tp_size, dinfo.kvp_size, dinfo.model.num_attention_heads) == (dtp, kvp, 4)
         registry = Registry(connect(RedisArgs(redis_url=redis_server.url)), cluster.name)
         assert {(g.role, g.tp, g.degree) for g in registry.groups()} == {("prefill", ptp, cp), ("decode", dtp, kvp)}
-        with Client(cluster.router, timeout=180) as c:
-            for prompt in PROMPTS:
-                chunks = list(c.generate(prompt, max_tokens=MAX_TOKENS))
-                assert [t for ch in chunks for t in ch.token_ids] == reference[prompt], prompt
+        check_tokens(cluster.router, reference, tmp_path / "prefill.log")
         wait_blocks_free(cluster)
     finally:
         cluster.stop()
+
+
+def test_up_with_tp_2_serves_the_engines_tokens_and_stops_cleanly(gqa_dir, reference, tmp_path):
+    """`ringserve up --tp 2`: TP 2 x CP 1 prefill and TP 2 x KVP 1 decode groups (four ranks) behind
+    its router; SIGTERM drains and stops everything it started."""
+    proc, log, mark = start_up(
+        tmp_path, "--tp", "2", "--cp", "1", "--model", str(gqa_dir), "--prefill-args", " ".join(PREFILL_FLAGS)
+    )
+    try:
+        wait_for_line(proc, log, "ringserve is up", timeout_s=400)
+        check_tokens(proc.stdout.readline().strip(), reference, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert_none_left(mark)
 
 
 @pytest.mark.parametrize("service,size_flag", [("decode", "--kvp"), ("prefill", "--cp")])

@@ -8,6 +8,8 @@ are fewer, each rank holds one KV head and ``T / Hkv`` consecutive ranks hold th
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from torch import nn
 
 from ringserve.engine.config import ModelConfig
 from ringserve.engine.model import Llama, rope_inv_freq
-from ringserve.errors import FailedPrecondition, Unavailable
+from ringserve.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 
 def check_tp(num_heads: int, num_kv_heads: int, tp: int) -> None:
@@ -229,14 +231,47 @@ def load_tp_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    load_format: str = "auto",
 ) -> Llama:
     """This TP rank's shard of a checkpoint as a sharded Llama: only the rank's part of each
-    tensor is read (``load_weights(..., tp_rank, tp)``), so no rank holds the whole model."""
-    from ringserve.engine.weights import load_weights
+    tensor is read (``load_weights(..., tp_rank, tp)``), so no rank holds the whole model.
+    ``load_format="dummy"``: random weights of ``path``'s config.json shape, each rank making only
+    its part (``random_shard``), as ``Llama.load`` makes them for one process."""
+    from ringserve.engine.weights import load_weights, read_hf_config, resolve_model_path
 
     rank, size = dist.get_rank(group), dist.get_world_size(group)
+    if load_format == "dummy":
+        if path is None:
+            raise InvalidArgument("--load-format dummy needs --model: a directory with the config.json to copy")
+        config = read_hf_config(resolve_model_path(path))
+        check_model_tp(config, size)
+        with torch.device("meta"):
+            shapes = {name: p.shape for name, p in Llama(config).state_dict().items()}
+        state = {
+            name: random_shard(name, shape, param_shard(name, config, rank, size), dtype, device)
+            for name, shape in shapes.items()
+        }
+        return sharded_from_state_dict(config, state, group, device)
+    if load_format != "auto":
+        raise InvalidArgument(f"--load-format must be auto or dummy, got {load_format!r}")
     config, state = load_weights(path, dtype=dtype, progress=progress, tp_rank=rank, tp=size)
     return sharded_from_state_dict(config, state, group, device)
+
+
+def random_shard(
+    name: str, shape: torch.Size, shard: Shard | None, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> torch.Tensor:
+    """A random parameter's part (normal, std 0.02; norms 1; padded vocabulary rows 0), made on
+    ``device`` from a generator seeded by the parameter's name and the part's first index: ranks
+    holding the same part (replicated KV heads; the same TP rank of another group, so both tiers
+    at one TP size) make the same values. Another TP size makes another model."""
+    if "norm" in name:
+        return torch.ones(shape, dtype=dtype, device=device)
+    start, end, dim = (0, shape[0], 0) if shard is None else (shard.start, shard.end, shard.dim)
+    part = torch.empty(*shape[:dim], end - start, *shape[dim + 1 :], dtype=dtype, device=device)
+    g = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}:{start}".encode()))
+    part.normal_(0.0, 0.02, generator=g)
+    return part if shard is None else take_shard(part, dataclasses.replace(shard, start=0, end=end - start))
 
 
 def sharded_from_state_dict(

@@ -47,7 +47,7 @@ from ringserve.prefill_service.pass_runner import PassRunner
 from ringserve.prefill_service.prefix_cache import CacheStart, CacheStats, PrefixIndex
 from ringserve.prefill_service.protocol import ChunkWork, Job, Pass, PassReport
 from ringserve.prefill_service.push import PushResult
-from ringserve.prefill_service.scheduler import Chunk, Request, Scheduler, SchedulerConfig
+from ringserve.prefill_service.scheduler import Chunk, QueuedPrompt, Scheduler, SchedulerConfig
 from ringserve.prefill_service.sharding import chunk_blocks, plan_pass
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class PrefillGroup:
         self.on_broken: Callable[[str], None] | None = None
         self.ranks = PassRunner(cfg, self._push_done)
         self.runner, self.pusher = self.ranks.runner, self.ranks.pusher
-        calibrate(self.ranks, self.cost, self.model.config.vocab_size)
+        calibrate(self.ranks, self.cost, self.model.config)
         self._loop_thread = threading.Thread(target=self._loop, name="prefill-scheduler", daemon=True)
         self._loop_thread.start()
 
@@ -210,7 +210,7 @@ class PrefillGroup:
             if chunks:
                 self._pass_done(chunks, p, logits, reports)
 
-    def _try_start(self, request: Request) -> bool:
+    def _try_start(self, request: QueuedPrompt) -> bool:
         """The scheduler's hook before a request's first chunk: reserve its blocks, or say wait."""
         flight = self._requests[request.request_id]
         flight.start = self.index.start(flight.hashes, request.num_tokens)
@@ -370,7 +370,7 @@ class PrefillGroup:
         self._end(request_id, error)
         self.pusher.notify_done(request_id, tuple(flight.job.targets))  # it never pushed: nothing will land
 
-    def _late_error(self, request: Request, now: float) -> RingserveError:
+    def _late_error(self, request: QueuedPrompt, now: float) -> RingserveError:
         PREFILL_DEADLINES.labels("rejected").inc()
         return DeadlineExceeded(
             f"request {request.request_id} cannot meet its time-to-first-token deadline: it needs about "

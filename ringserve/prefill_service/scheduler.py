@@ -35,7 +35,7 @@ POLICIES = ("lrs", "fcfs")
 
 
 @dataclass
-class Request:
+class QueuedPrompt:
     """One prompt being prefilled; ``num_done`` advances only in ``Scheduler.pass_done``."""
 
     request_id: str
@@ -108,22 +108,24 @@ class Scheduler:
         _validate(cfg)
         self.cfg = cfg
         self.cost = cost
-        self._requests: dict[str, Request] = {}
+        self._requests: dict[str, QueuedPrompt] = {}
         self.finished = 0
         self.late = 0
         self.rejected = 0
         self.passes = 0
 
     @property
-    def requests(self) -> list[Request]:
+    def requests(self) -> list[QueuedPrompt]:
         """Active requests (queued or started), in arrival order."""
         return sorted(self._requests.values(), key=lambda r: r.arrival)
 
-    def slack(self, request: Request, now: float) -> float:
+    def slack(self, request: QueuedPrompt, now: float) -> float:
         """Seconds to spare: deadline - now - predicted time of the rest of the prompt."""
         return request.deadline - now - self.cost.remaining_s(request.num_tokens, request.num_done)
 
-    def add(self, request_id: str, num_tokens: int, num_done: int, now: float, ttft_s: float | None = None) -> Request:
+    def add(
+        self, request_id: str, num_tokens: int, num_done: int, now: float, ttft_s: float | None = None
+    ) -> QueuedPrompt:
         """Queue a request; ``num_done`` is its cached prefix, ``now`` its arrival.
 
         ``ttft_s`` is its own TTFT budget; None gives ``max(ttft_min_s, ttft_factor * predicted
@@ -144,7 +146,7 @@ class Scheduler:
         alone = self.cost.remaining_s(num_tokens, num_done)
         if ttft_s is None:
             ttft_s = max(self.cfg.ttft_min_s, self.cfg.ttft_factor * alone)
-        request = Request(request_id, num_tokens, num_done, arrival=now, deadline=now + ttft_s)
+        request = QueuedPrompt(request_id, num_tokens, num_done, arrival=now, deadline=now + ttft_s)
         if self.cfg.reject_late and alone > ttft_s:
             self.rejected += 1
             raise DeadlineExceeded(
@@ -154,11 +156,11 @@ class Scheduler:
         self._requests[request_id] = request
         return request
 
-    def cancel(self, request_id: str) -> Request | None:
+    def cancel(self, request_id: str) -> QueuedPrompt | None:
         """Remove a request wherever it is (queued or started); None if unknown."""
         return self._requests.pop(request_id, None)
 
-    def expire(self, now: float) -> list[Request]:
+    def expire(self, now: float) -> list[QueuedPrompt]:
         """With ``reject_late``: remove and return requests not yet started whose slack is < 0.
 
         Started ones are kept: their KV is already computed in part, so finishing them late costs
@@ -172,7 +174,7 @@ class Scheduler:
         self.rejected += len(gone)
         return gone
 
-    def next_pass(self, now: float, try_start: Callable[[Request], bool] = lambda r: True) -> list[Chunk]:
+    def next_pass(self, now: float, try_start: Callable[[QueuedPrompt], bool] = lambda r: True) -> list[Chunk]:
         """Plan the next pass; [] when nothing can run.
 
         1. Order: ``lrs`` by slack ascending (ties: arrival), except for late requests (slack < 0),
@@ -235,7 +237,7 @@ class Scheduler:
                 limit = min(limit, slack[request.request_id])
         return chunks
 
-    def _lrs_order(self, slack: dict[str, float]) -> list[Request]:
+    def _lrs_order(self, slack: dict[str, float]) -> list[QueuedPrompt]:
         """Requests that can still meet their deadline, least slack first; late ones go first only
         as far as the on-time ones' slack pays for them.
 
@@ -259,7 +261,7 @@ class Scheduler:
                 behind.append(r)
         return ahead + on_time + behind
 
-    def pass_done(self, chunks: Sequence[Chunk], seconds: float, now: float) -> list[Request]:
+    def pass_done(self, chunks: Sequence[Chunk], seconds: float, now: float) -> list[QueuedPrompt]:
         """Record a pass that ran in ``seconds`` (ending at ``now``); returns the requests it finished.
 
         Chunks of requests cancelled meanwhile are ignored, but the pass still calibrates the cost model.
@@ -287,7 +289,7 @@ class Scheduler:
                 done.append(request)
         return done
 
-    def _largest_chunk(self, request: Request, work: list[tuple[int, int]], limit: float, room: int) -> int:
+    def _largest_chunk(self, request: QueuedPrompt, work: list[tuple[int, int]], limit: float, room: int) -> int:
         """Largest allowed chunk of ``request`` that keeps the pass within ``limit`` and ``room``; 0 if none."""
         d, rest, unit = request.num_done, request.remaining, self.cfg.chunk_unit
 
@@ -306,7 +308,7 @@ class Scheduler:
                 hi = mid - 1
         return lo * unit
 
-    def _efficient_time(self, request: Request, room: int) -> float:
+    def _efficient_time(self, request: QueuedPrompt, room: int) -> float:
         """Predicted time of a pass holding only ``request``'s efficient chunk (see ``next_pass``, rule 3)."""
         fixed, per_sequence, _, _ = self.cost.coefficients
         overhead = fixed + per_sequence

@@ -7,7 +7,9 @@ include with (dict "top" $ "tier" "prefill"|"decode" "role" "group"|"leader"|"wo
 {{- $role := .role }}
 {{- $v := index $.Values $tier }}
 {{- $ranks := ternary $v.cpSize $v.kvpSize (eq $tier "prefill") }}
-{{- $gpus := ternary $ranks 1 (eq $role "group") -}}
+{{- $tp := int $v.tpSize }}
+{{- /* a pod holds the whole group (tp x ranks GPUs), or, with spanHosts, one CP/KVP rank's TP group (tp GPUs) */}}
+{{- $gpus := ternary (mul $tp $ranks) $tp (eq $role "group") -}}
 metadata:
   labels:
     {{- include "ringserve.selectorLabels" (list $ $tier) | nindent 4 }}
@@ -32,10 +34,15 @@ spec:
       args:
         - {{ ternary "--cp" "--kvp" (eq $tier "prefill") }}
         - {{ $ranks | quote }}
+        - --tp
+        - {{ $tp | quote }}
         {{- if eq $role "worker" }}
-        # This pod's rank and its leader's rank link, both from the LeaderWorkerSet controller.
+        # This pod's CP/KVP rank (its TP group: world ranks R*tp .. R*tp+tp-1, a process per GPU) and its leader's
+        # rank link, both from the LeaderWorkerSet controller.
         - --group-rank
         - $(LWS_WORKER_INDEX)
+        - --local-ranks
+        - {{ $tp | quote }}
         - --group-leader
         - $(LWS_LEADER_ADDRESS):$(RINGSERVE_GROUP_PORT)
         {{- else }}
@@ -54,9 +61,10 @@ spec:
         - {{ $v.kvBlocks | quote }}
         {{- end }}
         {{- if eq $role "leader" }}
-        # Rank 0 here; ranks 1.. are the group's worker pods, joining at this pod's IP.
+        # CP/KVP rank 0's TP group here (world ranks 0..tp-1); the others are the group's worker pods, joining at this
+        # pod's IP.
         - --local-ranks
-        - "1"
+        - {{ $tp | quote }}
         - --group-host
         - $(POD_IP)
         {{- end }}
@@ -102,9 +110,9 @@ spec:
           containerPort: {{ $v.groupPort }}
         {{- end }}
         {{- if eq $tier "decode" }}
-        {{- /* rank r's KV receiver listens on kvPort + r: the leader has rank 0, a worker one of 1..K-1 */}}
-        {{- $first := ternary 1 0 (eq $role "worker") }}
-        {{- $last := ternary 1 (int $ranks) (eq $role "leader") }}
+        {{- /* world rank r's KV receiver listens on kvPort + r: the leader has ranks 0..tp-1, a worker tp of tp..tp*K-1 */}}
+        {{- $first := int (ternary $tp 0 (eq $role "worker")) }}
+        {{- $last := int (ternary $tp (mul $tp $ranks) (eq $role "leader")) }}
         {{- range $r := untilStep $first $last 1 }}
         - name: kv-{{ $r }}
           containerPort: {{ add $v.kvPort $r }}
