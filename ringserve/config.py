@@ -1,6 +1,13 @@
 """One config object per service, filled from flags or environment variables of the same name.
 
 A flag ``--kv-blocks`` can also be set as ``RINGSERVE_KV_BLOCKS``; the flag wins.
+
+Secrets are never flag values (a process's command line shows in process lists) and never config
+values (configs are logged and sent to a group's ranks): a secret field is the path of a file that
+holds it (``--redis-password-file``), and the secret may instead be given in the environment variable
+of the name without ``_file`` (``RINGSERVE_REDIS_PASSWORD``); ``read_secret`` reads either at use.
+The flag of that name (``--redis-password``) is refused with where to put the secret instead, and so
+is a URL flag with a password in it.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from ringserve.errors import InvalidArgument
 
@@ -17,14 +25,53 @@ def _env_name(name: str) -> str:
     return "RINGSERVE_" + name.upper()
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _refused(flag: str, file_flag: str, env: str):
+    """An argparse type that refuses any value of the secret-valued ``flag``."""
+
+    def refuse(_value: str) -> str:
+        raise argparse.ArgumentTypeError(
+            f"a secret on the command line shows in process lists: put it in a file and pass {file_flag} FILE, "
+            f"or set {env}"
+        )
+
+    return refuse
+
+
+def url_without_password(flag: str, instead: str):
+    """An argparse type for a URL flag: refused if the URL carries a password (redis://:PASSWORD@host),
+    saying where to give it ``instead``."""
+
+    def check(value: str) -> str:
+        if urlsplit(value).password is not None:
+            raise argparse.ArgumentTypeError(
+                f"a password in the URL of {flag} shows in process lists: leave it out and {instead}"
+            )
+        return value
+
+    return check
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per dataclass field, with help from the field's metadata."""
+    """One --flag per dataclass field, with help from the field's metadata; for each secret file
+    field, its secret-valued twin (``--redis-password`` beside ``--redis-password-file``) refused."""
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         default = f.default
         kind = f.metadata.get("type", type(default) if default is not None else str)
         help_text = f"{f.metadata.get('help', '')} (env {_env_name(f.name)}; default {default!r})"
-        if kind is bool:
+        if f.metadata.get("secret"):
+            secret = f.name.removesuffix("_file")
+            parser.add_argument(
+                _flag(secret), type=_refused(_flag(secret), flag, _env_name(secret)), help=argparse.SUPPRESS
+            )
+            help_text = f"{f.metadata['help']} (env {_env_name(f.name)}; or the secret in env {_env_name(secret)})"
+        if f.metadata.get("url"):
+            parser.add_argument(flag, type=url_without_password(flag, f.metadata["url"]), default=None, help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind is list:
             parser.add_argument(flag, default=None, help=help_text + "; comma-separated")
@@ -54,8 +101,22 @@ def config_from_args(cls: type, args: argparse.Namespace):
     return cls(**values)
 
 
-def _opt(default, help: str, type=None):
-    return field(default=default, metadata={"help": help, **({"type": type} if type else {})})
+def read_secret(path: str | None, env: str, flag: str) -> bytes | None:
+    """A secret from the file ``path`` (``flag``'s value), else from the environment variable ``env``,
+    else None; surrounding whitespace dropped. Never logged."""
+    if path:
+        try:
+            with open(path, "rb") as f:
+                return f.read().strip()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {flag} {path!r}: {e.strerror}") from e
+    return os.environ.get(env, "").strip().encode() or None
+
+
+def _opt(default, help: str, type=None, **flags):
+    """A config field; ``flags``: ``url="..."`` (a URL whose flag takes no password: say where it goes
+    instead), ``secret=True`` (the file of a secret)."""
+    return field(default=default, metadata={"help": help, **({"type": type} if type else {}), **flags})
 
 
 # 10M-token contexts: token ids travel as packed varints (3 bytes each for vocabularies up to 2M,
@@ -107,12 +168,18 @@ class RedisArgs:
     """Where the registry and residency live: every service of one deployment uses the same Redis and cluster."""
 
     redis_url: str = _opt(
-        "redis://127.0.0.1:6379/0", "Redis for the registry and residency (rediss:// for TLS); `up` embeds one"
+        "redis://127.0.0.1:6379/0",
+        "Redis for the registry and residency (rediss:// for TLS; no password in it); `up` embeds one",
+        url="give it in --redis-password-file or RINGSERVE_REDIS_PASSWORD",
     )
-    redis_password: str | None = _opt(None, "Redis password (prefer the env variable: flags show in ps)", str)
-    redis_ca_cert: str | None = _opt(None, "CA bundle that signed the Redis server's TLS certificate", str)
-    redis_client_cert: str | None = _opt(None, "client certificate for Redis TLS (mutual TLS)", str)
-    redis_client_key: str | None = _opt(None, "key of --redis-client-cert", str)
+    redis_password_file: str | None = _opt(None, "file with the Redis password", str, secret=True)
+    redis_ca_cert: str | None = _opt(
+        None, "CA file that signed the Redis server's TLS certificate (with a rediss:// URL)", str
+    )
+    redis_client_cert: str | None = _opt(
+        None, "client certificate file for Redis TLS, for a Redis that requires one (tls-auth-clients)", str
+    )
+    redis_client_key: str | None = _opt(None, "key file of --redis-client-cert", str)
     cluster: str = _opt("ringserve", "deployment name: the key namespace in Redis, shared by its router and groups")
 
 
@@ -131,9 +198,10 @@ class WorkerArgs(ModelArgs, RedisArgs, GrpcArgs):
     )
     deployment_secret_file: str | None = _opt(
         None,
-        "file with the secret that keys the MACs of KV landings and TCP KV frames, the same on both tiers "
-        "(or its value in RINGSERVE_DEPLOYMENT_SECRET)",
+        "file with the secret that keys the MACs of KV landings and TCP KV frames and the rank link, the same "
+        "on both tiers",
         str,
+        secret=True,
     )
     group_host: str = _opt(
         "127.0.0.1",

@@ -79,7 +79,12 @@ class PlannerConfig(RedisArgs):
     prefill_max: int = _opt(8, "most prefill groups")
     decode_min: int = _opt(1, "fewest decode groups")
     decode_max: int = _opt(8, "most decode groups")
-    prometheus_url: str | None = _opt(None, "Prometheus to read missed TTFT deadlines from; default: off", str)
+    prometheus_url: str | None = _opt(
+        None,
+        "Prometheus to read missed TTFT deadlines from; default: off",
+        str,
+        url="set the whole URL in RINGSERVE_PROMETHEUS_URL instead",
+    )
     prometheus_query: str = _opt(DEADLINES_MISSED, "PromQL: missed prefill deadlines per second (add your labels)")
     dry_run: bool = _opt(False, "log and export decisions without applying them")
     metrics_port: int | None = _opt(None, "serve Prometheus /metrics on this port", int)

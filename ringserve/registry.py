@@ -29,7 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ringserve.config import RedisArgs
+from ringserve.config import RedisArgs, read_secret
 from ringserve.errors import InvalidArgument
 from ringserve.registry_schema import GroupRecord, Keys, MalformedRecord
 
@@ -46,9 +46,15 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
+PASSWORD_ENV = "RINGSERVE_REDIS_PASSWORD"
+
+
 def connect(cfg: RedisArgs, timeout_s: float = 1.0) -> redis.Redis:
-    """A client for ``cfg.redis_url`` (password, TLS options) that fails fast: no retries, short
-    timeouts, so a Redis outage turns into a fallback at once rather than stalled requests."""
+    """A client for ``cfg.redis_url`` that fails fast: no retries, short timeouts, so a Redis outage
+    turns into a fallback at once rather than stalled requests. The password comes from
+    ``--redis-password-file`` or RINGSERVE_REDIS_PASSWORD (else the URL's, if it has one); a
+    ``rediss://`` URL is TLS with the server's certificate and name verified (against
+    ``--redis-ca-cert``, else the system's CAs), presenting ``--redis-client-cert`` if given."""
     if not cfg.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise InvalidArgument(
             f"--redis-url must start with redis://, rediss:// or unix://, got {redacted(cfg.redis_url)!r}"
@@ -61,8 +67,13 @@ def connect(cfg: RedisArgs, timeout_s: float = 1.0) -> redis.Redis:
     options: dict = {k: v for k, v in tls_files.items() if v}
     if options and not cfg.redis_url.startswith("rediss://"):
         raise InvalidArgument(f"Redis TLS options need a rediss:// URL, got --redis-url {redacted(cfg.redis_url)}")
-    if cfg.redis_password:
-        options["password"] = cfg.redis_password  # else the URL's, if it has one
+    if bool(cfg.redis_client_cert) != bool(cfg.redis_client_key):
+        raise InvalidArgument("Redis client TLS needs both --redis-client-cert and --redis-client-key, or neither")
+    if cfg.redis_url.startswith("rediss://"):
+        options.update(ssl_cert_reqs="required", ssl_check_hostname=True)
+    password = read_secret(cfg.redis_password_file, PASSWORD_ENV, "--redis-password-file")
+    if password:
+        options["password"] = password.decode()
     return redis.Redis.from_url(
         cfg.redis_url,
         socket_timeout=timeout_s,

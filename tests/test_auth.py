@@ -133,11 +133,12 @@ def _processes(pid: int) -> list[int]:
     return [pid, *(p for c in children for p in _processes(c))]
 
 
-def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch):
-    """A secure cluster (TLS, API keys, the deployment secret) whose Redis needs a password, given
-    as the environment variable: after requests over gRPC, one with a wrong key and one over the
-    HTTPS API, no log of its services, no command line of their processes and no /metrics page
-    shows the API key, the deployment secret or the Redis password."""
+def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch, tls_redis_binary):
+    """A secure cluster (TLS, API keys, the deployment secret) whose registry is a Redis over TLS that
+    requires client certificates and a password, given as the environment variable: after requests over
+    gRPC, one with a wrong key and one over the HTTPS API, no log of its services, no command line of
+    their processes (nor Redis's) and no /metrics page shows the API key, the deployment secret or the
+    Redis password."""
     import json
     import ssl
     import urllib.error
@@ -148,11 +149,16 @@ def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch):
     from tests.certs import API_KEY, SECRET, Security, router_client
 
     password = "redis-password-for-tests-7c41d2"
-    redis = EmbeddedRedis(password=password).start()
-    monkeypatch.setenv("RINGSERVE_REDIS_PASSWORD", password)
+    security = Security("secure", tmp_path / "pki")
+    served, client = security.ca.issue("redis"), security.ca.issue("redis-client")
+    tls = ChannelTls(served.ca, served.cert, served.key)
+    redis = EmbeddedRedis(password=password, tls=tls, binary=tls_redis_binary).start()
+    for name, value in (("PASSWORD", password), ("CA_CERT", client.ca), ("CLIENT_CERT", client.cert)):
+        monkeypatch.setenv(f"RINGSERVE_REDIS_{name}", value)
+    monkeypatch.setenv("RINGSERVE_REDIS_CLIENT_KEY", client.key)
     http_port, logs = free_port(), tmp_path / "logs"
     logs.mkdir()
-    cluster = Security("secure", tmp_path / "pki").start_cluster(
+    cluster = security.start_cluster(
         cp=1,
         log_dir=str(logs),
         metrics=True,
@@ -183,6 +189,9 @@ def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch):
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     shown.append(f.read().replace(b"\0", b" ").decode())
         assert len(shown) >= 3 and any("--deployment-secret-file" in s for s in shown)
+        assert any("--redis-url rediss://" in s for s in shown), "the services' registry is Redis over TLS"
+        with open(f"/proc/{redis.proc.pid}/cmdline", "rb") as f:
+            shown.append(f.read().replace(b"\0", b" ").decode())
         for address in cluster.metrics.values():
             with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
                 shown.append(r.read().decode())
@@ -193,3 +202,29 @@ def test_secrets_stay_out_of_logs_flags_and_metrics(tmp_path, monkeypatch):
     assert any("registered" in s for s in shown), "the services logged (and registered with the password)"
     for secret in (API_KEY, SECRET, password):
         assert not [s[:200] for s in shown if secret in s], secret
+
+
+@pytest.mark.parametrize(
+    "argv, instead",
+    [
+        (["router", "--redis-password", "s3cret"], "--redis-password-file FILE, or set RINGSERVE_REDIS_PASSWORD"),
+        (
+            ["decode", "--deployment-secret", "s3cret"],
+            "--deployment-secret-file FILE, or set RINGSERVE_DEPLOYMENT_SECRET",
+        ),
+        (
+            ["prefill", "--redis-url", "redis://:s3cret@10.0.0.5:6379/0"],
+            "--redis-password-file or RINGSERVE_REDIS_PASSWORD",
+        ),
+        (["up", "--redis-url", "rediss://user:s3cret@redis:6380"], "RINGSERVE_REDIS_PASSWORD"),
+        (["planner", "--prometheus-url", "http://u:s3cret@prom:9090"], "RINGSERVE_PROMETHEUS_URL"),
+    ],
+)
+def test_secret_valued_flags_are_refused_saying_where_the_secret_goes(argv, instead, capsys):
+    from ringserve.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "shows in process lists" in err and instead in err, err
+    assert "s3cret" not in err

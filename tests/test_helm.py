@@ -6,7 +6,9 @@ a second prefill group joining as `kubectl scale` would start it, and that group
 
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -125,15 +127,22 @@ VALUE_SETS = {
         "tests": {"apiKeySecret": "test-key"},
     },
     "tls-secrets": {  # certificates from Secrets the user made
-        "tls": {"enabled": True, "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls"}},
+        "tls": {
+            "enabled": True,
+            "secrets": {"router": "r-tls", "prefill": "p-tls", "decode": "d-tls", "redis": "x-tls"},
+        },
     },
-    "planner": {
+    "planner": {  # with TLS: the planner's own certificate is its client certificate for Redis
         "planner": {
             "enabled": True,
             "dryRun": True,
             "prefill": {"min": 2, "max": 6},
             "prometheusUrl": "http://prometheus.monitoring:9090",
-        }
+        },
+        "tls": {
+            "enabled": True,
+            "secrets": {r: f"{r}-tls" for r in ("router", "prefill", "decode", "redis", "planner")},
+        },
     },
     "hostpath-model-cpu": {
         "gpu": {"enabled": False},
@@ -197,7 +206,7 @@ def test_chart_lints_renders_and_validates(helm, tmp_path, name):
     assert config["RINGSERVE_DTYPE"] == ("bfloat16" if gpu else "float32")
 
     if redis:
-        assert config["RINGSERVE_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+        assert config["RINGSERVE_REDIS_URL"] == f"{'rediss' if tls else 'redis'}://{FULLNAME}-redis:6379/0"
     else:
         assert config["RINGSERVE_REDIS_URL"] == "rediss://redis.example:6380/0"
         assert config["RINGSERVE_REDIS_CA_CERT"] == "/etc/redis-ca/ca.crt"
@@ -251,16 +260,62 @@ def check_security(values: dict, docs: list[dict], router: dict, prefill: dict, 
         assert advertised == f"$(POD_NAME).{FULLNAME}-decode.default.svc"
     if values.get("redis", {}).get("enabled", True):
         redis = find(docs, "Deployment", f"{FULLNAME}-redis")
-        args = container(redis)["args"]
+        args = named(redis, "redis")["args"]
         assert args[0] == "/etc/redis-auth/auth.conf" and args[args.index("--protected-mode") + 1] == "yes"
         auth = secrets[f"{FULLNAME}-redis-auth"]["data"]
         password = base64.b64decode(auth["password"]).decode()
         assert base64.b64decode(auth["auth.conf"]).decode() == f"requirepass {password}\n" and len(password) >= 32
+        check_redis_tls(values, docs, redis, [router, prefill, decode])
     values_of_secrets = [base64.b64decode(v).decode() for s in secrets.values() for v in s["data"].values()]
     for d in docs:
         for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             line = " ".join(c.get("command", []) + c.get("args", []))
             assert not any(v.strip() in line for v in values_of_secrets if v.strip())
+
+
+def named(workload: dict, name: str) -> dict:
+    """A workload's container called ``name``."""
+    (c,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return c
+
+
+def check_redis_tls(values: dict, docs: list[dict], redis: dict, services: list[dict]) -> None:
+    """The in-chart Redis under tls.enabled: TLS only on 6379, client certificates required, its certificate
+    from its Secret (a Certificate naming its Service), the reloader beside it; every client (the planner
+    too) presents its pod's certificate and verifies Redis's against the deployment CA."""
+    tls = values.get("tls", {})
+    args = named(redis, "redis")["args"]
+    flags = dict(zip(args[1::2], args[2::2]))
+    volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
+    containers = [c["name"] for c in redis["spec"]["template"]["spec"]["containers"]]
+    if not tls.get("enabled"):
+        assert "--tls-port" not in args and "tls" not in volumes and containers == ["redis"]
+        return
+    assert (flags["--port"], flags["--tls-port"], flags["--tls-auth-clients"]) == ("0", "6379", "yes")
+    assert (
+        flags["--tls-cert-file"] == "/etc/redis-tls/tls.crt" and flags["--tls-ca-cert-file"] == "/etc/redis-tls/ca.crt"
+    )
+    wanted = f"{FULLNAME}-redis-tls" if tls.get("certManager") else tls["secrets"]["redis"]
+    assert volumes["tls"]["secret"]["secretName"] == wanted and containers == ["redis", "tls-reload"]
+    reload = named(redis, "tls-reload")
+    assert env_of(reload)["REDISCLI_AUTH"]["secretKeyRef"] == {"name": f"{FULLNAME}-redis-auth", "key": "password"}
+    assert "CONFIG SET tls-cert-file" in reload["args"][0]
+    if tls.get("certManager"):
+        certs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+        assert f"{FULLNAME}-redis" in certs[f"{FULLNAME}-redis"]["dnsNames"]
+    planner = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == f"{FULLNAME}-planner"]
+    for workload in services + planner:
+        env = env_of(container(workload))
+        assert env["RINGSERVE_REDIS_CA_CERT"] == "/etc/ringserve/tls/ca.crt"
+        assert (env["RINGSERVE_REDIS_CLIENT_CERT"], env["RINGSERVE_REDIS_CLIENT_KEY"]) == (
+            "/etc/ringserve/tls/tls.crt",
+            "/etc/ringserve/tls/tls.key",
+        )
+        mounts = {m["name"]: m["mountPath"] for m in container(workload)["volumeMounts"]}
+        assert mounts["tls"] == "/etc/ringserve/tls"
+    for workload in planner:
+        wanted = f"{FULLNAME}-planner-tls" if tls.get("certManager") else tls["secrets"]["planner"]
+        assert workload["spec"]["template"]["spec"]["volumes"] == [{"name": "tls", "secret": {"secretName": wanted}}]
 
 
 def check_planner(values: dict, docs: list[dict], prefill: dict) -> None:
@@ -355,6 +410,12 @@ def test_validation_rejects_broken_manifests_and_values(helm, tmp_path):
         values_file.write_text(yaml.safe_dump(values))
         done = run_helm(helm, "lint", "--strict", str(CHART), "-f", str(values_file), check=False)
         assert done.returncode != 0 and word in done.stdout + done.stderr, f"{name}: {done.stdout}{done.stderr}"
+    values_file = tmp_path / "tls-redis-without-secret.yaml"  # `required` fails the render (lint only logs it)
+    values_file.write_text(
+        yaml.safe_dump({"tls": {"enabled": True, "secrets": {"router": "r", "prefill": "p", "decode": "d"}}})
+    )
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-f", str(values_file), check=False)
+    assert done.returncode != 0 and "tls.secrets.redis (a Secret with tls.crt" in done.stderr, done.stderr
 
 
 # The LeaderWorkerSet's own fields, from the LWS v1 API reference (leaderworkerset.x-k8s.io/v1): only the ones the
@@ -920,3 +981,99 @@ def test_probe_health_names_follow_registration_drain_and_failure(redis_server):
     finally:
         for server in servers:
             server.stop(grace=0)
+
+
+def test_rendered_redis_serves_tls_only_and_loads_renewed_certificates(helm, tmp_path, tls_redis_binary, monkeypatch):
+    """The in-chart Redis of a tls.enabled render, its two containers run as the kubelet would start them
+    (Debian's TLS-capable redis-server and redis-cli for the image's; the mounted Secrets as local
+    directories, port 6379 a free one): the rendered router's Redis settings (URL, password, CA, its
+    certificate) reach it; a client without a certificate is refused; and once the mounted certificate is
+    renewed, the tls-reload container has Redis serve the new one to new connections, without a restart."""
+    import socket
+    import ssl
+
+    import redis as redis_client
+    from cryptography import x509
+
+    from ringserve.config import RedisArgs, config_from_args
+    from ringserve.registry import connect
+    from tests.certs import CA
+
+    secret_names = {r: f"{r}-tls" for r in ("router", "prefill", "decode", "redis")}
+    values = {"tls": {"enabled": True, "secrets": secret_names}, "redis": {"certReloadSeconds": 1}}
+    _, docs = render(helm, values, tmp_path)
+    config, secrets = api_objects(docs)
+    redis = find(docs, "Deployment", f"{FULLNAME}-redis")
+    port, ca = free_port(), CA(tmp_path / "ca")
+    mounts = {"/etc/redis-auth": tmp_path / "redis-auth", "/etc/redis-tls": tmp_path / "redis-tls"}
+    mounts["/etc/ringserve/tls"] = tmp_path / "router-tls"
+    for path in mounts.values():
+        path.mkdir()
+    for name, text in secrets[f"{FULLNAME}-redis-auth"].items():  # the generated Secret's files
+        (mounts["/etc/redis-auth"] / name).write_text(text)
+
+    def mount(issued, where: Path) -> None:
+        """A TLS Secret's files (tls.crt, tls.key, ca.crt) as the kubelet updates them: each replaced whole."""
+        for name, source in (("tls.crt", issued.cert), ("tls.key", issued.key), ("ca.crt", issued.ca)):
+            (where / f".{name}").write_bytes(Path(source).read_bytes())
+            (where / f".{name}").replace(where / name)
+
+    def local(text: str) -> str:
+        for path, directory in mounts.items():
+            text = text.replace(path, str(directory))
+        return text.replace("6379", str(port)).replace(f"{FULLNAME}-redis:", "127.0.0.1:")
+
+    first = ca.issue("redis-1")  # for 127.0.0.1 and localhost: the Service's name here
+    mount(first, mounts["/etc/redis-tls"])
+    mount(ca.issue("router", role="router"), mounts["/etc/ringserve/tls"])
+    server_c, reload_c = named(redis, "redis"), named(redis, "tls-reload")
+    out = (tmp_path / "redis.log").open("w")
+    procs = [subprocess.Popen([tls_redis_binary, *map(local, server_c["args"])], stdout=out, stderr=out)]
+    reload_env = {"PATH": f"{Path(tls_redis_binary).parent}:{os.environ['PATH']}"}
+    reload_env["REDISCLI_AUTH"] = secrets[f"{FULLNAME}-redis-auth"]["password"]
+    argv = [*reload_c["command"], *map(local, reload_c["args"])]
+    procs.append(subprocess.Popen(argv, env=reload_env, stdout=out, stderr=out))
+    try:
+        router_env = resolved_env(container(find(docs, "Deployment", f"{FULLNAME}-router")), config, secrets)
+        for name, value in router_env.items():
+            if name.startswith("RINGSERVE_REDIS_"):
+                monkeypatch.setenv(name, local(value))
+        cfg = config_from_args(RedisArgs, argparse.Namespace())
+        assert cfg.redis_url == f"rediss://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert connect(cfg).ping()
+                break
+            except redis_client.ConnectionError:
+                assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+                time.sleep(0.1)
+        without = dataclasses.replace(cfg, redis_client_cert=None, redis_client_key=None)
+        with pytest.raises(redis_client.ConnectionError):
+            connect(without).ping()
+
+        def served() -> int:
+            """The serial number of the certificate a new connection gets."""
+            context = ssl.create_default_context(cafile=cfg.redis_ca_cert)
+            context.load_cert_chain(cfg.redis_client_cert, cfg.redis_client_key)
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    return x509.load_der_x509_certificate(s.getpeercert(binary_form=True)).serial_number
+
+        def serial(issued) -> int:
+            return x509.load_pem_x509_certificate(Path(issued.cert).read_bytes()).serial_number
+
+        assert served() == serial(first)
+        renewed = ca.issue("redis-2")
+        mount(renewed, mounts["/etc/redis-tls"])
+        deadline = time.monotonic() + 20
+        while served() != serial(renewed):
+            assert time.monotonic() < deadline, (tmp_path / "redis.log").read_text()
+            time.sleep(0.2)
+        assert "tls-reload: Redis loaded the changed certificate files" in (tmp_path / "redis.log").read_text()
+        assert connect(cfg).ping() and procs[0].poll() is None  # the same server, serving the renewed file
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        out.close()

@@ -157,22 +157,82 @@ def test_longest_prefix_probe_matches_brute_force(cfg):
             reg.stop()
 
 
-def test_password_protected_redis():
+def test_password_protected_redis(tmp_path, monkeypatch):
+    """The password from --redis-password-file, else RINGSERVE_REDIS_PASSWORD; a wrong one is refused."""
     import redis
 
     from ringserve.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(password="s3cret").start()
+    (tmp_path / "right").write_text("s3cret\n")
+    (tmp_path / "wrong").write_text("wrong")
     try:
-        cfg = WorkerArgs(redis_url=server.url, redis_password="s3cret", heartbeat_s=0.05, registry_ttl_s=0.5)
+        cfg = WorkerArgs(redis_url=server.url, redis_password_file=str(tmp_path / "right"), heartbeat_s=0.05)
         reg = Registration(cfg, "decode", 1, 16, Load).start("127.0.0.1:1")
         try:
             assert [r.id for r in Registry(connect(cfg), cfg.cluster).groups()] == [reg.id]
-            cfg.redis_password = "wrong"
+            monkeypatch.setenv("RINGSERVE_REDIS_PASSWORD", "s3cret")
+            assert connect(RedisArgs(redis_url=server.url)).ping()
+            with pytest.raises(redis.AuthenticationError):  # the file wins over the variable
+                connect(RedisArgs(redis_url=server.url, redis_password_file=str(tmp_path / "wrong"))).ping()
+            monkeypatch.delenv("RINGSERVE_REDIS_PASSWORD")
             with pytest.raises(redis.AuthenticationError):
-                Registry(connect(cfg), cfg.cluster).groups()
+                connect(RedisArgs(redis_url=server.url)).ping()
         finally:
             reg.stop()
+    finally:
+        server.stop()
+
+
+def test_redis_over_tls(tls_redis_binary, tmp_path):
+    """A real redis-server serving TLS only, with client certificates required and a password: the
+    registry works over it with the CA, a client certificate and the password; refused without the CA (the
+    system's CAs do not know it), without a client certificate, with one of another CA, over plaintext,
+    and when the server's certificate does not name the address dialled."""
+    import redis
+
+    from ringserve.redis_server import EmbeddedRedis
+    from ringserve.tls import ChannelTls
+    from tests.certs import CA
+
+    ca, other = CA(tmp_path / "ca"), CA(tmp_path / "other", "another-ca")
+    issued = ca.issue("redis")
+    client, stranger = ca.issue("client", role="decode"), other.issue("stranger", role="decode")
+    (tmp_path / "password").write_text("tls-s3cret")
+    tls = ChannelTls(issued.ca, issued.cert, issued.key)
+    server = EmbeddedRedis(password="tls-s3cret", tls=tls, binary=tls_redis_binary).start()
+    assert server.url.startswith("rediss://")
+
+    def args(**kw) -> WorkerArgs:
+        given = {"redis_ca_cert": ca.path, "redis_client_cert": client.cert, "redis_client_key": client.key}
+        base = {"redis_url": server.url, "redis_password_file": str(tmp_path / "password"), **given}
+        return WorkerArgs(**{**base, **kw}, cluster=f"tls-{uuid.uuid4().hex[:8]}", heartbeat_s=0.05)
+
+    try:
+        cfg = args()
+        reg = Registration(cfg, "prefill", 1, 16, Load).start("127.0.0.1:1")
+        try:
+            assert [r.id for r in Registry(connect(cfg), cfg.cluster).groups()] == [reg.id]
+        finally:
+            reg.deregister()
+        refused = {  # what the client lacks -> what fails (the server's alert may come after our first write)
+            "CERTIFICATE_VERIFY_FAILED": args(redis_ca_cert=None),  # the CA: the system's do not know it
+            "CERTIFICATE_REQUIRED|EOF|reset": args(redis_client_cert=None, redis_client_key=None),
+            "UNKNOWN_CA|EOF|reset": args(redis_client_cert=stranger.cert, redis_client_key=stranger.key),  # other CA
+            "reset|closed": args(redis_url=server.url.replace("rediss://", "redis://"), redis_ca_cert=None,
+                                 redis_client_cert=None, redis_client_key=None),  # plaintext
+        }  # fmt: skip
+        for error, bad in refused.items():
+            with pytest.raises(redis.ConnectionError, match=error):
+                connect(bad).ping()
+    finally:
+        server.stop()
+    misnamed = ca.issue("redis-elsewhere", hosts=("redis.elsewhere.svc",))
+    tls = ChannelTls(misnamed.ca, misnamed.cert, misnamed.key)
+    server = EmbeddedRedis(password="tls-s3cret", tls=tls, binary=tls_redis_binary).start()
+    try:
+        with pytest.raises(redis.ConnectionError, match="mismatch"):
+            connect(args(redis_url=server.url)).ping()
     finally:
         server.stop()
 
@@ -182,6 +242,8 @@ def test_tls_options_need_a_rediss_url():
         connect(WorkerArgs(redis_url="redis://127.0.0.1:6379/0", redis_ca_cert="/etc/ca.pem"))
     with pytest.raises(InvalidArgument, match="must start with redis://"):
         connect(WorkerArgs(redis_url="127.0.0.1:6379"))
+    with pytest.raises(InvalidArgument, match="both --redis-client-cert and --redis-client-key"):
+        connect(WorkerArgs(redis_url="rediss://127.0.0.1:6379/0", redis_client_cert="/etc/c.pem"))
 
 
 def test_malformed_records_are_skipped_and_logged_once(cfg, caplog):

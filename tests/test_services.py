@@ -109,6 +109,15 @@ def blocks_used(cluster) -> tuple[int, int]:
     return p.kv_blocks_used - p.prefix_cache.blocks[0], d.kv_blocks_used
 
 
+def prefill_group_ids(cluster, redis_url: str) -> dict[str, str]:
+    """The registry id of each of ``cluster``'s prefill groups, by address (what a router names in Reserve)."""
+    from ringserve.config import RedisArgs
+    from ringserve.registry import Registry, connect
+
+    groups = Registry(connect(RedisArgs(redis_url=redis_url)), cluster.name).groups()
+    return {g.address: g.id for g in groups if g.role == "prefill"}
+
+
 def wait_blocks_free(cluster, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while blocks_used(cluster) != (0, 0):
@@ -245,7 +254,7 @@ def test_secure_cluster_sends_nothing_to_a_record_its_certificate_does_not_match
 
 
 @secure_only
-def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(clusters):
+def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(clusters, redis_server):
     """Prefill with a landing altered after the decode worker signed it, and again with a landing
     already used, is refused with PERMISSION_DENIED and sends no KV byte (the prefill group's
     counter); the genuine first use works."""
@@ -253,7 +262,10 @@ def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(cl
     sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
     with rpc.channel(cluster.decode, tls=cluster.tls) as dc, rpc.channel(cluster.prefill, tls=cluster.tls) as pc:
         decode, prefill = decode_pb2_grpc.DecodeStub(dc), prefill_pb2_grpc.PrefillStub(pc)
-        reserve = decode.Reserve(decode_pb2.ReserveRequest(request_id="replay", prompt_tokens=8, max_tokens=4))
+        group = prefill_group_ids(cluster, redis_server.url)[cluster.prefill]
+        reserve = decode.Reserve(
+            decode_pb2.ReserveRequest(request_id="replay", prompt_tokens=8, max_tokens=4, prefill_group=group)
+        )
         forged = [common_pb2.KVTarget() for _ in reserve.targets]
         for f, t in zip(forged, reserve.targets):
             f.CopyFrom(t)
@@ -280,6 +292,42 @@ def test_secure_cluster_refuses_forged_and_replayed_landings_before_any_write(cl
             assert scrape(cluster, "prefill", sent) == after
         finally:
             decode.Release(decode_pb2.ReleaseRequest(request_id="replay"), timeout=10)
+    wait_blocks_free(cluster)
+
+
+@secure_only
+def test_secure_cluster_refuses_a_landing_replayed_to_another_prefill_group(clusters, redis_server):
+    """A landing the decode worker issued for the prefill group the router named in Reserve, used there,
+    then presented to a second prefill group (whose replay guard never saw it): refused with
+    PERMISSION_DENIED before that group WRITEs a byte (its counter)."""
+    import signal
+
+    cluster = clusters(2)
+    other = cluster.add("prefill-b", ["prefill", "--cp", "1", "--calibrate-tokens", "256"], metrics=True)
+    ids = prefill_group_ids(cluster, redis_server.url)
+    sent = 'ringserve_kv_transfer_bytes_total{direction="sent",service="prefill"}'
+    dc, pc, oc = (rpc.channel(a, tls=cluster.tls) for a in (cluster.decode, cluster.prefill, other))
+    decode = decode_pb2_grpc.DecodeStub(dc)
+    try:
+        reserve = decode.Reserve(
+            decode_pb2.ReserveRequest(
+                request_id="moved", prompt_tokens=8, max_tokens=4, prefill_group=ids[cluster.prefill]
+            ),
+            timeout=30,
+        )
+        request = prefill_pb2.PrefillRequest(request_id="moved", token_ids=list(range(1, 9)), targets=reserve.targets)
+        prefill_pb2_grpc.PrefillStub(pc).Prefill(request, timeout=120)
+        with pytest.raises(grpc.RpcError) as e:
+            prefill_pb2_grpc.PrefillStub(oc).Prefill(request, timeout=120)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+        assert ids[cluster.prefill] in e.value.details()
+        assert scrape(cluster, "prefill-b", sent) == 0
+    finally:
+        decode.Release(decode_pb2.ReleaseRequest(request_id="moved"), timeout=10)
+        for channel in (dc, pc, oc):
+            channel.close()
+        cluster.procs["prefill-b"].send_signal(signal.SIGTERM)  # it drains and deregisters
+        cluster.procs["prefill-b"].wait(timeout=60)
     wait_blocks_free(cluster)
 
 

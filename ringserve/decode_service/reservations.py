@@ -55,6 +55,7 @@ class DecodeRequest:
     lease_until: float = 0.0  # an unclaimed reservation expires then, unless renewed
     nixl: bool = False  # a NIXL landing was handed out: a one-sided WRITE may reach its blocks
     prefill_done: bool = False  # the prefill side said it writes nothing more for this epoch
+    prefill_group: str = ""  # the registry id of the prefill group its NIXL landings are for
     landed_rows: dict[int, LandedRows] = field(default_factory=dict)  # KVP rank -> its rows that landed
     quarantined_at: float | None = None  # ended, blocks held until no WRITE can land
     # Set by start():
@@ -141,10 +142,11 @@ class Reservations:
         """Ranks a request of ``rows`` KV rows spreads over: one per ``shard_tokens``, at most K."""
         return max(1, min(self.group.world, -(-rows // self.shard_tokens)))
 
-    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int) -> Reservation:
+    def reserve(self, request_id: str, prompt_tokens: int, max_tokens: int, prefill_group: str = "") -> Reservation:
         """Take blocks for the prompt and its generation on the ranks that will hold the request;
         answers its epoch, its lease (renew it with ``renew`` until ``start``) and where each
-        rank's share of the prompt goes (the landing is empty when the group receives by TCP only)."""
+        rank's share of the prompt goes (the landing is empty when the group receives by TCP only;
+        it names ``prefill_group``, the only prefill group that admits it)."""
         if prompt_tokens < 1:
             raise InvalidArgument("prompt_tokens must be at least 1")
         if prompt_tokens >= self.max_context:
@@ -183,7 +185,7 @@ class Reservations:
             starts = [sum(shares[:i]) for i in range(d)]
             now = time.monotonic()
             req = DecodeRequest(request_id, tables, dict(zip(ranks, shares)), prompt_tokens, budget, now)
-            req.epoch, req.shares = next(self._epochs), dict(zip(ranks, shares))
+            req.epoch, req.shares, req.prefill_group = next(self._epochs), dict(zip(ranks, shares)), prefill_group
             req.lease_until = now + self.reservation_ttl_s
             self.requests[request_id] = req
             for r, start, share in zip(ranks, starts, shares):
@@ -199,14 +201,16 @@ class Reservations:
 
     def _landing(self, world_rank: int, req: DecodeRequest, rank: int, share: int) -> bytes:
         """World rank ``world_rank``'s landing for its KVP rank ``rank``'s share (the same blocks on
-        every TP rank of it; its own NIXL agent and pool)."""
+        every TP rank of it; its own NIXL agent and pool), for the request's prefill group."""
         template = self.group.templates[world_rank]
         if template is None:
             return b""
         from ringserve.kv_transfer.landing import landing_bytes
 
         expires = time.time() + self.reservation_ttl_s  # the prefill side admits it once, before this
-        return landing_bytes(template, req.request_id, req.epoch, req.tables[rank], share, self.landing_key, expires)
+        return landing_bytes(
+            template, req.request_id, req.epoch, req.tables[rank], share, req.prefill_group, self.landing_key, expires
+        )
 
     def _kv_heads(self, world_rank: int) -> tuple[int, int]:
         """(first global KV head, count) world rank ``world_rank`` holds; (0, 0): every head (TP 1)."""

@@ -26,7 +26,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @rpc_errors("decode")
     def Reserve(self, request, context):
-        res = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens)
+        res = self.worker.reserve(request.request_id, request.prompt_tokens, request.max_tokens, request.prefill_group)
         return decode_pb2.ReserveResponse(
             targets=[
                 common_pb2.KVTarget(

@@ -1,7 +1,8 @@
 """What the NIXL path puts on the wire: the landing a decode rank hands out, and the notifications.
 
 A landing (``Landing.to_bytes``) travels in a Reserve answer: magic, version and seal kind, a JSON
-header (agent, incarnation, the pool's byte layout, request, epoch, expiry, rows), the agent's NIXL
+header (agent, incarnation, the pool's byte layout, request, epoch, the prefill group it is for,
+expiry, rows), the agent's NIXL
 metadata, the reservation's block ids and a seal over all of it: an HMAC-SHA256 keyed by the
 deployment secret (``kv_transfer/secret.py``) when the deployment has one, else an xxh3-64
 checksum. Notifications travel with a WRITE (``landed_notif``: request, epoch, transfer, rows) or
@@ -27,7 +28,7 @@ from ringserve.engine.kv_cache import KVCache
 from ringserve.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from ringserve.kv_transfer.secret import TAG_BYTES, tag, verify
 
-LANDING_VERSION = 3
+LANDING_VERSION = 4
 _MAGIC = b"RSKV"
 _HEAD = struct.Struct("<4sHBII")  # magic, version, seal kind, header JSON bytes, metadata bytes
 _CHECKSUM, _MAC = 0, 1  # seal kinds: xxh3-64 (8 bytes) or HMAC-SHA256 (32) of everything before it
@@ -101,8 +102,9 @@ class Landing:
 
     The sender may write cache positions [0, num_tokens) of ``block_table``; ``epoch`` names the
     reservation (unique for the decode worker's life) and goes back in every notification;
-    ``incarnation`` orders the runs of a peer that restarts under the same agent name; a prefill
-    group admits the landing once, before ``expires`` (Unix time; 0: no expiry).
+    ``incarnation`` orders the runs of a peer that restarts under the same agent name; only the
+    prefill group ``prefill_group`` (its registry id) admits the landing, once, before ``expires``
+    (Unix time; 0: no expiry).
     """
 
     agent: str
@@ -114,6 +116,7 @@ class Landing:
     block_table: tuple[int, ...]
     num_tokens: int
     expires: float = 0.0
+    prefill_group: str = ""
 
     def to_bytes(self, key: bytes | None = None) -> bytes:
         """Versioned bytes for a gRPC ``bytes`` field, sealed with an HMAC under ``key`` (the
@@ -127,6 +130,7 @@ class Landing:
                 "epoch": self.epoch,
                 "num_tokens": self.num_tokens,
                 "expires": self.expires,
+                "prefill_group": self.prefill_group,
             },
             separators=(",", ":"),
         ).encode()
@@ -166,6 +170,7 @@ class Landing:
                 block_table=tuple(np.frombuffer(body[blocks_at:], dtype="<u4").tolist()),
                 num_tokens=int(header["num_tokens"]),
                 expires=float(header["expires"]),
+                prefill_group=str(header["prefill_group"]),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidArgument(f"{what} is malformed: {type(e).__name__}: {e}") from e
@@ -210,11 +215,12 @@ def landing_bytes(
     epoch: int,
     block_table: Sequence[int],
     num_tokens: int,
+    prefill_group: str = "",
     key: bytes | None = None,
     expires: float = 0.0,
 ) -> bytes:
-    """A reservation's landing: an endpoint's ``template`` with the request's epoch, blocks and
-    expiry filled in, sealed under ``key`` (the deployment secret) if given."""
+    """A reservation's landing: an endpoint's ``template`` with the request's epoch, blocks, prefill
+    group and expiry filled in, sealed under ``key`` (the deployment secret) if given."""
     check_rows("landing", len(block_table), template.layout.block_size, 0, num_tokens)
     return dataclasses.replace(
         template,
@@ -223,6 +229,7 @@ def landing_bytes(
         block_table=tuple(block_table),
         num_tokens=num_tokens,
         expires=expires,
+        prefill_group=prefill_group,
     ).to_bytes(key)
 
 

@@ -133,7 +133,7 @@ class NixlEndpoint:
     def landing(self, request_id: str, epoch: int, block_table: Sequence[int], num_tokens: int) -> bytes:
         """The bytes a Reserve answer carries so that a sender can write rows [0, num_tokens) of
         reservation ``epoch`` whose cache positions live in ``block_table``."""
-        return landing_bytes(self.template(), request_id, epoch, block_table, num_tokens, self.landing_key)
+        return landing_bytes(self.template(), request_id, epoch, block_table, num_tokens, key=self.landing_key)
 
     def template(self) -> Landing:
         """This endpoint's part of every landing (picklable): a group leader builds its other

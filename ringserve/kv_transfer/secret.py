@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import threading
 import time
 
+from ringserve.config import read_secret
 from ringserve.errors import InvalidArgument, PermissionDenied
 
 SECRET_ENV = "RINGSERVE_DEPLOYMENT_SECRET"
@@ -27,21 +27,13 @@ CLOCK_SKEW_S = 30.0  # hosts' clocks may differ by this much (run NTP)
 def deployment_secret(path: str | None) -> bytes | None:
     """The secret from ``path`` (surrounding whitespace dropped), else from RINGSERVE_DEPLOYMENT_SECRET,
     else None (landings and frames unsigned). Never logged."""
-    if path:
-        try:
-            with open(path, "rb") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise InvalidArgument(f"cannot read --deployment-secret-file {path!r}: {e.strerror}") from e
-        where = path
-    elif os.environ.get(SECRET_ENV):
-        secret, where = os.environ[SECRET_ENV].strip().encode(), SECRET_ENV
-    else:
+    secret = read_secret(path, SECRET_ENV, "--deployment-secret-file")
+    if secret is None:
         return None
     if len(secret) < MIN_SECRET_BYTES:
         raise InvalidArgument(
-            f"the deployment secret in {where} has {len(secret)} bytes; use at least {MIN_SECRET_BYTES} "
-            "random ones (e.g. `openssl rand -hex 32`)"
+            f"the deployment secret in {path or SECRET_ENV} has {len(secret)} bytes; use at least "
+            f"{MIN_SECRET_BYTES} random ones (e.g. `openssl rand -hex 32`)"
         )
     return secret
 

@@ -32,10 +32,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.work = WorkCounter()  # admitted requests and tokens, measured speed: the registry's load
         self.landing_key = deployment_secret(cfg.deployment_secret_file)
         self.landings = ReplayGuard()
+        self.group_id = ""  # this group's registry id, once registered: the landings it admits name it
 
     def _admit_landings(self, request) -> None:
         """Before anything is scheduled (so before any WRITE): each NIXL landing must pass its MAC,
-        belong to this request, be unexpired and not used by an earlier Prefill here."""
+        belong to this request and this prefill group, be unexpired and not used by an earlier Prefill
+        here. (Another group refuses it for not naming it; so does this group after a restart, whose new
+        registry id the landings of its previous run do not name: the guard need not outlive the process.)"""
         if self.group.transport != "nixl":
             return  # the ranks push over TCP: no landing directs a WRITE
         for t in request.targets:
@@ -45,6 +48,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if landing.request_id != request.request_id:
                 raise PermissionDenied(
                     f"request {request.request_id}: a target's KV landing belongs to request {landing.request_id}"
+                )
+            if not self.group_id or landing.prefill_group != self.group_id:
+                raise PermissionDenied(
+                    f"request {request.request_id}: the KV landing was issued for prefill group "
+                    f"{landing.prefill_group or '(none named)'}, not this one ({self.group_id or 'unregistered'}): "
+                    "a landing directs the WRITEs of the prefill group it was reserved for only"
                 )
             self.landings.admit(landing.agent, landing.incarnation, landing.epoch, landing.expires, landing.request_id)
 
@@ -177,6 +186,7 @@ def serve(cfg: PrefillConfig):
         group.cache_changes,
     )
     server, port, address, drain = serve_worker(cfg, service)
+    servicer.group_id = drain.registration.id
     group.on_broken = drain.give_up
     log.info("prefill group (tp=%d, cp=%d) serving on %s", cfg.tp, cfg.cp, address)
     return server, port, group, drain

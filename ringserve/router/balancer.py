@@ -198,7 +198,7 @@ class Balancer:
                 if not self.redis_ok:
                     raise Unavailable(
                         f"Redis at {self.redis_url} unreachable for {timeout_s:.0f} s: the router finds its groups "
-                        "there; start Redis or fix --redis-url (and --redis-password / TLS options)"
+                        "there; start Redis or fix --redis-url (and --redis-password-file / TLS options)"
                     )
                 missing = " and ".join(r for r in ROLES if not self.known(r))
                 raise Unavailable(

@@ -216,8 +216,14 @@ class RequestRun:
     # -- reserve ----------------------------------------------------------------------------------
 
     def _reserve(self, prompt_tokens: int, max_tokens: int) -> None:
-        """A reservation on the decision's decode group, failing over to others."""
-        request = decode_pb2.ReserveRequest(request_id=self.id, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+        """A reservation on the decision's decode group, failing over to others; its landings are for the
+        decision's prefill group (a new prefill group gets a new reservation: see the module docstring)."""
+        request = decode_pb2.ReserveRequest(
+            request_id=self.id,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            prefill_group=self.decision.prefill.id,
+        )
         while True:
             group = self.decision.decode
             self.reservation = Reservation(group)  # released if Reserve is cut short: it may have landed

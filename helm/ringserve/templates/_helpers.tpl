@@ -50,7 +50,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{- define "ringserve.redisUrl" -}}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s-redis:6379/0" (include "ringserve.fullname" .) }}
+{{- printf "%s://%s-redis:6379/0" (ternary "rediss" "redis" .Values.tls.enabled) (include "ringserve.fullname" .) }}
 {{- else }}
 {{- required "redis.external.url is required when redis.enabled is false" .Values.redis.external.url }}
 {{- end }}
@@ -77,6 +77,34 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
+{{/* The in-chart Redis under TLS: every client presents its pod's certificate (mutual TLS) and verifies
+Redis's against the deployment CA. include with $ */}}
+{{- define "ringserve.redisTlsEnv" -}}
+{{- if and .Values.redis.enabled .Values.tls.enabled }}
+- name: RINGSERVE_REDIS_CA_CERT
+  value: /etc/ringserve/tls/ca.crt
+- name: RINGSERVE_REDIS_CLIENT_CERT
+  value: /etc/ringserve/tls/tls.crt
+- name: RINGSERVE_REDIS_CLIENT_KEY
+  value: /etc/ringserve/tls/tls.key
+{{- end }}
+{{- end }}
+
+{{/* The in-chart Redis's certificate reloader (its tls-reload container): every redis.certReloadSeconds,
+if the mounted files changed, CONFIG SET them so Redis loads them (the password in REDISCLI_AUTH). */}}
+{{- define "ringserve.redisTlsReload" -}}
+files="/etc/redis-tls/tls.crt /etc/redis-tls/tls.key /etc/redis-tls/ca.crt"
+loaded=$(cat $files | cksum)
+while sleep {{ .Values.redis.certReloadSeconds }}; do
+  now=$(cat $files | cksum) && [ "$now" != "$loaded" ] || continue
+  if redis-cli --tls --cacert /etc/redis-tls/ca.crt --cert /etc/redis-tls/tls.crt --key /etc/redis-tls/tls.key -h localhost -p 6379 CONFIG SET tls-cert-file /etc/redis-tls/tls.crt tls-key-file /etc/redis-tls/tls.key tls-ca-cert-file /etc/redis-tls/ca.crt | grep -q OK; then
+    loaded=$now; echo "tls-reload: Redis loaded the changed certificate files"
+  else
+    echo "tls-reload: Redis did not load the changed certificate files; trying again"
+  fi
+done
+{{- end }}
+
 {{/* Environment every ringserve container has besides the ConfigMap: where peers reach it, the Redis
 password, and its security settings. include with (list $ "router"|"prefill"|"decode") */}}
 {{- define "ringserve.commonEnv" -}}
@@ -96,6 +124,7 @@ password, and its security settings. include with (list $ "router"|"prefill"|"de
       fieldPath: status.podIP
 {{- end }}
 {{- include "ringserve.redisPasswordEnv" $top }}
+{{- include "ringserve.redisTlsEnv" $top }}
 {{- if $top.Values.tls.enabled }}
 - name: RINGSERVE_TLS_CERT
   value: /etc/ringserve/tls/tls.crt
@@ -132,7 +161,7 @@ password, and its security settings. include with (list $ "router"|"prefill"|"de
 {{- if $top.Values.tls.certManager.enabled }}
 {{- printf "%s-%s-tls" (include "ringserve.fullname" $top) $role }}
 {{- else }}
-{{- required (printf "tls.secrets.%s (a Secret with tls.crt, tls.key, ca.crt) is required with tls.enabled, or set tls.certManager.enabled" $role) (index $top.Values.tls.secrets $role) }}
+{{- required (printf "tls.secrets.%s (a Secret with tls.crt, tls.key, ca.crt) is required with tls.enabled, or set tls.certManager.enabled" $role) (index $top.Values.tls.secrets $role | default "") }}
 {{- end }}
 {{- end }}
 
