@@ -195,7 +195,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--contexts", default="8K,32K,128K,512K,1024K")
+    p.add_argument("--contexts", default="8K,32K,128K,512K,1024K", help="tokens, or K = 1024 tokens")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sections", default="hbm,check,kernel,decode")
     p.add_argument("--hang-s", type=float, default=300, help="dump stacks and fail a collective stuck this long")
@@ -206,7 +206,7 @@ def main() -> None:
     device = torch.device("cuda", rank_id)
     torch.cuda.set_device(device)
     sections = args.sections.split(",")
-    contexts = [int(c.rstrip("K")) * K_TOKEN for c in args.contexts.split(",")]
+    contexts = [int(c[:-1]) * K_TOKEN if c.endswith("K") else int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {"device": torch.cuda.get_device_name(device), "world": world, "torch": torch.__version__}
 
@@ -315,7 +315,8 @@ def main() -> None:
             print(f"{'K':>2} {'mode':>6} {'context':>8} {'batch':>5} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
             for r in rows:
                 mode = "graph" if r["graphs"] else "eager"
-                head = f"{r['kvp']:>2} {mode:>6} {r['context'] // K_TOKEN:>7}K {r['batch']:>5}"
+                ctx = f"{r['context'] // K_TOKEN}K" if r["context"] >= K_TOKEN else str(r["context"])
+                head = f"{r['kvp']:>2} {mode:>6} {ctx:>8} {r['batch']:>5}"
                 if r["fits"]:
                     print(f"{head} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['vs_floor']:>8.2f}")
                 else:
