@@ -199,8 +199,10 @@ class KVPRank:
             width = max([len(s.block_table) for s in shards if s is not None], default=1)
             tables = [s.block_table if s is not None else [] for s in shards]
             rows = [t + [0] * (width - len(t)) for t in tables]
-            # Keep the shards alive with the key, so their ids cannot be reused by new ones.
-            self._batch = (key, torch.tensor(rows, dtype=torch.int32).to(self.device), shards)
+            # Keep the shards alive with the key, so their ids cannot be reused by new ones. Not
+            # blocking: a blocking copy would wait for the step in flight (DecodeWorker._step).
+            table = torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
+            self._batch = (key, table, shards)
         return self._batch[1]
 
 
