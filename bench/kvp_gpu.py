@@ -198,6 +198,7 @@ def main() -> None:
     p.add_argument("--contexts", default="8K,32K,128K,512K,1024K", help="tokens, or K = 1024 tokens")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sections", default="hbm,check,kernel,decode")
+    p.add_argument("--kv-gib", type=float, default=None, help="KV pool per GPU (default: all free memory but 6 GiB)")
     p.add_argument("--hang-s", type=float, default=300, help="dump stacks and fail a collective stuck this long")
     args = p.parse_args()
     faulthandler.dump_traceback_later(args.hang_s, exit=True)  # a hung rank says where, then exits
@@ -232,7 +233,8 @@ def main() -> None:
 
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
-    num_blocks = int((free - (6 << 30)) // (per_token * BLOCK))  # leave 6 GiB for activations
+    pool = min(free - (6 << 30), int(args.kv_gib * 2**30)) if args.kv_gib else free - (6 << 30)  # 6 GiB: activations
+    num_blocks = int(pool // (per_token * BLOCK))
     cache = KVCache(config, num_blocks, BLOCK, dtype=torch.bfloat16, device=device)
     fill_random(cache, num_blocks)
     capacity = num_blocks * BLOCK
