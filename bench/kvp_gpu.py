@@ -129,7 +129,7 @@ def setup_requests(rank: KVPRank, contexts: list[int], world: int) -> list[str]:
         rows = balanced_shares(n + 64, world)[rank.rank]
         table = rank.cache.allocator.allocate(blocks_needed(rows, BLOCK))
         share = balanced_shares(n, world)
-        rank.reserve(rid, table, sum(share[: rank.rank]), share[rank.rank])
+        rank.reserve(rid, 1, table, sum(share[: rank.rank]), share[rank.rank])
         rank.shards[rid].length = share[rank.rank]
         ids.append(rid)
     return ids

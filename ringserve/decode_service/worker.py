@@ -167,7 +167,7 @@ class DecodeWorker(Reservations):
         on the device ends once that step is done: the step writes its new KV into its blocks."""
         if req in self.active:
             self.active.remove(req)
-        if not self._ending() and any(req in step.batch for step in self._in_flight):
+        if not self._ending() and any(id(req) in step.members for step in self._in_flight):
             self._deferred.append((req, error))
             return
         if self._end_reservation(req) and error is not None:
@@ -250,7 +250,7 @@ class DecodeWorker(Reservations):
             for req, error in deferred:  # those not in the step still running end now
                 self._finish(req, error)
             # Rotate so that more requests than max_batch (and paused ones) take turns.
-            stepped = {id(r) for r in step.batch}
+            stepped = step.members
             self.active = [r for r in self.active if id(r) not in stepped] + [
                 r for r in self.active if id(r) in stepped
             ]
@@ -353,6 +353,7 @@ class _Step:
 
     def __init__(self, batch: list[DecodeRequest], picks: torch.Tensor):
         self.batch, self.picks = batch, picks
+        self.members = {id(r) for r in batch}  # by identity: DecodeRequest compares by value, slowly
         self.host = picks.to("cpu", non_blocking=True)  # pinned: the copy is queued behind the step
         self.done = torch.cuda.Event() if picks.is_cuda else None
         if self.done is not None:
