@@ -2,8 +2,9 @@
 mul, and the KV store. Each replaces several PyTorch kernels (a decode step at batch 64 was bound
 by ~1,250 small launches, docs/BENCHMARKS.md) and rounds to the model's dtype where the PyTorch
 code it replaces does, so RoPE, the residual add and SiLU x mul give the same bits and RMSNorm
-differs only by its sum's order. The PyTorch code stays the reference and the path of every other
-case (CPU, float32): ``use_kernel`` decides.
+differs only by its sum's order (measured on an H200: docs/BENCHMARKS.md, session 6). The PyTorch
+code stays the reference and the path of every other case (CPU, float32): ``use_kernel`` decides.
+Row offsets are 64-bit: a 128K-token pass's gate/up rows span more than 2**31 elements.
 
 The kernels also run on CPU under ``TRITON_INTERPRET=1`` (float16: the interpreter has no
 bfloat16), which is how the tests check them.
@@ -61,6 +62,7 @@ def rope(
         _rope[(t, heads + kv_heads)](
             qkv, cos, sin, q, k, qkv.stride(0), cos.stride(0), sin.stride(0),
             HEADS=heads, KV_HEADS=kv_heads, HALF=dim // 2, HALF_PAD=triton.next_power_of_2(dim // 2),
+            enable_fp_fusion=False,  # a fused multiply-add would skip the rounding PyTorch does
         )  # fmt: skip
     v = qkv[:, (heads + kv_heads) * dim :].view(t, kv_heads, dim)
     return q, k, v
@@ -92,7 +94,7 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm(X, R, W, Y, S, stride_x, stride_r, n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements in long passes
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -111,7 +113,7 @@ if triton is not None:
         QKV, Cos, Sin, Q, K, stride_qkv, stride_cos, stride_sin,
         HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
     ):  # fmt: skip
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)  # q heads, then k heads
         d = tl.arange(0, HALF_PAD)
         mask = d < HALF
@@ -134,7 +136,7 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul(GU, Out, stride_gu, n, BLOCK: tl.constexpr):
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)  # 128K rows x 2 x 14,336 is past 2**31
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         g = tl.load(GU + t * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -148,7 +150,7 @@ if triton is not None:
         K, V, KC, VC, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
         KV_HEADS: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     ):  # fmt: skip
-        t = tl.program_id(0)
+        t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         d = tl.arange(0, DIM_PAD)
         mask = d < DIM
