@@ -56,12 +56,17 @@ class DecodeWorker(Reservations):
         max_batch: int = 64,
         shard_tokens: int = 32768,
         landing_timeout_s: float = 10.0,
+        overlap: bool | None = None,
     ):
+        """``overlap``: launch each step before taking the tokens of the one before (``_step``);
+        None: on a GPU. Only a one-rank group can (the other ranks need each step's tokens), and
+        on CPU, where a forward is done when it returns, it would only hold tokens back a step."""
         super().__init__(group, reservation_ttl_s, shard_tokens)
         self.tokenizer = tokenizer
         self.model = group.model
         self.device = group.rank0.device
         self.max_batch = max_batch
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and group.size == 1
         self.landing_timeout_s = landing_timeout_s
         self.active: list[DecodeRequest] = []
         self.on_failure: Callable[[], None] | None = None  # e.g. fail the liveness probe: restart us
@@ -183,10 +188,9 @@ class DecodeWorker(Reservations):
 
     def _step(self) -> bool:
         """Plan and launch one step, then take the tokens of the step before it; False when the
-        worker stops. On one rank the steps overlap: step N+1 is launched with step N's tokens
-        still on the device (its inputs read them there), and the host takes step N's tokens
-        (streams, stops, finished requests) while the device runs step N+1. A KVP group's other
-        ranks need each step's tokens from the leader, so there every step is taken at once."""
+        worker stops. With ``overlap`` step N+1 is launched with step N's tokens still on the
+        device (its inputs read them there), and the host takes step N's tokens (streams, stops,
+        finished requests) while the device runs step N+1; without, each step is taken at once."""
         with self.lock:
             self._drop_cancelled_and_expired()
             while not self.active and not self._in_flight and not self._stop:
@@ -198,7 +202,7 @@ class DecodeWorker(Reservations):
         step = self._launch(batch, entries, done) if batch else None
         if self._in_flight and self._in_flight[0] is not step:
             self._take(self._in_flight[0])
-        if step is not None and self.group.size > 1:
+        if step is not None and not self.overlap:
             self._take(step)
         return True
 
