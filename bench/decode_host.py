@@ -101,7 +101,7 @@ def main() -> None:
     for i in range(args.batch):
         ids = torch.randint(0, tokenizer.vocab_size, (args.prompt,), generator=gen).tolist()
         res = worker.reserve(f"r{i}", len(ids), args.tokens)
-        [(_, address, _, _, _)] = res.targets
+        address = res.targets[0][1]
         send_kv(address, f"r{i}", res.epoch, "t0", [(0, prompt_kv(model, ids))])
         reqs.append(ids)
     profiler = cProfile.Profile() if args.profile else None

@@ -129,7 +129,7 @@ def setup_requests(rank: KVPRank, contexts: list[int], world: int) -> list[str]:
         rows = balanced_shares(n + 64, world)[rank.rank]
         table = rank.cache.allocator.allocate(blocks_needed(rows, BLOCK))
         share = balanced_shares(n, world)
-        rank.reserve(rid, table, sum(share[: rank.rank]), share[rank.rank])
+        rank.reserve(rid, 1, table, sum(share[: rank.rank]), share[rank.rank])
         rank.shards[rid].length = share[rank.rank]
         ids.append(rid)
     return ids
@@ -195,9 +195,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--contexts", default="8K,32K,128K,512K,1024K")
+    p.add_argument("--contexts", default="8K,32K,128K,512K,1024K", help="tokens, or K = 1024 tokens")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--sections", default="hbm,check,kernel,decode")
+    p.add_argument("--kv-gib", type=float, default=None, help="KV pool per GPU (default: all free memory but 6 GiB)")
     p.add_argument("--hang-s", type=float, default=300, help="dump stacks and fail a collective stuck this long")
     args = p.parse_args()
     faulthandler.dump_traceback_later(args.hang_s, exit=True)  # a hung rank says where, then exits
@@ -206,7 +207,7 @@ def main() -> None:
     device = torch.device("cuda", rank_id)
     torch.cuda.set_device(device)
     sections = args.sections.split(",")
-    contexts = [int(c.rstrip("K")) * K_TOKEN for c in args.contexts.split(",")]
+    contexts = [int(c[:-1]) * K_TOKEN if c.endswith("K") else int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {"device": torch.cuda.get_device_name(device), "world": world, "torch": torch.__version__}
 
@@ -232,7 +233,8 @@ def main() -> None:
 
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info(device)[0]
-    num_blocks = int((free - (6 << 30)) // (per_token * BLOCK))  # leave 6 GiB for activations
+    pool = min(free - (6 << 30), int(args.kv_gib * 2**30)) if args.kv_gib else free - (6 << 30)  # 6 GiB: activations
+    num_blocks = int(pool // (per_token * BLOCK))
     cache = KVCache(config, num_blocks, BLOCK, dtype=torch.bfloat16, device=device)
     fill_random(cache, num_blocks)
     capacity = num_blocks * BLOCK
@@ -315,7 +317,8 @@ def main() -> None:
             print(f"{'K':>2} {'mode':>6} {'context':>8} {'batch':>5} {'step ms':>9} {'floor ms':>9} {'x floor':>8}")
             for r in rows:
                 mode = "graph" if r["graphs"] else "eager"
-                head = f"{r['kvp']:>2} {mode:>6} {r['context'] // K_TOKEN:>7}K {r['batch']:>5}"
+                ctx = f"{r['context'] // K_TOKEN}K" if r["context"] >= K_TOKEN else str(r["context"])
+                head = f"{r['kvp']:>2} {mode:>6} {ctx:>8} {r['batch']:>5}"
                 if r["fits"]:
                     print(f"{head} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} {r['vs_floor']:>8.2f}")
                 else:

@@ -16,11 +16,13 @@ def start_with_kv(worker, rid, ids, kv, first, params):
     return worker.start(rid, len(ids), first, params)
 
 
-def test_nan_logits_fail_one_request_alone(default_model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_nan_logits_fail_one_request_alone(default_model, overlap):
     """A request whose prompt KV is NaN (a corrupt transfer) gets NaN logits in its row of the
-    batch: it ends with an error, the others in the same batch finish with the engine's tokens."""
+    batch: it ends with an error, the others in the same batch finish with the engine's tokens
+    (with steps overlapped too: the bad request is in the next step when its NaN is seen)."""
     model, tokenizer = default_model
-    worker = make_worker(model, tokenizer)
+    worker = make_worker(model, tokenizer, overlap=overlap)
     try:
         params = SamplingParams(max_tokens=12, ignore_eos=True)
         good = []
@@ -145,7 +147,7 @@ def test_blocks_grow_on_demand_and_a_full_cache_ends_the_youngest(default_model)
     block per request for growth, both grow until the cache is full; B (the younger) ends with
     RESOURCE_EXHAUSTED and frees its blocks, A goes on and gives the engine's greedy tokens."""
     model, tokenizer = default_model
-    worker = make_worker(model, tokenizer, kv_blocks=7)
+    worker = make_worker(model, tokenizer, kv_blocks=7, overlap=True)
     try:
         ids = tokenizer.encode("Write a long story about a dragon in a cave by the sea, and the knight who finds it.")
         assert 17 <= len(ids) <= 32  # two blocks of prompt, one of headroom

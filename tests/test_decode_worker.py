@@ -65,7 +65,7 @@ class NixlSender:
 @pytest.fixture
 def worker(default_model):
     model, tokenizer = default_model
-    w = make_worker(model, tokenizer, landing_timeout_s=0.5)
+    w = make_worker(model, tokenizer, landing_timeout_s=0.5, overlap=True)  # a GPU's loop, on CPU
     yield w
     w.close()
     assert w.blocks_used == 0

@@ -149,9 +149,12 @@ class KVPRank:
         return shard if shard is not None and shard.epoch == epoch else None
 
     @torch.inference_mode()
-    def step(self, entries: list[StepEntry], group_wide: bool) -> torch.Tensor | None:
+    def step(self, entries: list[StepEntry], group_wide: bool, prev: torch.Tensor | None = None) -> torch.Tensor | None:
         """Run one decode step; returns the logits [B, V] on rank 0. ``group_wide``: every rank
         runs this step (False only when all of the step's requests live on this rank alone).
+        ``prev``: the picks [B', 2] of the step before, still on the device; an entry's token id
+        -1 - j stands for its row j (the leader alone, which launches a step before it has read
+        the one before: ``DecodeWorker._step``).
 
         The step has fixed shapes: every row's K and V are written, the rows this rank does not
         store (and padding) to the cache's scratch slot. So on a GPU it is captured once per
@@ -170,8 +173,10 @@ class KVPRank:
         rows = [[e.token_id for e in entries], [e.position for e in entries], slots, lengths]
         gather = group_wide and self.world > 1
         if self.graphs is not None:
-            return self.graphs.replay(rows, self._tables(entries, shards), gather)
+            return self.graphs.replay(rows, self._tables(entries, shards), gather, prev)
         ids, positions, write_slots = (torch.tensor(r).to(self.device) for r in rows[:3])
+        if prev is not None:
+            take_tokens(ids, prev)
         batch = DecodeBatch.build(self._tables(entries, shards), lengths)
         return self.forward(ids, positions, KVPAttention(self.cache, batch, write_slots, gather, self.group))
 
@@ -194,9 +199,17 @@ class KVPRank:
             width = max([len(s.block_table) for s in shards if s is not None], default=1)
             tables = [s.block_table if s is not None else [] for s in shards]
             rows = [t + [0] * (width - len(t)) for t in tables]
-            # Keep the shards alive with the key, so their ids cannot be reused by new ones.
-            self._batch = (key, torch.tensor(rows, dtype=torch.int32).to(self.device), shards)
+            # Keep the shards alive with the key, so their ids cannot be reused by new ones. Not
+            # blocking: a blocking copy would wait for the step in flight (DecodeWorker._step).
+            table = torch.tensor(rows, dtype=torch.int32).to(self.device, non_blocking=True)
+            self._batch = (key, table, shards)
         return self._batch[1]
+
+
+def take_tokens(ids: torch.Tensor, prev: torch.Tensor) -> None:
+    """Fill in, in place, the token ids -1 - j with row j's token of ``prev`` [B', 2]."""
+    src = (-1 - ids).clamp(0, prev.shape[0] - 1)
+    ids.copy_(torch.where(ids < 0, prev[src, 0], ids))
 
 
 class StepGraphs:
@@ -208,7 +221,9 @@ class StepGraphs:
         self.width = rank.cache.allocator.num_blocks  # the most blocks a request can have here
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, object]] = {}
 
-    def replay(self, rows: list[list[int]], tables: torch.Tensor, gather: bool) -> torch.Tensor | None:
+    def replay(
+        self, rows: list[list[int]], tables: torch.Tensor, gather: bool, prev: torch.Tensor | None
+    ) -> torch.Tensor | None:
         n = len(rows[0])
         size = 1 << (n - 1).bit_length()  # batch sizes padded to powers of two: few graphs
         key = (size, gather)
@@ -219,6 +234,8 @@ class StepGraphs:
         host[2] = self.rank.cache.scratch_slot  # padding rows write to scratch, see nothing
         host[:, :n] = torch.tensor(rows)
         io.copy_(host, non_blocking=True)
+        if prev is not None:
+            take_tokens(io[0, :n], prev)
         static_tables[:n, : tables.shape[1]].copy_(tables)
         graph.replay()
         return None if out is None else out[:n]

@@ -56,15 +56,22 @@ class DecodeWorker(Reservations):
         max_batch: int = 64,
         shard_tokens: int = 32768,
         landing_timeout_s: float = 10.0,
+        overlap: bool | None = None,
     ):
+        """``overlap``: launch each step before taking the tokens of the one before (``_step``);
+        None: on a GPU. Only a one-rank group can (the other ranks need each step's tokens), and
+        on CPU, where a forward is done when it returns, it would only hold tokens back a step."""
         super().__init__(group, reservation_ttl_s, shard_tokens)
         self.tokenizer = tokenizer
         self.model = group.model
         self.device = group.rank0.device
         self.max_batch = max_batch
+        self.overlap = (self.device.type == "cuda" if overlap is None else overlap) and group.size == 1
         self.landing_timeout_s = landing_timeout_s
         self.active: list[DecodeRequest] = []
         self.on_failure: Callable[[], None] | None = None  # e.g. fail the liveness probe: restart us
+        self._in_flight: list[_Step] = []  # launched steps whose tokens the host has not taken yet
+        self._deferred: list[tuple[DecodeRequest, RingserveError | None]] = []  # ends after a step in flight
         self.output = OutputStage()
         group.start_monitor(self._landed, self._prefill_done, self._group_failed)
         self._thread = threading.Thread(target=self._loop, name="decode-loop", daemon=True)
@@ -161,9 +168,13 @@ class DecodeWorker(Reservations):
 
     def _finish(self, req: DecodeRequest, error: RingserveError | None) -> None:
         """End a request: out of the batch, its blocks freed (``_end_reservation``), its stream told
-        the error if any (caller holds the lock); idempotent."""
+        the error if any (caller holds the lock); idempotent. A request in a step still running
+        on the device ends once that step is done: the step writes its new KV into its blocks."""
         if req in self.active:
             self.active.remove(req)
+        if not self._ending() and any(id(req) in step.members for step in self._in_flight):
+            self._deferred.append((req, error))
+            return
         if self._end_reservation(req) and error is not None:
             self.output.error(req, error)  # after the tokens already queued for the stream
 
@@ -176,41 +187,60 @@ class DecodeWorker(Reservations):
             self._group_failed(f"the decode loop failed: {type(e).__name__}: {e}")
 
     def _step(self) -> bool:
-        """Plan, run and sample one step; False when the worker stops."""
+        """Plan and launch one step, then take the tokens of the step before it; False when the
+        worker stops. With ``overlap`` step N+1 is launched with step N's tokens still on the
+        device (its inputs read them there), and the host takes step N's tokens (streams, stops,
+        finished requests) while the device runs step N+1; without, each step is taken at once."""
         with self.lock:
             self._drop_cancelled_and_expired()
-            while not self.active and not self._stop:
-                self.output.flush()  # the last step's tokens: no step comes to hand them over
+            while not self.active and not self._in_flight and not self._stop:
                 self.lock.wait(timeout=1.0)
                 self._drop_cancelled_and_expired()
             if self._stop or self.failure:
                 return False
-            batch, entries = self._plan()
-        if not batch:
-            return True
-        if self.device.type == "cpu":  # a CPU forward is done when it returns: hand over first
-            self.output.flush()
+            batch, entries, done = self._plan()
+        step = self._launch(batch, entries, done) if batch else None
+        if self._in_flight and self._in_flight[0] is not step:
+            self._take(self._in_flight[0])
+        if step is not None and not self.overlap:
+            self._take(step)
+        return True
+
+    def _launch(self, batch: list[DecodeRequest], entries: list[StepEntry], done: list[int]) -> _Step | None:
+        """Run a step's forward and sampling on the device (not waiting for them); the step is in
+        flight until ``_take``. None if it failed (then the batch has ended with the error)."""
+        prev = self._in_flight[-1].picks if self._in_flight else None
         try:
-            logits = self._forward(batch, entries)
+            logits = self._forward(batch, entries, prev)
         except Exception as e:
             log.exception("decode step failed")
             if self.group.size > 1:  # the ranks may be out of step now: the group is done
                 self._group_failed(f"a decode step failed: {type(e).__name__}: {e}")
-                return True
+                return None
+            if self._in_flight:
+                self._take(self._in_flight[0])
             with self.lock:  # one rank: fail the batch, keep the worker alive
                 for req in batch:
                     self._finish(req, RingserveError(f"decode step failed: {type(e).__name__}: {e}"))
-            return True
+            return None
         params = [r.params for r in batch]
         # Only sampled rows draw: greedy rows need no generator (making one costs an OS seed).
-        generators = [p.generator(r.generated) if p.temperature > 0 else None for p, r in zip(params, batch)]
+        generators = [p.generator(n) if p.temperature > 0 else None for p, n in zip(params, done)]
         picks = sample_batch(logits, params, generators)
-        self.output.flush()  # the last step's text work, while this (launched) step runs on the GPU
-        sampled = picks.tolist()  # one copy to the host
+        step = _Step(batch, picks)
+        with self.lock:
+            self._in_flight.append(step)
+        return step
+
+    def _take(self, step: _Step) -> None:
+        """Wait for a step's tokens and hand them on: streams, finished and failed requests."""
+        sampled = step.tokens()
         out: list[Emitted] = []
         with self.lock:
-            for req, (token, ok) in zip(batch, sampled):
-                if self.requests.get(req.request_id) is not req:  # ended during the step (group failure)
+            self._in_flight.remove(step)
+            ending = {id(r) for r, _ in self._deferred}
+            for req, (token, ok) in zip(step.batch, sampled):
+                if self.requests.get(req.request_id) is not req or id(req) in ending:  # ended meanwhile
                     continue
                 if req.cancelled:
                     self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
@@ -220,37 +250,52 @@ class DecodeWorker(Reservations):
                 else:
                     self._emit(req, token, out)
             self.output.tokens(out)
+            deferred, self._deferred = self._deferred, []
+            for req, error in deferred:  # those not in the step still running end now
+                self._finish(req, error)
             # Rotate so that more requests than max_batch (and paused ones) take turns.
-            stepped = {id(r) for r in batch}
+            stepped = step.members
             self.active = [r for r in self.active if id(r) not in stepped] + [
                 r for r in self.active if id(r) in stepped
             ]
-        return True
+            self.lock.notify_all()
+        self.output.flush()
 
-    def _plan(self) -> tuple[list[DecodeRequest], list[StepEntry]]:
-        """The next step's requests and their entries (caller holds the lock): ends stopped and
-        cancelled requests, picks each request's owner rank for its new token, growing its blocks
-        there; skips requests with no free slot; ends the youngest when none can step."""
+    def _plan(self) -> tuple[list[DecodeRequest], list[StepEntry], list[int]]:
+        """The next step's requests, their entries and how many tokens each has before this one
+        (caller holds the lock): ends stopped and cancelled requests, picks each request's owner
+        rank for its new token, growing its blocks there; skips requests with no free slot; ends
+        the youngest when none can step. A request in the step in flight counts its token there
+        (the entry's token id -1 - j: row j of that step's picks, still on the device), and one
+        that token ends is left out."""
         for req in list(self.active):
             if req.cancelled:
                 self._finish(req, Cancelled(f"request {req.request_id} was cancelled"))
             elif req.stopped:
                 self._finish(req, None)
-        batch, entries = [], []
+        rows = {id(r): j for j, r in enumerate(self._in_flight[-1].batch)} if self._in_flight else {}
+        batch, entries, done, paused = [], [], [], False
         for req in self.active:
             if len(batch) == self.max_batch:
                 break
+            row = rows.get(id(req))
+            n = req.generated + (row is not None)
+            if n >= req.max_tokens or req.prompt_len + n >= self.max_context:
+                continue  # the token in flight is its last
             owner = self._owner(req)
             if owner is None:
-                continue  # paused until blocks free up
+                paused = True  # until blocks free up
+                continue
             req.rows[owner] += 1
             batch.append(req)
-            entries.append(StepEntry(req.request_id, req.last_token, req.prompt_len + req.generated - 1, owner))
-        if self.active and not batch:
+            token = req.last_token if row is None else -1 - row
+            entries.append(StepEntry(req.request_id, token, req.prompt_len + n - 1, owner))
+            done.append(n)
+        if paused and not batch and not self._in_flight:
             youngest = max(self.active, key=lambda r: r.started_at)
             log.warning("request_id=%s ended: every running request is out of KV blocks", youngest.request_id)
             self._finish(youngest, ResourceExhausted("decode KV cache full; retry"))
-        return batch, entries
+        return batch, entries, done
 
     def _owner(self, req: DecodeRequest) -> int | None:
         """The rank that stores a request's next token: the one with the fewest of its rows (ties:
@@ -266,12 +311,12 @@ class DecodeWorker(Reservations):
                 return rank
         return None
 
-    def _forward(self, batch: list[DecodeRequest], entries: list[StepEntry]) -> torch.Tensor:
-        """One decode step over the group."""
+    def _forward(self, batch: list[DecodeRequest], entries: list[StepEntry], prev: torch.Tensor | None) -> torch.Tensor:
+        """One decode step over the group (``prev``: the picks of the step in flight, one rank only)."""
         # A step whose requests all live on rank 0 alone needs no other rank and no communication.
         group_wide = any(set(r.rows) != {0} for r in batch)
         self.group.send_step(entries, group_wide)
-        return self.group.rank0.step(entries, group_wide)
+        return self.group.rank0.step(entries, group_wide, prev)
 
     def _group_failed(self, what: str) -> None:
         """A rank died or failed: end every request with UNAVAILABLE and refuse new ones."""
@@ -304,3 +349,21 @@ class DecodeWorker(Reservations):
         self._thread.join(timeout=10)
         self.output.close()
         self.group.close()
+
+
+class _Step:
+    """A launched decode step: its requests and their picks [B, 2] (token, ok) on the device, with
+    a copy to the host started at once (so taking them later waits for this step only)."""
+
+    def __init__(self, batch: list[DecodeRequest], picks: torch.Tensor):
+        self.batch, self.picks = batch, picks
+        self.members = {id(r) for r in batch}  # by identity: DecodeRequest compares by value, slowly
+        self.host = picks.to("cpu", non_blocking=True)  # pinned: the copy is queued behind the step
+        self.done = torch.cuda.Event() if picks.is_cuda else None
+        if self.done is not None:
+            self.done.record()
+
+    def tokens(self) -> list[list[int]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()

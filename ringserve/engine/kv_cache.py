@@ -18,6 +18,7 @@ import torch
 
 from ringserve.engine.attention import attend_packed
 from ringserve.engine.config import ModelConfig
+from ringserve.engine.kernels import store_kv, use_kernel
 from ringserve.errors import InvalidArgument, ResourceExhausted
 
 DEFAULT_BLOCK_SIZE = 64
@@ -199,6 +200,9 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new tokens' K and V ([T, Hkv, D]) at flat slots."""
+        if use_kernel(k) and k.stride(-1) == v.stride(-1) == 1:
+            store_kv(self.k[layer], self.v[layer], slots, k, v)
+            return
         flat_k = self.k[layer].view(-1, *self.k.shape[-2:])
         flat_v = self.v[layer].view(-1, *self.v.shape[-2:])
         flat_k.index_copy_(0, slots, k.to(flat_k.dtype))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ringserve.engine.config import ModelConfig
+from ringserve.engine.kernels import add_rms_norm, rope, silu_mul, use_kernel
 from ringserve.errors import FailedPrecondition, InvalidArgument
 
 
@@ -58,19 +59,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+def stacked_weight(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+    """The weights of ``owner``'s Linear submodules ``names`` stacked by rows: one GEMM for them all
+    (q, k, v; gate, up) instead of one each. The first call stacks them and makes each module's
+    weight a view of the stack (no second copy); weights replaced since (loading, TP sharding,
+    moving) are stacked again."""
+    linears = [getattr(owner, n) for n in names]
+    stack, ptrs = owner.__dict__.get("_stacked", (None, None))
+    if stack is None or [m.weight.data_ptr() for m in linears] != ptrs:
+        with torch.inference_mode(False), torch.no_grad():
+            stack = torch.cat([m.weight.detach() for m in linears])
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(stack[start : start + rows], requires_grad=False)
+            start += rows
+        owner.__dict__["_stacked"] = (stack, [m.weight.data_ptr() for m in linears])
+    return stack
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(s), s) for s = residual + x (s = x without a residual): the residual add of
+        the block before, fused with this norm on a GPU."""
+        if use_kernel(x):
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        s = x if residual is None else residual + x
+        xf = s.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf.to(s.dtype), s
 
 
 class SelfAttention(nn.Module):
+    STACKED = ("q_proj", "k_proj", "v_proj")  # one GEMM (``stacked_weight``)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
@@ -85,14 +112,21 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x, cos, sin, layer: int, attention: AttentionFn) -> torch.Tensor:
-        t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.n_kv, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.n_kv, self.head_dim)
-        return self.o_proj(attention(layer, q, k, v).reshape(t, self.n_heads * self.head_dim))
+        t, d = x.shape[0], self.head_dim
+        qkv = F.linear(x, stacked_weight(self, self.STACKED))
+        if use_kernel(qkv):
+            q, k, v = rope(qkv, cos, sin, self.n_heads, self.n_kv, d)
+        else:
+            nq, nkv = self.n_heads * d, self.n_kv * d
+            q = apply_rope(qkv[:, :nq].view(t, self.n_heads, d), cos, sin)
+            k = apply_rope(qkv[:, nq : nq + nkv].view(t, self.n_kv, d), cos, sin)
+            v = qkv[:, nq + nkv :].view(t, self.n_kv, d)
+        return self.o_proj(attention(layer, q, k, v).reshape(t, self.n_heads * d))
 
 
 class MLP(nn.Module):
+    STACKED = ("gate_proj", "up_proj")
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -100,7 +134,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = F.linear(x, stacked_weight(self, self.STACKED))
+        if use_kernel(gate_up):
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -111,9 +149,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer: int, attention: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, layer: int, attention: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the block before's output, not yet added to ``residual`` (None before the first
+        layer: x is then the embeddings). Returns this layer's (output, residual) the same way."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, layer, attention), residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -156,13 +197,13 @@ class Llama(nn.Module):
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T]. Returns logits [len(logits_at), V] (all rows when None)."""
-        h = self.model.embed_tokens(input_ids)
+        h, residual = self.model.embed_tokens(input_ids), None
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, i, attention)
+            h, residual = layer(h, residual, cos, sin, i, attention)
         if logits_at is not None:
-            h = h[logits_at]
-        h = self.model.norm(h)
+            h, residual = h[logits_at], residual[logits_at]
+        h, _ = self.model.norm(h, residual)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight).float()
 
@@ -179,7 +220,18 @@ class Llama(nn.Module):
                 f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         model.inv_freq = rope_inv_freq(config)
-        return model.to(device).eval()
+        return model.to(device).eval().stack_weights()
+
+    def stack_weights(self) -> Llama:
+        """Stack every layer's q/k/v and gate/up weights now (``stacked_weight``: the forward
+        would on its first call), so that a GPU's memory is settled (the old blocks released)
+        before a KV pool is sized from what is free. Returns the model."""
+        for layer in self.model.layers:
+            for module in (layer.self_attn, layer.mlp):
+                stacked_weight(module, module.STACKED)
+        if self.model.norm.weight.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self
 
     @classmethod
     def random(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ringserve.engine.attention import attend, merge
+from ringserve.engine.kernels import triton_runs_on, use_kernel
 from ringserve.engine.kv_cache import KVCache
 
 try:
@@ -58,19 +59,6 @@ def decode_attention(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
-
-
-def use_kernel(q: torch.Tensor) -> bool:
-    """The Triton kernel runs on GPUs (or the interpreter) for half-precision queries."""
-    return q.dtype in (torch.float16, torch.bfloat16) and _triton_runs_on(q.device)
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return device.type == "cuda" or isinstance(_paged_decode, InterpretedFunction)
 
 
 def paged_decode_kernel(
@@ -116,21 +104,25 @@ def paged_decode_kernel(
         BLOCK=block_size,
         DIM=dim,
     )
-    merged, total = merge_partials(out.view(bsz * heads, num_splits, dim), lse.view(bsz * heads, num_splits))
-    return merged.view(bsz, heads, dim).to(q.dtype), total.view(bsz, heads)
+    parts = (out.view(bsz * heads, num_splits, dim), lse.view(bsz * heads, num_splits))
+    merged, total = merge_partials(*parts, dtype=q.dtype)
+    return merged.view(bsz, heads, dim), total.view(bsz, heads)
 
 
-def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_partials(
+    out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge R partial attentions per row at once: out [N, R, D] (last dim contiguous, any other
-    strides), lse [N, R] -> out [N, D] float32, lse [N]. The same result as folding ``merge``
-    over the R partials, in one kernel launch instead of a dozen per partial (on a GPU)."""
+    strides), lse [N, R] -> out [N, D] in ``dtype`` (summed in float32), lse [N] float32. The same
+    result as folding ``merge`` over the R partials, in one kernel launch instead of a dozen per
+    partial (on a GPU)."""
     n, parts, dim = out.shape
-    if not _triton_runs_on(out.device):
+    if not triton_runs_on(out.device):
         merged, total = out[:, 0].float(), lse[:, 0]
         for r in range(1, parts):
             merged, total = merge(merged, total, out[:, r], lse[:, r])
-        return merged, total
-    merged = torch.empty(n, dim, dtype=torch.float32, device=out.device)
+        return merged.to(dtype), total
+    merged = torch.empty(n, dim, dtype=dtype, device=out.device)
     total = torch.empty(n, dtype=torch.float32, device=out.device)
     _merge_partials[(n,)](
         out,
@@ -236,5 +228,5 @@ if triton is not None:
         out = tl.load(Out + row * stride_on + r[:, None] * stride_or + d[None, :], mask=(r < parts)[:, None], other=0.0)
         acc = tl.sum(out * w[:, None], 0)
         empty = denom == 0.0
-        tl.store(Merged + row * DIM + d, acc / tl.where(empty, 1.0, denom))
+        tl.store(Merged + row * DIM + d, (acc / tl.where(empty, 1.0, denom)).to(Merged.dtype.element_ty))
         tl.store(Total + row, tl.where(empty, float("-inf"), safe + tl.log(tl.where(empty, 1.0, denom))))

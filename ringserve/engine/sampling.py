@@ -114,9 +114,10 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators:
     on that device: (token, 1) per row, or (0, 0) for a row that cannot be sampled (see the module
     docstring). ``generators[i]`` is row i's generator for this step; each draws one uniform."""
     device = logits.device
-    best = logits.max(-1).values
-    ok = torch.isfinite(best) & ~torch.isnan(logits).any(-1)
-    tokens = torch.argmax(logits, -1)
+    # One pass over the vocabulary: max gives the first index of the largest value, and a NaN
+    # anywhere in a row makes that row's max NaN (not finite).
+    best, tokens = logits.max(-1)
+    ok = torch.isfinite(best)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if rows:
         host = torch.tensor(

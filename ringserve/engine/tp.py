@@ -286,4 +286,4 @@ def sharded_from_state_dict(
             f"TP shards do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.inv_freq = rope_inv_freq(config)
-    return model.to(device).eval()
+    return model.to(device).eval().stack_weights()
