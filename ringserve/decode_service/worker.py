@@ -323,8 +323,12 @@ class DecodeWorker(Reservations):
         log.error("decode group failed: %s; every request on it ends", what)
         with self.lock:
             self.failure = self.failure or what
-            for req in list(self.requests.values()):
-                self._finish(req, Unavailable(f"decode group failed: {what}"))
+            failed = list(self.requests.values())
+            self.active.clear()
+            for req in failed:  # every block back before any stream hears of it (callers count them)
+                self._end_reservation(req)
+            for req in failed:
+                self.output.error(req, Unavailable(f"decode group failed: {what}"))
             self.lock.notify_all()
         if self.on_failure is not None:
             self.on_failure()
