@@ -182,7 +182,7 @@ def test_a_stream_does_not_wait_for_a_loop_that_is_gone(decode_service, default_
         decode_pb2.DecodeRequest(request_id="s", prompt_tokens=len(ids), first_token=first, sampling=sampling),
         timeout=60,
     )
-    assert next(stream).token_id == first
+    assert next(stream).token_ids[0] == first
     with worker.lock:
         worker._stop = True  # the loop returns at its next step, leaving the request running
         worker.lock.notify_all()

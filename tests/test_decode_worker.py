@@ -8,12 +8,14 @@ import torch
 
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup
+from ringserve.decode_service.server import DecodeServicer
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.engine import Engine
 from ringserve.engine.kv_cache import KVCache, PagedAttention, SeqSpan
 from ringserve.engine.sampling import SamplingParams
 from ringserve.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ringserve.kv_transfer.tcp import send_kv
+from ringserve.v1 import common_pb2
 
 
 def make_worker(model, tokenizer, kv_blocks=64, reservation_ttl_s=60.0, **kw) -> DecodeWorker:
@@ -173,3 +175,49 @@ def test_cancel_while_decoding_frees_blocks(worker, default_model):
     with pytest.raises(Cancelled):
         drain(req)
     assert worker.blocks_used == 0
+
+
+def wait_queued(req, ready, timeout=60):
+    """Wait until ``ready(items)`` holds for the request's queued events (nobody reads them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with req.events.mutex:
+            items = list(req.events.queue)
+        if ready(items):
+            return items
+        assert time.monotonic() < deadline, f"{len(items)} events queued"
+        time.sleep(0.02)
+
+
+def test_a_stream_sends_every_queued_token_in_one_message(worker, default_model):
+    """A Decode stream that fell behind takes all that is queued as one message: the tokens in
+    order, their text joined, the last one's finish reason, the count of all sent."""
+    model, tokenizer = default_model
+    ids = tokenizer.encode("The capital of France is")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    kv, first = prompt_kv_and_first_token(model, ids)
+    push(worker.reserve("q", len(ids), 8), "q", kv)
+    req = worker.start("q", len(ids), first, params)
+    wait_queued(req, lambda items: len(items) == 8)
+    expected = list(Engine(model, tokenizer).generate(ids, params))
+    [msg] = DecodeServicer(worker, common_pb2.ModelDescription()).responses(req)
+    assert list(msg.token_ids) == [e.token_id for e in expected]
+    assert msg.text == "".join(e.text for e in expected)
+    assert msg.finish_reason == common_pb2.FINISH_REASON_LENGTH and msg.completion_tokens == 8
+
+
+def test_an_error_follows_the_tokens_queued_before_it(worker, default_model):
+    model, tokenizer = default_model
+    ids = tokenizer.encode("Tell me a story.")
+    kv, first = prompt_kv_and_first_token(model, ids)
+    push(worker.reserve("e", len(ids), 200), "e", kv)
+    req = worker.start("e", len(ids), first, SamplingParams(max_tokens=200, ignore_eos=True))
+    wait_queued(req, lambda items: len(items) >= 3)
+    worker.cancel("e")
+    items = wait_queued(req, lambda items: isinstance(items[-1], Cancelled))
+    stream = DecodeServicer(worker, common_pb2.ModelDescription()).responses(req)
+    msg = next(stream)
+    assert list(msg.token_ids) == [e.token_id for e in items[:-1]] and msg.completion_tokens == len(items) - 1
+    assert msg.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+    with pytest.raises(Cancelled):
+        next(stream)

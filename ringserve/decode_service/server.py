@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Iterator
 
 from ringserve.config import DecodeConfig
 from ringserve.decode_service.group import DecodeGroup
+from ringserve.decode_service.reservations import DecodeRequest
 from ringserve.decode_service.worker import DecodeWorker
 from ringserve.engine.engine import TokenEvent
 from ringserve.errors import RingserveError, Unavailable
@@ -58,23 +60,42 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         context.add_callback(lambda: self.worker.cancel(rid))  # the caller went away
         log.info("request_id=%s decoding prompt_tokens=%d", rid, req.prompt_len)
         try:
-            sent = 0
-            while True:
-                event = self._next_event(req)
-                sent += 1
-                yield decode_pb2.DecodeResponse(
-                    token_id=event.token_id,
-                    text=event.text,
-                    finish_reason=FINISH_REASONS[event.finish_reason],
-                    completion_tokens=sent,
-                )
-                if event.finish_reason:
-                    log.info("request_id=%s finished reason=%s tokens=%d", rid, event.finish_reason, sent)
-                    return
+            yield from self.responses(req)
         finally:
             self.worker.cancel(rid)  # no-op once finished
 
-    def _next_event(self, req) -> TokenEvent:
+    def responses(self, req: DecodeRequest) -> Iterator[decode_pb2.DecodeResponse]:
+        """A started request's stream. Each message carries the next event (waited for) and every
+        event already queued behind it: a stream that falls behind the decode steps catches up in
+        one message instead of one per token (per-message gRPC cost caps throughput under load),
+        and no token waits for others. An error ends the stream after the tokens queued before it."""
+        sent = 0
+        while True:
+            events, error = [self._next_event(req)], None
+            while not events[-1].finish_reason:
+                try:
+                    item = req.events.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, RingserveError):
+                    error = item
+                    break
+                events.append(item)
+            sent += len(events)
+            reason = events[-1].finish_reason
+            yield decode_pb2.DecodeResponse(
+                token_ids=[e.token_id for e in events],
+                text="".join(e.text for e in events),
+                finish_reason=FINISH_REASONS[reason],
+                completion_tokens=sent,
+            )
+            if error is not None:
+                raise error
+            if reason:
+                log.info("request_id=%s finished reason=%s tokens=%d", req.request_id, reason, sent)
+                return
+
+    def _next_event(self, req: DecodeRequest) -> TokenEvent:
         """The stream's next event; raises the request's error, or UNAVAILABLE once the worker
         can no longer produce events (its loop or output thread died): never waits forever."""
         while True:

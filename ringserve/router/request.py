@@ -340,8 +340,8 @@ class RequestRun:
         )
         try:
             for msg in stream:
-                self.generated.append(msg.token_id)
-                if len(self.generated) == 1:
+                self.generated.extend(msg.token_ids)
+                if not self.t_first:
                     self.t_first = time.perf_counter()
                     TTFT.observe(self.t_first - self.t_start)
                 yield self._response(ids, msg, offset)
@@ -369,7 +369,7 @@ class RequestRun:
         return router_pb2.GenerateResponse(
             request_id=self.label,
             text=msg.text,
-            token_ids=[msg.token_id],
+            token_ids=msg.token_ids,
             finish_reason=msg.finish_reason,
             usage=usage,
         )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ringserve.v1 import common_pb2 as ringserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ringserve/v1/decode.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\"f\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x15\n\rprefill_group\x18\x04 \x01(\t\"`\n\x0fReserveResponse\x12\'\n\x07targets\x18\x01 \x03(\x0b\x32\x16.ringserve.v1.KVTarget\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"\x97\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParams\x12\x15\n\rprompt_tokens\x18\x05 \x01(\rJ\x04\x08\x02\x10\x03R\x10prompt_token_ids\"~\n\x0e\x44\x65\x63odeResponse\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.ringserve.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"<\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanding_unused\x18\x02 \x01(\x08\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"1\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\" \n\rRenewResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\"\x16\n\x14GetDecodeInfoRequest\"\xe0\x01\n\x15GetDecodeInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x10\n\x08kvp_size\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x19\n\x11reserved_requests\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x11\n\ttransport\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r2\xf5\x02\n\x06\x44\x65\x63ode\x12\x46\n\x07Reserve\x12\x1c.ringserve.v1.ReserveRequest\x1a\x1d.ringserve.v1.ReserveResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.ringserve.v1.DecodeRequest\x1a\x1c.ringserve.v1.DecodeResponse0\x01\x12\x46\n\x07Release\x12\x1c.ringserve.v1.ReleaseRequest\x1a\x1d.ringserve.v1.ReleaseResponse\x12@\n\x05Renew\x12\x1a.ringserve.v1.RenewRequest\x1a\x1b.ringserve.v1.RenewResponse\x12R\n\x07GetInfo\x12\".ringserve.v1.GetDecodeInfoRequest\x1a#.ringserve.v1.GetDecodeInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ringserve/v1/decode.proto\x12\x0cringserve.v1\x1a\x19ringserve/v1/common.proto\"f\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x15\n\rprefill_group\x18\x04 \x01(\t\"`\n\x0fReserveResponse\x12\'\n\x07targets\x18\x01 \x03(\x0b\x32\x16.ringserve.v1.KVTarget\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x15\n\rlease_seconds\x18\x03 \x01(\x01\"\x97\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.ringserve.v1.SamplingParams\x12\x15\n\rprompt_tokens\x18\x05 \x01(\rJ\x04\x08\x02\x10\x03R\x10prompt_token_ids\"\x8f\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x05 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.ringserve.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\rJ\x04\x08\x01\x10\x02R\x08token_id\"<\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0elanding_unused\x18\x02 \x01(\x08\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"1\n\x0cRenewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\" \n\rRenewResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\"\x16\n\x14GetDecodeInfoRequest\"\xe0\x01\n\x15GetDecodeInfoResponse\x12-\n\x05model\x18\x01 \x01(\x0b\x32\x1e.ringserve.v1.ModelDescription\x12\x10\n\x08kvp_size\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12\x19\n\x11reserved_requests\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x11\n\ttransport\x18\x07 \x01(\t\x12\x0f\n\x07tp_size\x18\x08 \x01(\r2\xf5\x02\n\x06\x44\x65\x63ode\x12\x46\n\x07Reserve\x12\x1c.ringserve.v1.ReserveRequest\x1a\x1d.ringserve.v1.ReserveResponse\x12\x45\n\x06\x44\x65\x63ode\x12\x1b.ringserve.v1.DecodeRequest\x1a\x1c.ringserve.v1.DecodeResponse0\x01\x12\x46\n\x07Release\x12\x1c.ringserve.v1.ReleaseRequest\x1a\x1d.ringserve.v1.ReleaseResponse\x12@\n\x05Renew\x12\x1a.ringserve.v1.RenewRequest\x1a\x1b.ringserve.v1.RenewResponse\x12R\n\x07GetInfo\x12\".ringserve.v1.GetDecodeInfoRequest\x1a#.ringserve.v1.GetDecodeInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVERESPONSE']._serialized_end=270
   _globals['_DECODEREQUEST']._serialized_start=273
   _globals['_DECODEREQUEST']._serialized_end=424
-  _globals['_DECODERESPONSE']._serialized_start=426
-  _globals['_DECODERESPONSE']._serialized_end=552
-  _globals['_RELEASEREQUEST']._serialized_start=554
-  _globals['_RELEASEREQUEST']._serialized_end=614
-  _globals['_RELEASERESPONSE']._serialized_start=616
-  _globals['_RELEASERESPONSE']._serialized_end=651
-  _globals['_RENEWREQUEST']._serialized_start=653
-  _globals['_RENEWREQUEST']._serialized_end=702
-  _globals['_RENEWRESPONSE']._serialized_start=704
-  _globals['_RENEWRESPONSE']._serialized_end=736
-  _globals['_GETDECODEINFOREQUEST']._serialized_start=738
-  _globals['_GETDECODEINFOREQUEST']._serialized_end=760
-  _globals['_GETDECODEINFORESPONSE']._serialized_start=763
-  _globals['_GETDECODEINFORESPONSE']._serialized_end=987
-  _globals['_DECODE']._serialized_start=990
-  _globals['_DECODE']._serialized_end=1363
+  _globals['_DECODERESPONSE']._serialized_start=427
+  _globals['_DECODERESPONSE']._serialized_end=570
+  _globals['_RELEASEREQUEST']._serialized_start=572
+  _globals['_RELEASEREQUEST']._serialized_end=632
+  _globals['_RELEASERESPONSE']._serialized_start=634
+  _globals['_RELEASERESPONSE']._serialized_end=669
+  _globals['_RENEWREQUEST']._serialized_start=671
+  _globals['_RENEWREQUEST']._serialized_end=720
+  _globals['_RENEWRESPONSE']._serialized_start=722
+  _globals['_RENEWRESPONSE']._serialized_end=754
+  _globals['_GETDECODEINFOREQUEST']._serialized_start=756
+  _globals['_GETDECODEINFOREQUEST']._serialized_end=778
+  _globals['_GETDECODEINFORESPONSE']._serialized_start=781
+  _globals['_GETDECODEINFORESPONSE']._serialized_end=1005
+  _globals['_DECODE']._serialized_start=1008
+  _globals['_DECODE']._serialized_end=1381
 # @@protoc_insertion_point(module_scope)
