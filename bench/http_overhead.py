@@ -26,17 +26,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def timed_stream(start) -> tuple[float, float]:
+def timed_stream(start, tokens: int) -> tuple[float, float]:
     """(TTFT s, mean time per output token after the first, s) of ``start()``, a call that returns an
-    iterator of one-token chunks (timed from the call: the HTTP door answers it once the first token is there)."""
+    iterator of chunks yielding ``tokens`` tokens in all (a chunk may carry several: those queued
+    together), timed from the call: the HTTP door answers it once the first token is there."""
     t0 = time.perf_counter()
     first = last = None
-    n = 0
     for _ in start():
         last = time.perf_counter()
         first = first or last
-        n += 1
-    return first - t0, (last - first) / max(1, n - 1)
+    return first - t0, (last - first) / max(1, tokens - 1)
 
 
 def main() -> None:
@@ -66,12 +65,14 @@ def main() -> None:
                         lambda: api.completions.create(
                             model=model, prompt=prompt(i), max_tokens=args.tokens, stream=True,
                             extra_body={"ignore_eos": True},
-                        )
+                        ),
+                        args.tokens,
                     )  # fmt: skip
 
                 def grpc(i: int) -> tuple[float, float]:
                     return timed_stream(
-                        lambda: grpc_client.generate(token_ids=prompt(i), max_tokens=args.tokens, ignore_eos=True)
+                        lambda: grpc_client.generate(token_ids=prompt(i), max_tokens=args.tokens, ignore_eos=True),
+                        args.tokens,
                     )
 
                 http(0), grpc(1)  # warm-up: connections, first passes
