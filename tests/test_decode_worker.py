@@ -87,6 +87,13 @@ def prompt_kv_and_first_token(model, ids):
     return kv, int(logits[-1].argmax())
 
 
+def start_prefilled(worker, model, request_id, ids, params):
+    """Reserve, land the prompt's KV as the prefill tier would, and start decoding it."""
+    kv, first = prompt_kv_and_first_token(model, ids)
+    push(worker.reserve(request_id, len(ids), params.max_tokens), request_id, kv)
+    return worker.start(request_id, len(ids), first, params)
+
+
 def drain(req, timeout=60):
     events = []
     deadline = time.monotonic() + timeout
@@ -167,9 +174,7 @@ def test_unclaimed_reservations_expire(default_model):
 def test_cancel_while_decoding_frees_blocks(worker, default_model):
     model, tokenizer = default_model
     ids = tokenizer.encode("Tell me a story.")
-    kv, first = prompt_kv_and_first_token(model, ids)
-    push(worker.reserve("c", len(ids), 200), "c", kv)
-    req = worker.start("c", len(ids), first, SamplingParams(max_tokens=200, ignore_eos=True))
+    req = start_prefilled(worker, model, "c", ids, SamplingParams(max_tokens=200, ignore_eos=True))
     req.events.get(timeout=30)
     worker.cancel("c")
     with pytest.raises(Cancelled):
@@ -195,9 +200,7 @@ def test_a_stream_sends_every_queued_token_in_one_message(worker, default_model)
     model, tokenizer = default_model
     ids = tokenizer.encode("The capital of France is")
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    kv, first = prompt_kv_and_first_token(model, ids)
-    push(worker.reserve("q", len(ids), 8), "q", kv)
-    req = worker.start("q", len(ids), first, params)
+    req = start_prefilled(worker, model, "q", ids, params)
     wait_queued(req, lambda items: len(items) == 8)
     expected = list(Engine(model, tokenizer).generate(ids, params))
     [msg] = DecodeServicer(worker, common_pb2.ModelDescription()).responses(req)
@@ -209,9 +212,7 @@ def test_a_stream_sends_every_queued_token_in_one_message(worker, default_model)
 def test_an_error_follows_the_tokens_queued_before_it(worker, default_model):
     model, tokenizer = default_model
     ids = tokenizer.encode("Tell me a story.")
-    kv, first = prompt_kv_and_first_token(model, ids)
-    push(worker.reserve("e", len(ids), 200), "e", kv)
-    req = worker.start("e", len(ids), first, SamplingParams(max_tokens=200, ignore_eos=True))
+    req = start_prefilled(worker, model, "e", ids, SamplingParams(max_tokens=200, ignore_eos=True))
     wait_queued(req, lambda items: len(items) >= 3)
     worker.cancel("e")
     items = wait_queued(req, lambda items: isinstance(items[-1], Cancelled))
